@@ -1,0 +1,246 @@
+//! Mutual TLS between coordinator and agents: loading PEM files, the agent's server configuration
+//! and its coordinator-only gate, and the coordinator's connector that accepts an agent only when its
+//! certificate names the node the inventory expects.
+
+use crate::identity::{self, IdentityError, PeerIdentity};
+use anyhow::{Context, Result};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig};
+
+/// Where a party's CA, certificate and key live.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The PEM contents of [`TlsFiles`], read once.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsFiles {
+    /// The files `bbupgrade pki` writes for a role and name in a PKI directory.
+    pub fn in_pki_dir(dir: &Path, role: identity::Role, name: &str) -> Self {
+        let (cert, key) = crate::pki::leaf_paths(dir, role, name);
+        Self { ca: dir.join(crate::pki::CA_CERT_FILE), cert, key }
+    }
+
+    pub fn load(&self) -> Result<TlsMaterial> {
+        let read = |what: &str, p: &Path| {
+            std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
+        };
+        let m = TlsMaterial {
+            ca_pem: read("CA certificate", &self.ca)?,
+            cert_pem: read("certificate", &self.cert)?,
+            key_pem: read("private key", &self.key)?,
+        };
+        m.certs().with_context(|| format!("in {}", self.cert.display()))?;
+        m.roots().with_context(|| format!("in {}", self.ca.display()))?;
+        m.key().with_context(|| format!("in {}", self.key.display()))?;
+        Ok(m)
+    }
+}
+
+impl TlsMaterial {
+    fn certs(&self) -> Result<Vec<CertificateDer<'static>>> {
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .context("parsing PEM certificates")?;
+        anyhow::ensure!(!certs.is_empty(), "no certificate found in PEM");
+        Ok(certs)
+    }
+
+    fn key(&self) -> Result<PrivateKeyDer<'static>> {
+        PrivateKeyDer::from_pem_slice(&self.key_pem).context("parsing the PEM private key")
+    }
+
+    fn roots(&self) -> Result<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            roots.add(cert.context("parsing the CA PEM")?).context("adding the CA certificate")?;
+        }
+        anyhow::ensure!(!roots.is_empty(), "no CA certificate found in PEM");
+        Ok(roots)
+    }
+
+    /// The identity in our own certificate (to check an agent was given its own node's certificate).
+    pub fn own_identity(&self) -> Result<PeerIdentity> {
+        let certs = self.certs()?;
+        Ok(identity::identity_of(&certs[0])?)
+    }
+}
+
+/// The agent's TLS: its certificate, and client certificates verified against the CA. A client
+/// without a certificate still completes the handshake so [`require_coordinator`] can refuse it
+/// with a reason the caller sees, instead of an opaque alert.
+pub fn server_tls_config(m: &TlsMaterial) -> ServerTlsConfig {
+    ServerTlsConfig::new()
+        .identity(Identity::from_pem(&m.cert_pem, &m.key_pem))
+        .client_ca_root(Certificate::from_pem(&m.ca_pem))
+        .client_auth_optional(true)
+}
+
+/// The agent's gate, as a tonic interceptor: only coordinator-role peers pass.
+#[allow(clippy::result_large_err)]
+pub fn require_coordinator(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let certs = req.peer_certs();
+    match identity::require_coordinator(certs.as_deref().map(|c| c.as_slice())) {
+        Ok(peer) => {
+            tracing::debug!(%peer, "accepted peer");
+            Ok(req)
+        }
+        Err(e) => {
+            tracing::warn!(reason = %e, remote = ?req.remote_addr(), "refused a peer");
+            Err(match e {
+                IdentityError::NoCertificate => tonic::Status::unauthenticated(e.to_string()),
+                _ => tonic::Status::permission_denied(e.to_string()),
+            })
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Verifies an agent's certificate: signed by our CA, valid now, and naming the expected node.
+/// Host names are not checked: the node identity in the SAN URI is what the coordinator trusts.
+#[derive(Debug)]
+struct AgentVerifier {
+    roots: RootCertStore,
+    expected_node: String,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AgentVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        identity::require_agent(end_entity, &self.expected_node)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The coordinator's rustls client configuration for one agent.
+pub fn agent_client_config(m: &TlsMaterial, expected_node: &str) -> Result<rustls::ClientConfig> {
+    let provider = provider();
+    let verifier = AgentVerifier {
+        roots: m.roots()?,
+        expected_node: expected_node.to_string(),
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(m.certs()?, m.key()?)
+        .context("loading the client certificate and key")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Opens a gRPC channel to the agent at `addr` (`host:port`), over mutual TLS, accepting it only if
+/// its certificate names `expected_node`. Fails within `connect_timeout` when the agent is away.
+pub async fn connect_agent(
+    addr: &str,
+    m: &TlsMaterial,
+    expected_node: &str,
+    connect_timeout: Duration,
+) -> Result<Channel> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(agent_client_config(m, expected_node)?));
+    let host = addr
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        .with_context(|| format!("agent address '{addr}' must be host:port"))?;
+    let server_name = ServerName::try_from(host.clone())
+        .with_context(|| format!("agent host '{host}' is not a valid name or address"))?;
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("agent address '{addr}'"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let target = addr.to_string();
+    let connect = endpoint.connect_with_connector(tower::service_fn(move |_uri: http::Uri| {
+        let connector = connector.clone();
+        let server_name = server_name.clone();
+        let target = target.clone();
+        async move {
+            let tcp = TcpStream::connect(&target).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    }));
+    let channel = tokio::time::timeout(connect_timeout, connect)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from the agent at {addr} within {connect_timeout:?}"))?
+        .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
+        .with_context(|| format!("connecting to the agent of node '{expected_node}' at {addr}"))?;
+    Ok(channel)
+}
+
+/// An error with its sources, one line: TLS and transport errors hide the reason deep in the chain.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        src = s.source();
+    }
+    parts.join(": ")
+}

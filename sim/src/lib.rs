@@ -1,0 +1,17 @@
+//! Bitbucket Data Center simulator: a faithful stand-in for the product's node (`node`), its release
+//! archives and `bin/` scripts (`archive`, `scripts`), and a local cluster of nodes for tests and the
+//! demo (`cluster`).
+//!
+//! Layout: `version` (release versions, the bug-fix rule), `zdu` (the rolling-upgrade state machine,
+//! pure), `membership` (the cluster record in the shared home, under `flock`), `node` (the HTTP node),
+//! `properties` (`.properties` files), `client` (a tiny blocking HTTP client for probes and tests).
+
+pub mod archive;
+pub mod client;
+pub mod cluster;
+pub mod membership;
+pub mod node;
+pub mod properties;
+pub mod scripts;
+pub mod version;
+pub mod zdu;

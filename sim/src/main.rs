@@ -1,0 +1,155 @@
+//! `bitbucket-sim`: builds simulated Bitbucket release archives, runs a simulated node (as the
+//! release's scripts launch it), and runs a local simulated cluster.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use bbupgrade_sim::archive;
+use bbupgrade_sim::cluster::{ClusterOptions, SimCluster};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "bitbucket-sim", about = "A Bitbucket Data Center node simulator and release-archive builder")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a release archive, atlassian-bitbucket-X.Y.Z.tar.gz.
+    Archive {
+        #[arg(long)]
+        version: String,
+        /// The file to write (or a directory to write atlassian-bitbucket-X.Y.Z.tar.gz into).
+        #[arg(long)]
+        out: PathBuf,
+        /// Size of the incompressible WEB-INF/lib payload, in MiB.
+        #[arg(long, default_value_t = 0)]
+        payload_mib: u64,
+    },
+    /// Run one node (what bin/_start-webapp.sh launches); takes JVM-style -D arguments.
+    Node {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the bundled-search stand-in (what bin/_start-search.sh launches) until stopped.
+    Search {
+        #[arg(long)]
+        home: Option<PathBuf>,
+        #[arg(long)]
+        install: Option<PathBuf>,
+    },
+    /// Start a local cluster through the release scripts and keep it until Ctrl-C / SIGTERM.
+    Cluster {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// First node port (then +1, +2, ...); free ports on 127.0.0.1 by default.
+        #[arg(long)]
+        base_port: Option<u16>,
+        #[arg(long, default_value_t = 3_000)]
+        startup_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        payload_mib: u64,
+        /// The sysadmin token to write in the shared bitbucket.properties.
+        #[arg(long, env = "BITBUCKET_SIM_ADMIN_TOKEN", default_value = "sim-admin-token", hide_env_values = true)]
+        admin_token: String,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Archive { version, out, payload_mib } => run_archive(&version, out, payload_mib),
+        Cmd::Node { args } => bbupgrade_sim::node::run(&args),
+        Cmd::Search { .. } => wait_for_stop(),
+        Cmd::Cluster { nodes, version, dir, base_port, startup_ms, payload_mib, admin_token, output } => {
+            let opts = ClusterOptions {
+                nodes,
+                version,
+                program: match std::env::current_exe() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("error: finding this program: {e}");
+                        return std::process::ExitCode::FAILURE;
+                    }
+                },
+                startup_ms,
+                admin_token,
+                payload_mib,
+                run_as_user: None,
+            };
+            run_cluster(&dir, opts, base_port, output)
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_archive(version: &str, out: PathBuf, payload_mib: u64) -> anyhow::Result<()> {
+    let info = archive::write_archive(version, &out, payload_mib)
+        .with_context(|| format!("writing the {version} archive to {}", out.display()))?;
+    println!("{}  {}  ({} bytes)", info.sha256, info.path.display(), info.size_bytes);
+    Ok(())
+}
+
+fn wait_for_stop() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
+}
+
+fn run_cluster(dir: &std::path::Path, opts: ClusterOptions, base_port: Option<u16>, output: Output) -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(opts.startup_ms + 30_000);
+    let cluster = SimCluster::create_with_ports(dir, opts, base_port)?;
+    cluster.start_all(true)?;
+    cluster.wait_running(timeout)?;
+    let properties = cluster.shared_dir().join("bitbucket.properties");
+    if output == Output::Json {
+        let doc = serde_json::json!({
+            "dir": cluster.dir(),
+            "archive": {"path": cluster.archive().path, "sha256": cluster.archive().sha256, "size_bytes": cluster.archive().size_bytes},
+            "shared_properties": properties,
+            "nodes": cluster.nodes().iter().map(|n| serde_json::json!({
+                "name": n.name, "port": n.port, "base_url": n.base_url,
+                "install_dir": n.install_dir, "install_root": n.install_root, "home": n.home,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{doc}");
+    } else {
+        println!("Cluster of {} nodes running (admin token in {}):", cluster.nodes().len(), properties.display());
+        for n in cluster.nodes() {
+            println!("  {:<8} {:<24} install {}  home {}", n.name, n.base_url, n.install_dir.display(), n.home.display());
+        }
+        println!("Press Ctrl-C to stop.");
+    }
+    let waited = wait_for_stop();
+    let stopped = cluster.stop_all();
+    waited.and(stopped)
+}
