@@ -139,11 +139,8 @@ impl Ca {
         for san in &req.sans {
             params.subject_alt_names.push(match san.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(
-                    san.clone()
-                        .try_into()
-                        .with_context(|| format!("'{san}' is neither an IP address nor a DNS name"))?,
-                ),
+                Err(_) if is_dns_name(san) => SanType::DnsName(san.clone().try_into()?),
+                Err(_) => bail!("--san '{san}' is neither an IP address nor a DNS name"),
             });
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
@@ -162,6 +159,16 @@ impl Ca {
         let cert = params.signed_by(&key, &issuer).context("signing the certificate")?;
         Ok(Issued { identity, cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
+}
+
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+        })
 }
 
 /// Where `pki issue` writes a certificate and key for a role and name.

@@ -58,7 +58,8 @@ async fn status(State(node): State<Shared>) -> Response {
 }
 
 /// Admin endpoints need the node running and the sysadmin token.
-fn admin_check(node: &Node, headers: &HeaderMap) -> Result<(), Response> {
+/// `Some(response)` when the request must be refused.
+fn admin_check(node: &Node, headers: &HeaderMap) -> Option<Response> {
     let token = node.knobs().admin_token().map(str::to_string);
     let given = headers
         .get(header::AUTHORIZATION)
@@ -67,12 +68,12 @@ fn admin_check(node: &Node, headers: &HeaderMap) -> Result<(), Response> {
         .map(str::trim);
     match (token, given) {
         (Some(t), Some(g)) if t == g => {}
-        _ => return Err(error(StatusCode::UNAUTHORIZED, "Authentication with a sysadmin token is required")),
+        _ => return Some(error(StatusCode::UNAUTHORIZED, "Authentication with a sysadmin token is required")),
     }
     if node.health() != Health::Running {
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("this node is {}", node.health().name())));
+        return Some(error(StatusCode::SERVICE_UNAVAILABLE, format!("this node is {}", node.health().name())));
     }
-    Ok(())
+    None
 }
 
 fn node_json(n: &NodeRecord, local_id: &str) -> Value {
@@ -106,7 +107,7 @@ async fn read_cluster(node: &Shared) -> Result<ClusterRecord, Response> {
 }
 
 async fn zdu_state(State(node): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin_check(&node, &headers) {
+    if let Some(r) = admin_check(&node, &headers) {
         return r;
     }
     match read_cluster(&node).await {
@@ -116,7 +117,7 @@ async fn zdu_state(State(node): State<Shared>, headers: HeaderMap) -> Response {
 }
 
 async fn zdu_cluster(State(node): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin_check(&node, &headers) {
+    if let Some(r) = admin_check(&node, &headers) {
         return r;
     }
     match read_cluster(&node).await {
@@ -126,7 +127,7 @@ async fn zdu_cluster(State(node): State<Shared>, headers: HeaderMap) -> Response
 }
 
 async fn zdu_node(State(node): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = admin_check(&node, &headers) {
+    if let Some(r) = admin_check(&node, &headers) {
         return r;
     }
     match read_cluster(&node).await {
@@ -144,7 +145,7 @@ async fn transition(
     headers: HeaderMap,
     change: impl FnOnce(&mut ClusterRecord) -> Result<(), Conflict> + Send + 'static,
 ) -> Response {
-    if let Err(r) = admin_check(&node, &headers) {
+    if let Some(r) = admin_check(&node, &headers) {
         return r;
     }
     let local = node.id.clone();
@@ -179,7 +180,7 @@ async fn zdu_retry(State(node): State<Shared>, headers: HeaderMap) -> Response {
 }
 
 async fn admin_cluster(State(node): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin_check(&node, &headers) {
+    if let Some(r) = admin_check(&node, &headers) {
         return r;
     }
     let rec = match read_cluster(&node).await {
