@@ -1,1 +1,12 @@
-//! placeholder
+//! The bbupgrade agent: a daemon on each Bitbucket node that carries out the node-local steps of a
+//! rolling upgrade for the coordinator, over mutual TLS.
+//!
+//! Layout, in the order of the steps: `config` (validated settings), `stage` (one-pass verify and
+//! extract of a release), `prepare` (home and customizations), `service` (stop/start through the
+//! service manager), `activate` (point the service definition at an install), `journal` (operation
+//! ids and their results), `metrics` (load), `server` (the gRPC service), `cli` (the binary).
+
+pub mod activate;
+pub mod prepare;
+pub mod service;
+pub mod stage;

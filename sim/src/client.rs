@@ -16,7 +16,10 @@ pub struct HttpResponse {
 impl HttpResponse {
     /// The first header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -24,7 +27,8 @@ impl HttpResponse {
     }
 
     pub fn json(&self) -> io::Result<serde_json::Value> {
-        serde_json::from_slice(&self.body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        serde_json::from_slice(&self.body)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 }
 
@@ -37,7 +41,9 @@ pub fn request(
     timeout: Duration,
 ) -> io::Result<HttpResponse> {
     let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{m}: {url}"));
-    let rest = url.strip_prefix("http://").ok_or_else(|| invalid("only http:// URLs are supported"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| invalid("only http:// URLs are supported"))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -66,8 +72,12 @@ pub fn request(
 
 fn parse_response(raw: &[u8]) -> io::Result<HttpResponse> {
     let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("response ended before its headers"))?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("response headers are not UTF-8"))?;
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("response ended before its headers"))?;
+    let head =
+        std::str::from_utf8(&raw[..end]).map_err(|_| bad("response headers are not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status = status_line
@@ -80,13 +90,22 @@ fn parse_response(raw: &[u8]) -> io::Result<HttpResponse> {
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
     let body = raw[end + 4..].to_vec();
-    let response = HttpResponse { status, headers, body };
-    if let Some(len) = response.header("content-length").and_then(|l| l.parse::<usize>().ok())
+    let response = HttpResponse {
+        status,
+        headers,
+        body,
+    };
+    if let Some(len) = response
+        .header("content-length")
+        .and_then(|l| l.parse::<usize>().ok())
         && response.body.len() < len
     {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!("response cut off after {} of {len} bytes", response.body.len()),
+            format!(
+                "response cut off after {} of {len} bytes",
+                response.body.len()
+            ),
         ));
     }
     Ok(response)
@@ -103,7 +122,8 @@ mod tests {
 
     #[test]
     fn parses_and_detects_truncation() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nhi").expect("ok");
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nhi")
+            .expect("ok");
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-a"), Some("b"));
         assert_eq!(r.text(), "hi");

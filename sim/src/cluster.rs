@@ -87,7 +87,11 @@ impl SimCluster {
     }
 
     /// As `create`, with the nodes on ports `base_port`, `base_port + 1`, ... instead of free ones.
-    pub fn create_with_ports(dir: &Path, opts: ClusterOptions, base_port: Option<u16>) -> anyhow::Result<SimCluster> {
+    pub fn create_with_ports(
+        dir: &Path,
+        opts: ClusterOptions,
+        base_port: Option<u16>,
+    ) -> anyhow::Result<SimCluster> {
         if opts.nodes == 0 {
             bail!("a cluster needs at least one node");
         }
@@ -104,7 +108,10 @@ impl SimCluster {
 
         let ports = match base_port {
             Some(base) => (0..opts.nodes)
-                .map(|i| u16::try_from(usize::from(base) + i).context("--base-port leaves no room for every node"))
+                .map(|i| {
+                    u16::try_from(usize::from(base) + i)
+                        .context("--base-port leaves no room for every node")
+                })
                 .collect::<anyhow::Result<Vec<u16>>>()?,
             None => free_ports(opts.nodes)?,
         };
@@ -129,10 +136,20 @@ impl SimCluster {
                 home,
             };
             archive::extract(&archive.path, &node.install_root)?;
-            configure_install(&node.install_dir, &node, opts.startup_ms, opts.run_as_user.as_deref())?;
+            configure_install(
+                &node.install_dir,
+                &node,
+                opts.startup_ms,
+                opts.run_as_user.as_deref(),
+            )?;
             nodes.push(node);
         }
-        let cluster = SimCluster { dir, opts, archive, nodes };
+        let cluster = SimCluster {
+            dir,
+            opts,
+            archive,
+            nodes,
+        };
         if let Some(user) = &cluster.opts.run_as_user {
             chown_tree(&cluster.dir, user)?;
         }
@@ -160,13 +177,16 @@ impl SimCluster {
     }
 
     fn node(&self, index: usize) -> anyhow::Result<&SimNode> {
-        self.nodes.get(index).with_context(|| format!("there is no node #{index}"))
+        self.nodes
+            .get(index)
+            .with_context(|| format!("there is no node #{index}"))
     }
 
     /// Sets a key in the shared `bitbucket.properties` (knobs are re-read by running nodes).
     pub fn set_shared_property(&self, key: &str, value: &str) -> anyhow::Result<()> {
         let path = self.shared_dir().join("bitbucket.properties");
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let tmp = path.with_extension("properties.tmp");
         fs::write(&tmp, properties::set(&text, key, value))?;
         fs::rename(&tmp, &path)?;
@@ -177,10 +197,22 @@ impl SimCluster {
     /// the agent) would: home and JVM arguments carried over. Returns the new install.
     pub fn add_install(&self, index: usize, version: &str) -> anyhow::Result<PathBuf> {
         let node = self.node(index)?;
-        let archive = build_archive(&self.dir, version, self.opts.payload_mib, &self.opts.program)?;
+        let archive = build_archive(
+            &self.dir,
+            version,
+            self.opts.payload_mib,
+            &self.opts.program,
+        )?;
         archive::extract(&archive.path, &node.install_root)?;
-        let install = node.install_root.join(format!("atlassian-bitbucket-{version}"));
-        configure_install(&install, node, self.opts.startup_ms, self.opts.run_as_user.as_deref())?;
+        let install = node
+            .install_root
+            .join(format!("atlassian-bitbucket-{version}"));
+        configure_install(
+            &install,
+            node,
+            self.opts.startup_ms,
+            self.opts.run_as_user.as_deref(),
+        )?;
         if let Some(user) = &self.opts.run_as_user {
             chown_tree(&install, user)?;
         }
@@ -202,7 +234,12 @@ impl SimCluster {
     }
 
     /// Starts one node from `install` (e.g. one made by `add_install`).
-    pub fn start_install(&self, index: usize, install: &Path, no_search: bool) -> anyhow::Result<()> {
+    pub fn start_install(
+        &self,
+        index: usize,
+        install: &Path,
+        no_search: bool,
+    ) -> anyhow::Result<()> {
         let node = self.node(index)?;
         let args: &[&str] = if no_search { &["--no-search"] } else { &[] };
         let out = run_script(&install.join("bin/start-bitbucket.sh"), args)?;
@@ -247,14 +284,20 @@ impl SimCluster {
     /// Kills the node abruptly (SIGKILL), as a crash would; the PID file stays behind.
     pub fn kill_node(&self, index: usize) -> anyhow::Result<()> {
         let pid = self.node_pid(index).context("the node has no PID file")?;
-        kill(Pid::from_raw(pid), Signal::SIGKILL).with_context(|| format!("killing process {pid}"))?;
+        kill(Pid::from_raw(pid), Signal::SIGKILL)
+            .with_context(|| format!("killing process {pid}"))?;
         Ok(())
     }
 
     /// The node's `/status` state (`None` when it does not answer).
     pub fn status(&self, index: usize) -> Option<String> {
         let node = self.nodes.get(index)?;
-        let r = client::get(&format!("{}/status", node.base_url), &[], Duration::from_millis(PROBE_TIMEOUT_MS)).ok()?;
+        let r = client::get(
+            &format!("{}/status", node.base_url),
+            &[],
+            Duration::from_millis(PROBE_TIMEOUT_MS),
+        )
+        .ok()?;
         r.json().ok()?.get("state")?.as_str().map(str::to_string)
     }
 
@@ -268,7 +311,12 @@ impl SimCluster {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("{} is {} after {:?}, not {state}", node.name, now.as_deref().unwrap_or("not answering"), timeout);
+                bail!(
+                    "{} is {} after {:?}, not {state}",
+                    node.name,
+                    now.as_deref().unwrap_or("not answering"),
+                    timeout
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -306,39 +354,69 @@ impl Drop for SimCluster {
 
 fn absolute(dir: &Path) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))
+    dir.canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))
 }
 
-fn build_archive(dir: &Path, version: &str, payload_mib: u64, program: &Path) -> anyhow::Result<ArchiveInfo> {
+fn build_archive(
+    dir: &Path,
+    version: &str,
+    payload_mib: u64,
+    program: &Path,
+) -> anyhow::Result<ArchiveInfo> {
     let archives = dir.join("archives");
     fs::create_dir_all(&archives)?;
-    archive::write_archive_with_program(version, &archives.join(archive::archive_file_name(version)), payload_mib, program)
+    archive::write_archive_with_program(
+        version,
+        &archives.join(archive::archive_file_name(version)),
+        payload_mib,
+        program,
+    )
 }
 
 /// Configures an install for a node as its admin would: home in `set-bitbucket-home.sh`, the node's
 /// JVM arguments in `_start-webapp.sh`, and the dedicated user.
-fn configure_install(install: &Path, node: &SimNode, startup_ms: u64, user: Option<&str>) -> anyhow::Result<()> {
+fn configure_install(
+    install: &Path,
+    node: &SimNode,
+    startup_ms: u64,
+    user: Option<&str>,
+) -> anyhow::Result<()> {
     let edit = |file: &str, f: &dyn Fn(&str) -> Option<String>| -> anyhow::Result<()> {
         let path = install.join("bin").join(file);
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let edited = f(&text).with_context(|| format!("{} is not in the shipped form", path.display()))?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let edited =
+            f(&text).with_context(|| format!("{} is not in the shipped form", path.display()))?;
         fs::write(&path, edited).with_context(|| format!("writing {}", path.display()))
     };
     let home = node.home.display().to_string();
-    edit("set-bitbucket-home.sh", &|t| scripts::with_bitbucket_home(t, &home))?;
-    let args = format!("-Dserver.port={} -Dcluster.node.name={} -Dsim.startup.ms={startup_ms}", node.port, node.name);
+    edit("set-bitbucket-home.sh", &|t| {
+        scripts::with_bitbucket_home(t, &home)
+    })?;
+    let args = format!(
+        "-Dserver.port={} -Dcluster.node.name={} -Dsim.startup.ms={startup_ms}",
+        node.port, node.name
+    );
     edit("_start-webapp.sh", &|t| scripts::with_jvm_args(t, &args))?;
     if let Some(user) = user {
-        edit("set-bitbucket-user.sh", &|t| scripts::with_bitbucket_user(t, user))?;
+        edit("set-bitbucket-user.sh", &|t| {
+            scripts::with_bitbucket_user(t, user)
+        })?;
     }
     Ok(())
 }
 
 /// Ports free on 127.0.0.1 right now (all held until every one is picked, so they differ).
 pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners: Vec<TcpListener> =
-        (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>().context("picking free ports")?;
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .context("picking free ports")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 fn run_script(script: &Path, args: &[&str]) -> anyhow::Result<Output> {
@@ -347,7 +425,8 @@ fn run_script(script: &Path, args: &[&str]) -> anyhow::Result<Output> {
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
     }
-    cmd.output().with_context(|| format!("running {}", script.display()))
+    cmd.output()
+        .with_context(|| format!("running {}", script.display()))
 }
 
 fn describe(out: &Output) -> String {
@@ -365,11 +444,13 @@ fn read_pid(path: &Path) -> Option<i32> {
 
 /// Guards against a recycled PID: only processes running the simulator are killed.
 fn is_sim_process(pid: i32) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("bitbucket-sim"))
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("bitbucket-sim"))
 }
 
 fn chown_tree(root: &Path, user: &str) -> anyhow::Result<()> {
-    let user = nix::unistd::User::from_name(user)?.with_context(|| format!("there is no user {user}"))?;
+    let user =
+        nix::unistd::User::from_name(user)?.with_context(|| format!("there is no user {user}"))?;
     let mut stack = vec![root.to_path_buf()];
     while let Some(path) = stack.pop() {
         nix::unistd::fchownat(

@@ -10,7 +10,10 @@ use bbupgrade_sim::cluster::{ClusterOptions, SimCluster};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "bitbucket-sim", about = "A Bitbucket Data Center node simulator and release-archive builder")]
+#[command(
+    name = "bitbucket-sim",
+    about = "A Bitbucket Data Center node simulator and release-archive builder"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -63,7 +66,12 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         payload_mib: u64,
         /// The sysadmin token to write in the shared bitbucket.properties.
-        #[arg(long, env = "BITBUCKET_SIM_ADMIN_TOKEN", default_value = "sim-admin-token", hide_env_values = true)]
+        #[arg(
+            long,
+            env = "BITBUCKET_SIM_ADMIN_TOKEN",
+            default_value = "sim-admin-token",
+            hide_env_values = true
+        )]
         admin_token: String,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
@@ -73,10 +81,23 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Archive { version, out, payload_mib } => run_archive(&version, out, payload_mib),
+        Cmd::Archive {
+            version,
+            out,
+            payload_mib,
+        } => run_archive(&version, out, payload_mib),
         Cmd::Node { args } => bbupgrade_sim::node::run(&args),
         Cmd::Search { .. } => wait_for_stop(),
-        Cmd::Cluster { nodes, version, dir, base_port, startup_ms, payload_mib, admin_token, output } => {
+        Cmd::Cluster {
+            nodes,
+            version,
+            dir,
+            base_port,
+            startup_ms,
+            payload_mib,
+            admin_token,
+            output,
+        } => {
             let opts = ClusterOptions {
                 nodes,
                 version,
@@ -107,12 +128,19 @@ fn main() -> std::process::ExitCode {
 fn run_archive(version: &str, out: PathBuf, payload_mib: u64) -> anyhow::Result<()> {
     let info = archive::write_archive(version, &out, payload_mib)
         .with_context(|| format!("writing the {version} archive to {}", out.display()))?;
-    println!("{}  {}  ({} bytes)", info.sha256, info.path.display(), info.size_bytes);
+    println!(
+        "{}  {}  ({} bytes)",
+        info.sha256,
+        info.path.display(),
+        info.size_bytes
+    );
     Ok(())
 }
 
 fn wait_for_stop() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
@@ -125,7 +153,12 @@ fn wait_for_stop() -> anyhow::Result<()> {
     })
 }
 
-fn run_cluster(dir: &std::path::Path, opts: ClusterOptions, base_port: Option<u16>, output: Output) -> anyhow::Result<()> {
+fn run_cluster(
+    dir: &std::path::Path,
+    opts: ClusterOptions,
+    base_port: Option<u16>,
+    output: Output,
+) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(opts.startup_ms + 30_000);
     let cluster = SimCluster::create_with_ports(dir, opts, base_port)?;
     cluster.start_all(true)?;
@@ -143,9 +176,19 @@ fn run_cluster(dir: &std::path::Path, opts: ClusterOptions, base_port: Option<u1
         });
         println!("{doc}");
     } else {
-        println!("Cluster of {} nodes running (admin token in {}):", cluster.nodes().len(), properties.display());
+        println!(
+            "Cluster of {} nodes running (admin token in {}):",
+            cluster.nodes().len(),
+            properties.display()
+        );
         for n in cluster.nodes() {
-            println!("  {:<8} {:<24} install {}  home {}", n.name, n.base_url, n.install_dir.display(), n.home.display());
+            println!(
+                "  {:<8} {:<24} install {}  home {}",
+                n.name,
+                n.base_url,
+                n.install_dir.display(),
+                n.home.display()
+            );
         }
         println!("Press Ctrl-C to stop.");
     }

@@ -16,7 +16,10 @@ pub const CLUSTER_DIR: &str = ".sim-cluster";
 
 /// Milliseconds since the Unix epoch; heartbeats are compared across processes.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The cluster record in one shared home.
@@ -28,7 +31,9 @@ pub struct SharedHome {
 impl SharedHome {
     /// `shared` is the shared home (`$BITBUCKET_HOME/shared`).
     pub fn new(shared: &Path) -> Self {
-        SharedHome { dir: shared.join(CLUSTER_DIR) }
+        SharedHome {
+            dir: shared.join(CLUSTER_DIR),
+        }
     }
 
     fn record_path(&self) -> PathBuf {
@@ -65,8 +70,11 @@ impl SharedHome {
         record.settle(now_ms(), stale_ms);
         let result = change(&mut record);
         if record != before {
-            let tmp = self.dir.join(format!("cluster.json.{}", std::process::id()));
-            let mut file = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+            let tmp = self
+                .dir
+                .join(format!("cluster.json.{}", std::process::id()));
+            let mut file =
+                File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
             file.write_all(&serde_json::to_vec_pretty(&record)?)?;
             file.sync_data().ok();
             fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
@@ -94,6 +102,9 @@ mod tests {
             .expect("update");
         assert_eq!(decision, JoinDecision::Active);
         let rec = shared.read(5_000).expect("read");
-        assert_eq!(rec.version.map(|v| v.to_string()), Some("8.19.3".to_string()));
+        assert_eq!(
+            rec.version.map(|v| v.to_string()),
+            Some("8.19.3".to_string())
+        );
     }
 }

@@ -3,16 +3,46 @@
 
 /// `(file name in bin/, content)` of every script a release carries.
 pub const BIN_SCRIPTS: &[(&str, &str)] = &[
-    ("start-bitbucket.sh", include_str!("../scripts/start-bitbucket.sh")),
-    ("stop-bitbucket.sh", include_str!("../scripts/stop-bitbucket.sh")),
-    ("set-bitbucket-home.sh", include_str!("../scripts/set-bitbucket-home.sh")),
-    ("set-bitbucket-user.sh", include_str!("../scripts/set-bitbucket-user.sh")),
-    ("set-jre-home.sh", include_str!("../scripts/set-jre-home.sh")),
-    ("set-jmx-opts.sh", include_str!("../scripts/set-jmx-opts.sh")),
-    ("_start-webapp.sh", include_str!("../scripts/_start-webapp.sh")),
-    ("_stop-webapp.sh", include_str!("../scripts/_stop-webapp.sh")),
-    ("_start-search.sh", include_str!("../scripts/_start-search.sh")),
-    ("_stop-search.sh", include_str!("../scripts/_stop-search.sh")),
+    (
+        "start-bitbucket.sh",
+        include_str!("../scripts/start-bitbucket.sh"),
+    ),
+    (
+        "stop-bitbucket.sh",
+        include_str!("../scripts/stop-bitbucket.sh"),
+    ),
+    (
+        "set-bitbucket-home.sh",
+        include_str!("../scripts/set-bitbucket-home.sh"),
+    ),
+    (
+        "set-bitbucket-user.sh",
+        include_str!("../scripts/set-bitbucket-user.sh"),
+    ),
+    (
+        "set-jre-home.sh",
+        include_str!("../scripts/set-jre-home.sh"),
+    ),
+    (
+        "set-jmx-opts.sh",
+        include_str!("../scripts/set-jmx-opts.sh"),
+    ),
+    (
+        "_start-webapp.sh",
+        include_str!("../scripts/_start-webapp.sh"),
+    ),
+    (
+        "_stop-webapp.sh",
+        include_str!("../scripts/_stop-webapp.sh"),
+    ),
+    (
+        "_start-search.sh",
+        include_str!("../scripts/_start-search.sh"),
+    ),
+    (
+        "_stop-search.sh",
+        include_str!("../scripts/_stop-search.sh"),
+    ),
 ];
 
 /// Sets the home in a shipped `set-bitbucket-home.sh`: the 4-space `BITBUCKET_HOME=` line inside
@@ -70,7 +100,11 @@ pub fn with_bitbucket_user(script: &str, user: &str) -> Option<String> {
 }
 
 fn script(name: &str) -> &'static str {
-    BIN_SCRIPTS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s).unwrap_or_default()
+    BIN_SCRIPTS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| *s)
+        .unwrap_or_default()
 }
 
 /// The shipped `set-bitbucket-home.sh`.

@@ -43,7 +43,11 @@ impl FromStr for Version {
             }
             part.parse().map_err(|_| err())
         };
-        let version = Version { major: next()?, minor: next()?, patch: next()? };
+        let version = Version {
+            major: next()?,
+            minor: next()?,
+            patch: next()?,
+        };
         if parts.next().is_some() {
             return Err(err());
         }
@@ -80,9 +84,25 @@ mod tests {
 
     #[test]
     fn parses_and_prints() {
-        assert_eq!(v("8.19.3"), Version { major: 8, minor: 19, patch: 3 });
+        assert_eq!(
+            v("8.19.3"),
+            Version {
+                major: 8,
+                minor: 19,
+                patch: 3
+            }
+        );
         assert_eq!(v("8.19.3").to_string(), "8.19.3");
-        for bad in ["", "8", "8.19", "8.19.x", "8.19.3.1", "8..3", "-1.2.3", "8.19.3-rc1"] {
+        for bad in [
+            "",
+            "8",
+            "8.19",
+            "8.19.x",
+            "8.19.3.1",
+            "8..3",
+            "-1.2.3",
+            "8.19.3-rc1",
+        ] {
             assert!(bad.parse::<Version>().is_err(), "{bad} should not parse");
         }
     }

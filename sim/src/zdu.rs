@@ -118,7 +118,10 @@ impl ClusterRecord {
         self.nodes.values().any(|n| {
             matches!(
                 n.state,
-                NodeState::Starting | NodeState::Active | NodeState::Draining | NodeState::Terminating
+                NodeState::Starting
+                    | NodeState::Active
+                    | NodeState::Draining
+                    | NodeState::Terminating
             ) && Some(n.version) != self.version
         })
     }
@@ -148,7 +151,11 @@ impl ClusterRecord {
                 Some(n.version) != self.version
             }
         });
-        if all_upgraded { ClusterState::ReadyToRunUpgradeTasks } else { ClusterState::Mixed }
+        if all_upgraded {
+            ClusterState::ReadyToRunUpgradeTasks
+        } else {
+            ClusterState::Mixed
+        }
     }
 
     /// Decides whether a node of `version` may join, recording the upgrade target when it does.
@@ -192,10 +199,19 @@ impl ClusterRecord {
     pub fn start_upgrade(&mut self) -> Result<(), Conflict> {
         let state = self.state();
         if state != ClusterState::Stable {
-            return Err(Conflict(format!("upgrade mode can only be enabled when the cluster is STABLE, not {}", state.name())));
+            return Err(Conflict(format!(
+                "upgrade mode can only be enabled when the cluster is STABLE, not {}",
+                state.name()
+            )));
         }
-        if self.nodes.values().any(|n| n.state.is_up() && n.state != NodeState::Active) {
-            return Err(Conflict("upgrade mode can only be enabled when every node is ACTIVE".into()));
+        if self
+            .nodes
+            .values()
+            .any(|n| n.state.is_up() && n.state != NodeState::Active)
+        {
+            return Err(Conflict(
+                "upgrade mode can only be enabled when every node is ACTIVE".into(),
+            ));
         }
         if !self.nodes.values().any(|n| n.state == NodeState::Active) {
             return Err(Conflict("no node is ACTIVE".into()));
@@ -208,10 +224,15 @@ impl ClusterRecord {
     /// `POST /rest/zdu/cancel`: upgrade mode off, only while no node runs the new version.
     pub fn cancel_upgrade(&mut self) -> Result<(), Conflict> {
         if !self.upgrade_mode || self.tasks != UpgradeTasks::NotStarted {
-            return Err(Conflict(format!("there is no upgrade to cancel in state {}", self.state().name())));
+            return Err(Conflict(format!(
+                "there is no upgrade to cancel in state {}",
+                self.state().name()
+            )));
         }
         if self.new_version_running() {
-            return Err(Conflict("upgrade mode cannot be cancelled while a node runs the new version".into()));
+            return Err(Conflict(
+                "upgrade mode cannot be cancelled while a node runs the new version".into(),
+            ));
         }
         self.upgrade_mode = false;
         self.target = None;
@@ -227,7 +248,10 @@ impl ClusterRecord {
                 state.name()
             )));
         }
-        self.tasks = UpgradeTasks::Running { until_ms: now_ms + tasks_ms, fail };
+        self.tasks = UpgradeTasks::Running {
+            until_ms: now_ms + tasks_ms,
+            fail,
+        };
         Ok(())
     }
 
@@ -239,7 +263,10 @@ impl ClusterRecord {
                 self.state().name()
             )));
         }
-        self.tasks = UpgradeTasks::Running { until_ms: now_ms + tasks_ms, fail };
+        self.tasks = UpgradeTasks::Running {
+            until_ms: now_ms + tasks_ms,
+            fail,
+        };
         Ok(())
     }
 }
@@ -283,7 +310,10 @@ mod tests {
     }
 
     fn cluster(nodes: &[(&str, &str, NodeState)]) -> ClusterRecord {
-        let mut rec = ClusterRecord { version: Some(v("8.19.3")), ..Default::default() };
+        let mut rec = ClusterRecord {
+            version: Some(v("8.19.3")),
+            ..Default::default()
+        };
         for (id, version, state) in nodes {
             rec.nodes.insert(id.to_string(), node(id, version, *state));
         }

@@ -68,10 +68,18 @@ fn admin_check(node: &Node, headers: &HeaderMap) -> Option<Response> {
         .map(str::trim);
     match (token, given) {
         (Some(t), Some(g)) if t == g => {}
-        _ => return Some(error(StatusCode::UNAUTHORIZED, "Authentication with a sysadmin token is required")),
+        _ => {
+            return Some(error(
+                StatusCode::UNAUTHORIZED,
+                "Authentication with a sysadmin token is required",
+            ));
+        }
     }
     if node.health() != Health::Running {
-        return Some(error(StatusCode::SERVICE_UNAVAILABLE, format!("this node is {}", node.health().name())));
+        return Some(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("this node is {}", node.health().name()),
+        ));
     }
     None
 }
@@ -111,7 +119,8 @@ async fn zdu_state(State(node): State<Shared>, headers: HeaderMap) -> Response {
         return r;
     }
     match read_cluster(&node).await {
-        Ok(rec) => Json(json!({"upgradeModeEnabled": rec.upgrade_mode, "state": rec.state()})).into_response(),
+        Ok(rec) => Json(json!({"upgradeModeEnabled": rec.upgrade_mode, "state": rec.state()}))
+            .into_response(),
         Err(r) => r,
     }
 }
@@ -126,7 +135,11 @@ async fn zdu_cluster(State(node): State<Shared>, headers: HeaderMap) -> Response
     }
 }
 
-async fn zdu_node(State(node): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn zdu_node(
+    State(node): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Some(r) = admin_check(&node, &headers) {
         return r;
     }
@@ -149,7 +162,10 @@ async fn transition(
         return r;
     }
     let local = node.id.clone();
-    match node.with_cluster(move |rec| change(rec).map(|()| cluster_json(rec, &local))).await {
+    match node
+        .with_cluster(move |rec| change(rec).map(|()| cluster_json(rec, &local)))
+        .await
+    {
         Ok(Ok(body)) => Json(body).into_response(),
         Ok(Err(conflict)) => error(StatusCode::CONFLICT, conflict.0),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
@@ -166,7 +182,10 @@ async fn zdu_cancel(State(node): State<Shared>, headers: HeaderMap) -> Response 
 
 fn tasks_knobs(node: &Node) -> (u64, bool) {
     let knobs = node.knobs();
-    (knobs.u64_or(settings::UPGRADE_TASKS_MS, 1_000), knobs.flag(settings::UPGRADE_TASKS_FAIL))
+    (
+        knobs.u64_or(settings::UPGRADE_TASKS_MS, 1_000),
+        knobs.flag(settings::UPGRADE_TASKS_FAIL),
+    )
 }
 
 async fn zdu_approve(State(node): State<Shared>, headers: HeaderMap) -> Response {
@@ -196,7 +215,12 @@ async fn admin_cluster(State(node): State<Shared>, headers: HeaderMap) -> Respon
             "buildVersion": n.version.to_string(),
         })
     };
-    let members: Vec<Value> = rec.nodes.values().filter(|n| n.state.is_up()).map(view).collect();
+    let members: Vec<Value> = rec
+        .nodes
+        .values()
+        .filter(|n| n.state.is_up())
+        .map(view)
+        .collect();
     let local = rec.nodes.get(&node.id).map(view);
     Json(json!({"localNode": local, "nodes": members, "running": true})).into_response()
 }
@@ -226,14 +250,20 @@ fn traffic_headers(node: &Node, response: &mut Response, session: &str, new_sess
     if let Ok(v) = HeaderValue::from_str(&node.cfg.version.to_string()) {
         h.insert("X-Sim-Version", v);
     }
-    if new_session && let Ok(v) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={session}; Path=/; HttpOnly")) {
+    if new_session
+        && let Ok(v) =
+            HeaderValue::from_str(&format!("{SESSION_COOKIE}={session}; Path=/; HttpOnly"))
+    {
         h.insert(header::SET_COOKIE, v);
     }
 }
 
 async fn page(State(node): State<Shared>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
     if node.health() != Health::Running {
-        return error(StatusCode::SERVICE_UNAVAILABLE, format!("Bitbucket is {}", node.health().name()));
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Bitbucket is {}", node.health().name()),
+        );
     }
     let _in_flight = node.traffic.begin();
     let (id, new_session) = session(&headers);
@@ -243,7 +273,11 @@ async fn page(State(node): State<Shared>, headers: HeaderMap, uri: axum::http::U
         tokio::time::sleep(Duration::from_millis(slow)).await;
     }
     let body = if uri.path() == "/" {
-        format!("<html><body>Bitbucket {} on {}</body></html>", node.cfg.version, node.cfg.name).into_response()
+        format!(
+            "<html><body>Bitbucket {} on {}</body></html>",
+            node.cfg.version, node.cfg.name
+        )
+        .into_response()
     } else {
         Json(json!({"size": 1, "limit": 25, "isLastPage": true, "start": 0,
             "values": [{"key": "PRJ", "id": 1, "name": "Project", "public": false, "type": "NORMAL"}]}))
@@ -256,12 +290,22 @@ async fn page(State(node): State<Shared>, headers: HeaderMap, uri: axum::http::U
 
 /// A Git clone: takes the configured time, streaming its body in pieces, counted in flight until the
 /// last piece is out.
-async fn clone(State(node): State<Shared>, headers: HeaderMap, Path((_project, repo)): Path<(String, String)>) -> Response {
+async fn clone(
+    State(node): State<Shared>,
+    headers: HeaderMap,
+    Path((_project, repo)): Path<(String, String)>,
+) -> Response {
     if node.health() != Health::Running {
-        return error(StatusCode::SERVICE_UNAVAILABLE, format!("Bitbucket is {}", node.health().name()));
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Bitbucket is {}", node.health().name()),
+        );
     }
     if !repo.ends_with(".git") {
-        return error(StatusCode::NOT_FOUND, format!("repository {repo} does not exist"));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("repository {repo} does not exist"),
+        );
     }
     let in_flight = node.traffic.begin();
     let (id, new_session) = session(&headers);
@@ -280,8 +324,14 @@ async fn clone(State(node): State<Shared>, headers: HeaderMap, Path((_project, r
     });
     let mut response = Response::new(Body::from_stream(stream));
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-git-upload-pack-advertisement"));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(chunks * CLONE_CHUNK_BYTES as u64));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-git-upload-pack-advertisement"),
+    );
+    h.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(chunks * CLONE_CHUNK_BYTES as u64),
+    );
     traffic_headers(&node, &mut response, &id, new_session);
     response
 }
@@ -314,7 +364,10 @@ async fn sim_faults(State(node): State<Shared>) -> Response {
 }
 
 /// Sets runtime knob overrides on this node: a JSON object of knob name to value.
-async fn set_sim_faults(State(node): State<Shared>, Json(body): Json<BTreeMap<String, Value>>) -> Response {
+async fn set_sim_faults(
+    State(node): State<Shared>,
+    Json(body): Json<BTreeMap<String, Value>>,
+) -> Response {
     let Ok(mut knobs) = node.knobs.write() else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "knobs unavailable");
     };

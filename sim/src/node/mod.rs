@@ -65,7 +65,10 @@ pub struct Node {
 
 impl Node {
     pub fn health(&self) -> Health {
-        self.health.read().map(|h| h.clone()).unwrap_or(Health::Error("poisoned".into()))
+        self.health
+            .read()
+            .map(|h| h.clone())
+            .unwrap_or(Health::Error("poisoned".into()))
     }
 
     fn set_health(&self, h: Health) {
@@ -119,7 +122,10 @@ impl Node {
         self: &Arc<Self>,
         change: impl FnOnce(&mut ClusterRecord) -> T + Send + 'static,
     ) -> anyhow::Result<T> {
-        let shared = self.shared.clone().context("this node has no shared home")?;
+        let shared = self
+            .shared
+            .clone()
+            .context("this node has no shared home")?;
         let _guard = self.publish_lock.lock().await;
         let stale = self.knobs().stale_ms();
         let record = (!self.left.load(Ordering::SeqCst)).then(|| self.record(self.cluster_state()));
@@ -136,7 +142,9 @@ impl Node {
 
     /// Writes this node's final `OFFLINE` record; later publishing is a no-op.
     async fn leave(self: &Arc<Self>) -> anyhow::Result<()> {
-        let Some(shared) = self.shared.clone() else { return Ok(()) };
+        let Some(shared) = self.shared.clone() else {
+            return Ok(());
+        };
         let _guard = self.publish_lock.lock().await;
         self.left.store(true, Ordering::SeqCst);
         let record = self.record(NodeState::Offline);
@@ -185,7 +193,11 @@ fn init_logging(home: &Path) -> anyhow::Result<()> {
         .append(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    tracing_subscriber::fmt().with_writer(Mutex::new(file)).with_ansi(false).try_init().ok();
+    tracing_subscriber::fmt()
+        .with_writer(Mutex::new(file))
+        .with_ansi(false)
+        .try_init()
+        .ok();
     Ok(())
 }
 
@@ -203,15 +215,24 @@ fn node_id(home: &Path) -> anyhow::Result<String> {
 }
 
 fn search_running(home: &Path) -> bool {
-    let Ok(pid) = std::fs::read_to_string(home.join("log/search.pid")) else { return false };
-    let Ok(pid) = pid.trim().parse::<i32>() else { return false };
+    let Ok(pid) = std::fs::read_to_string(home.join("log/search.pid")) else {
+        return false;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return false;
+    };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
 async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind((cfg.address, cfg.port))
         .await
-        .with_context(|| format!("binding {}:{} (is another process using the port?)", cfg.address, cfg.port))?;
+        .with_context(|| {
+            format!(
+                "binding {}:{} (is another process using the port?)",
+                cfg.address, cfg.port
+            )
+        })?;
     let first_run = !cfg.shared_properties().is_file();
     let node = Arc::new(Node {
         id: node_id(&cfg.home)?,
@@ -252,7 +273,10 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     tracing::info!("stop requested");
     let ignore_ms = node.knobs().u64_or(settings::STOP_IGNORE_MS, 0);
     if ignore_ms > 0 {
-        tracing::warn!(ignore_ms, "ignoring the stop request for a while (fault knob)");
+        tracing::warn!(
+            ignore_ms,
+            "ignoring the stop request for a while (fault knob)"
+        );
         tokio::time::sleep(Duration::from_millis(ignore_ms)).await;
     }
     node.set_health(Health::Stopping);
@@ -267,14 +291,19 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if node.traffic.in_flight() > 0 {
-        tracing::warn!(in_flight = node.traffic.in_flight(), "stopping with requests still in flight after the grace period");
+        tracing::warn!(
+            in_flight = node.traffic.in_flight(),
+            "stopping with requests still in flight after the grace period"
+        );
     }
     heartbeat.abort();
     if let Err(e) = node.leave().await {
         tracing::warn!("could not record this node OFFLINE in the shared home: {e:#}");
     }
     close_tx.send(()).ok();
-    tokio::time::timeout(Duration::from_secs(SERVER_CLOSE_SECS), server).await.ok();
+    tokio::time::timeout(Duration::from_secs(SERVER_CLOSE_SECS), server)
+        .await
+        .ok();
     tracing::info!("stopped");
     Ok(())
 }
@@ -293,7 +322,11 @@ async fn start_up(node: Arc<Node>) {
         return;
     }
     if knobs.flag(settings::START_ERROR) {
-        fail(&node, "startup failed (fault knob sim.fault.start.error)".into()).await;
+        fail(
+            &node,
+            "startup failed (fault knob sim.fault.start.error)".into(),
+        )
+        .await;
         return;
     }
     let version = node.cfg.version;

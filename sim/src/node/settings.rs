@@ -38,7 +38,10 @@ pub fn system_properties(args: &[String]) -> BTreeMap<String, String> {
 
 impl NodeConfig {
     /// Builds the settings from the command line and the environment (`BITBUCKET_HOME`, `INST_DIR`).
-    pub fn from_args(args: &[String], env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+    pub fn from_args(
+        args: &[String],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Self> {
         let props = system_properties(args);
         let home = props
             .get("bitbucket.home")
@@ -51,23 +54,42 @@ impl NodeConfig {
             .cloned()
             .or_else(|| env("INST_DIR"))
             .filter(|h| !h.is_empty())
-            .context("the install directory is not set (neither -Dbitbucket.install nor INST_DIR)")?;
+            .context(
+                "the install directory is not set (neither -Dbitbucket.install nor INST_DIR)",
+            )?;
         let port = match props.get("server.port") {
-            Some(p) => p.parse().with_context(|| format!("-Dserver.port={p} is not a port number"))?,
+            Some(p) => p
+                .parse()
+                .with_context(|| format!("-Dserver.port={p} is not a port number"))?,
             None => DEFAULT_PORT,
         };
         let address = match props.get("server.address") {
-            Some(a) => a.parse().with_context(|| format!("-Dserver.address={a} is not an IP address"))?,
+            Some(a) => a
+                .parse()
+                .with_context(|| format!("-Dserver.address={a} is not an IP address"))?,
             None => IpAddr::from([127, 0, 0, 1]),
         };
         let startup_ms = match props.get("sim.startup.ms") {
-            Some(v) => v.parse().with_context(|| format!("-Dsim.startup.ms={v} is not a number"))?,
+            Some(v) => v
+                .parse()
+                .with_context(|| format!("-Dsim.startup.ms={v} is not a number"))?,
             None => DEFAULT_STARTUP_MS,
         };
         let install = PathBuf::from(install);
         let version = read_version(&install)?;
-        let name = props.get("cluster.node.name").cloned().unwrap_or_else(|| format!("node-{port}"));
-        Ok(NodeConfig { home: PathBuf::from(home), install, port, address, name, startup_ms, version })
+        let name = props
+            .get("cluster.node.name")
+            .cloned()
+            .unwrap_or_else(|| format!("node-{port}"));
+        Ok(NodeConfig {
+            home: PathBuf::from(home),
+            install,
+            port,
+            address,
+            name,
+            startup_ms,
+            version,
+        })
     }
 
     /// The shared home, `$BITBUCKET_HOME/shared`.
@@ -118,7 +140,10 @@ pub const STOP_GRACE_MS: &str = "sim.stop.grace.ms";
 
 impl Knobs {
     pub fn new(node: &str) -> Self {
-        Knobs { node: node.to_string(), ..Default::default() }
+        Knobs {
+            node: node.to_string(),
+            ..Default::default()
+        }
     }
 
     pub fn set_file(&mut self, file: BTreeMap<String, String>) {
@@ -144,15 +169,21 @@ impl Knobs {
     }
 
     pub fn u64_or(&self, key: &str, default: u64) -> u64 {
-        self.get(key).and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+        self.get(key)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(default)
     }
 
     pub fn flag(&self, key: &str) -> bool {
-        self.get(key).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        self.get(key)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
     }
 
     pub fn admin_token(&self) -> Option<&str> {
-        self.file.get(ADMIN_TOKEN).map(String::as_str).filter(|t| !t.is_empty())
+        self.file
+            .get(ADMIN_TOKEN)
+            .map(String::as_str)
+            .filter(|t| !t.is_empty())
     }
 
     pub fn stale_ms(&self) -> u64 {
@@ -171,10 +202,17 @@ mod tests {
 
     #[test]
     fn reads_d_args() {
-        let args: Vec<String> = ["-classpath", "/x/app", "-Dserver.port=8123", "-Xmx1g", "-Dcluster.node.name=n1", "-Dflag"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "-classpath",
+            "/x/app",
+            "-Dserver.port=8123",
+            "-Xmx1g",
+            "-Dcluster.node.name=n1",
+            "-Dflag",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let p = system_properties(&args);
         assert_eq!(p["server.port"], "8123");
         assert_eq!(p["cluster.node.name"], "n1");

@@ -1,9 +1,9 @@
 //! Busyness counters under real traffic: in-flight requests and distinct recent users (sessions).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Counts in-flight requests and recently seen sessions.
@@ -41,7 +41,9 @@ impl Traffic {
 
     /// Distinct sessions seen within `window`, forgetting older ones.
     pub fn active_users(&self, window: Duration) -> u64 {
-        let Ok(mut s) = self.sessions.lock() else { return 0 };
+        let Ok(mut s) = self.sessions.lock() else {
+            return 0;
+        };
         s.retain(|_, seen| seen.elapsed() <= window);
         s.len() as u64
     }
