@@ -1,1 +1,4 @@
-fn main() {}
+//! The `bbupgrade` binary.
+fn main() -> std::process::ExitCode {
+    bbupgrade::cli::main()
+}

@@ -68,6 +68,22 @@ fn killed_node_goes_offline_and_counters_follow_traffic() {
         node(&zdu_cluster(&c, 1), "node1")["tasksTotal"] == 0
     });
 
+    // Knobs can be changed at runtime on one node.
+    let faults = format!("{base}/sim/faults");
+    let body = br#"{"sim.background.tasks": 2}"#;
+    let r = client::request(
+        "POST",
+        &faults,
+        &[("Content-Type", "application/json")],
+        Some(body),
+        TIMEOUT,
+    )
+    .expect("post");
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_until("background tasks", TIMEOUT, || {
+        node(&zdu_cluster(&c, 1), "node1")["tasksTotal"] == 2
+    });
+
     // A node that dies turns OFFLINE once its heartbeat is stale.
     c.kill_node(1).expect("kill");
     assert_eq!(node_state(&c, 0, "node2"), "ACTIVE", "not yet stale");

@@ -134,3 +134,82 @@ fn misconfigured_homes() {
     );
     assert!(!std::path::Path::new(&format!("/proc/{}", pid.trim())).exists());
 }
+
+#[test]
+fn fault_knobs_start_error_and_crash() {
+    let c = cluster(1, "8.19.3");
+    c.set_shared_property("sim.fault.start.error.node1", "true")
+        .expect("property");
+    c.start_node(0, true).expect("start");
+    c.wait_status(0, "ERROR", TIMEOUT).expect("ERROR");
+    let status =
+        client::get(&format!("{}/status", c.nodes()[0].base_url), &[], TIMEOUT).expect("status");
+    assert_eq!(status.status, 500);
+    c.stop_node(0).expect("stop");
+
+    c.set_shared_property("sim.fault.start.error.node1", "false")
+        .expect("property");
+    c.set_shared_property("sim.fault.crash.after.ms", "300")
+        .expect("property");
+    c.start_node(0, true).expect("start");
+    c.wait_status(0, "RUNNING", TIMEOUT).expect("RUNNING");
+    wait_until("the crash", TIMEOUT, || c.status(0).is_none());
+    assert!(
+        c.nodes()[0].home.join("log/bitbucket.pid").exists(),
+        "a crash leaves the PID file"
+    );
+    let stop = c.stop_node(0);
+    assert!(
+        stop.is_ok(),
+        "stopping a crashed node clears its stale PID file: {stop:?}"
+    );
+}
+
+/// Run as a non-root user other than the configured `BITBUCKET_USER`, the scripts refuse.
+#[test]
+fn scripts_refuse_another_non_root_user() {
+    if !nix::unistd::Uid::effective().is_root()
+        || nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        eprintln!("skipped: needs root and the user nobody");
+        return;
+    }
+    let c = cluster(1, "8.19.3");
+    // Let `nobody` read the install (temp dirs are private).
+    let mut dir = c.nodes()[0].install_dir.clone();
+    while dir.pop() {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&dir).expect("metadata");
+        if meta.permissions().mode() & 0o005 != 0o005 {
+            std::fs::set_permissions(
+                &dir,
+                std::fs::Permissions::from_mode(meta.permissions().mode() | 0o755),
+            )
+            .expect("chmod");
+        }
+        if dir == c.dir() || dir.parent().is_none() {
+            break;
+        }
+    }
+    let bin = c.nodes()[0].install_dir.join("bin");
+    let user_script = bin.join("set-bitbucket-user.sh");
+    let text = std::fs::read_to_string(&user_script).expect("read");
+    let edited = bbupgrade_sim::scripts::with_bitbucket_user(&text, "root").expect("edit");
+    std::fs::write(&user_script, edited).expect("write");
+    for script in ["start-bitbucket.sh", "stop-bitbucket.sh"] {
+        let out = Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(bin.join(script))
+            .output()
+            .expect("runuser");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{script}: {text}");
+        assert!(
+            text.contains("has been installed to run as root"),
+            "{script}: {text}"
+        );
+    }
+}

@@ -177,7 +177,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(cfg));
+    let id = node_id(&cfg.home)?;
+    let search = search_running(&cfg.home);
+    let result = runtime.block_on(serve(cfg, id, search));
     if let Err(e) = &result {
         tracing::error!("{e:#}");
     }
@@ -224,7 +226,7 @@ fn search_running(home: &Path) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
-async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
+async fn serve(cfg: NodeConfig, id: String, search: bool) -> anyhow::Result<()> {
     let listener = TcpListener::bind((cfg.address, cfg.port))
         .await
         .with_context(|| {
@@ -235,13 +237,13 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         })?;
     let first_run = !cfg.shared_properties().is_file();
     let node = Arc::new(Node {
-        id: node_id(&cfg.home)?,
+        id,
         pid: std::process::id(),
         shared: (!first_run).then(|| SharedHome::new(&cfg.shared_dir())),
         health: RwLock::new(Health::Starting),
         knobs: RwLock::new(Knobs::new(&cfg.name)),
         traffic: Arc::new(Traffic::default()),
-        bundled_search: AtomicBool::new(search_running(&cfg.home)),
+        bundled_search: AtomicBool::new(search),
         left: AtomicBool::new(false),
         publish_lock: tokio::sync::Mutex::new(()),
         cfg,
@@ -366,9 +368,16 @@ async fn fail(node: &Arc<Node>, reason: String) {
 /// Keeps this node's record fresh in the shared home and re-reads the knobs.
 async fn heartbeat(node: Arc<Node>) {
     loop {
-        node.reload_knobs();
-        if search_running(&node.cfg.home) {
-            node.bundled_search.store(true, Ordering::SeqCst);
+        let local = Arc::clone(&node);
+        let checked = tokio::task::spawn_blocking(move || {
+            local.reload_knobs();
+            if search_running(&local.cfg.home) {
+                local.bundled_search.store(true, Ordering::SeqCst);
+            }
+        })
+        .await;
+        if let Err(e) = checked {
+            tracing::warn!("re-reading the settings failed: {e}");
         }
         if node.shared.is_some()
             && let Err(e) = node.with_cluster(|_| ()).await

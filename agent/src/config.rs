@@ -1,0 +1,247 @@
+//! The agent's configuration: raw TOML as written by the admin, validated into [`Settings`] so the
+//! rest of the agent never sees an unchecked value.
+
+use anyhow::{Context, Result, bail, ensure};
+use bbupgrade_common::identity::{Role, validate_name};
+use bbupgrade_common::tls::{TlsFiles, TlsMaterial};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/bbupgrade";
+pub const DEFAULT_STOP_TIMEOUT_SECS: u32 = 300;
+pub const DEFAULT_START_TIMEOUT_SECS: u32 = 900;
+pub const DEFAULT_MAX_ARCHIVE_BYTES: u64 = 8 << 30;
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 4 << 30;
+pub const DEFAULT_KEEP_INSTALLS: u32 = 3;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub node_id: String,
+    pub listen: String,
+    pub state_dir: Option<PathBuf>,
+    pub tls: TlsFiles,
+    pub bitbucket: RawBitbucket,
+    pub service: RawService,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBitbucket {
+    pub install_root: PathBuf,
+    pub current_install: PathBuf,
+    pub home: PathBuf,
+    /// The unprivileged user Bitbucket runs as. Omitted: the agent's own user (only when not root).
+    pub user: Option<String>,
+    pub status_url: String,
+    /// A `current` symlink the service starts through, switched on activation.
+    pub current_link: Option<PathBuf>,
+    /// Files (relative to the install) to carry over besides the default list.
+    #[serde(default)]
+    pub carry_files: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub kind: String,
+    /// systemd unit name, e.g. `atlbitbucket.service`.
+    pub unit: Option<String>,
+    /// The unit file or init.d script the agent edits on activation.
+    pub path: Option<PathBuf>,
+    /// `systemctl` to run (tests point it elsewhere).
+    pub systemctl: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub stop_timeout_secs: Option<u32>,
+    pub start_timeout_secs: Option<u32>,
+    pub max_archive_bytes: Option<u64>,
+    pub cache_max_bytes: Option<u64>,
+    pub keep_installs: Option<u32>,
+}
+
+/// How the node's Bitbucket is run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceSettings {
+    Systemd { unit: String, unit_path: PathBuf, systemctl: PathBuf },
+    Initd { script: PathBuf },
+    Scripts,
+}
+
+impl ServiceSettings {
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            ServiceSettings::Systemd { .. } => "systemd",
+            ServiceSettings::Initd { .. } => "initd",
+            ServiceSettings::Scripts => "scripts",
+        }
+    }
+}
+
+/// The user Bitbucket runs as, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Validated settings.
+#[derive(Clone)]
+pub struct Settings {
+    pub node_id: String,
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub tls: TlsMaterial,
+    pub install_root: PathBuf,
+    pub initial_install: PathBuf,
+    pub home: PathBuf,
+    pub user: RunUser,
+    pub status_url: String,
+    pub current_link: Option<PathBuf>,
+    pub carry_files: Vec<String>,
+    pub service: ServiceSettings,
+    pub stop_timeout_secs: u32,
+    pub start_timeout_secs: u32,
+    pub max_archive_bytes: u64,
+    pub cache_max_bytes: u64,
+    pub keep_installs: u32,
+}
+
+impl Settings {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the agent config {}", path.display()))?;
+        let raw: RawConfig = toml::from_str(&text)
+            .with_context(|| format!("parsing the agent config {}", path.display()))?;
+        Self::validate(raw).with_context(|| format!("in the agent config {}", path.display()))
+    }
+
+    pub fn validate(raw: RawConfig) -> Result<Self> {
+        validate_name(&raw.node_id).context("node_id")?;
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .with_context(|| format!("listen = '{}' must be an address:port such as 0.0.0.0:7443", raw.listen))?;
+        let tls = raw.tls.load().context("[tls]")?;
+        let own = tls.own_identity().context("[tls] cert")?;
+        ensure!(
+            own.role == Role::Agent && own.name == raw.node_id,
+            "[tls] cert names {own}, but this agent is node '{}': issue one with `bbupgrade pki issue --role agent --name {}`",
+            raw.node_id,
+            raw.node_id
+        );
+        let b = raw.bitbucket;
+        for (key, p) in [
+            ("bitbucket.install_root", &b.install_root),
+            ("bitbucket.current_install", &b.current_install),
+            ("bitbucket.home", &b.home),
+        ] {
+            ensure!(p.is_absolute(), "{key} = '{}' must be an absolute path", p.display());
+            ensure!(p.is_dir(), "{key} = '{}' is not a directory", p.display());
+        }
+        ensure!(
+            b.current_install.join("bin/start-bitbucket.sh").is_file(),
+            "bitbucket.current_install = '{}' holds no bin/start-bitbucket.sh; name the directory of the running Bitbucket install",
+            b.current_install.display()
+        );
+        ensure!(
+            b.status_url.starts_with("http://") || b.status_url.starts_with("https://"),
+            "bitbucket.status_url = '{}' must be an http(s) URL such as http://localhost:7990/status",
+            b.status_url
+        );
+        let user = resolve_user(b.user.as_deref())?;
+        for f in &b.carry_files {
+            ensure!(
+                !f.starts_with('/') && !f.split('/').any(|c| c == ".."),
+                "bitbucket.carry_files entry '{f}' must be a path relative to the install"
+            );
+        }
+        let s = raw.service;
+        let service = match s.kind.as_str() {
+            "systemd" => {
+                let unit = s.unit.unwrap_or_else(|| "atlbitbucket.service".to_string());
+                let unit_path = s
+                    .path
+                    .unwrap_or_else(|| PathBuf::from("/etc/systemd/system").join(&unit));
+                ServiceSettings::Systemd {
+                    unit,
+                    unit_path,
+                    systemctl: s.systemctl.unwrap_or_else(|| PathBuf::from("systemctl")),
+                }
+            }
+            "initd" => ServiceSettings::Initd {
+                script: s.path.unwrap_or_else(|| PathBuf::from("/etc/init.d/atlbitbucket")),
+            },
+            "scripts" => ServiceSettings::Scripts,
+            other => bail!("service.kind = '{other}': expected systemd, initd or scripts"),
+        };
+        if let ServiceSettings::Systemd { unit_path: p, .. } | ServiceSettings::Initd { script: p } = &service {
+            ensure!(p.is_file(), "service.path = '{}' does not exist", p.display());
+        }
+        let l = raw.limits;
+        Ok(Settings {
+            node_id: raw.node_id,
+            listen,
+            state_dir: raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            tls,
+            install_root: b.install_root,
+            initial_install: b.current_install,
+            home: b.home,
+            user,
+            status_url: b.status_url,
+            current_link: b.current_link,
+            carry_files: b.carry_files,
+            service,
+            stop_timeout_secs: l.stop_timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT_SECS),
+            start_timeout_secs: l.start_timeout_secs.unwrap_or(DEFAULT_START_TIMEOUT_SECS),
+            max_archive_bytes: l.max_archive_bytes.unwrap_or(DEFAULT_MAX_ARCHIVE_BYTES),
+            cache_max_bytes: l.cache_max_bytes.unwrap_or(DEFAULT_CACHE_MAX_BYTES),
+            keep_installs: l.keep_installs.unwrap_or(DEFAULT_KEEP_INSTALLS).max(2),
+        })
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.home.join("log/bitbucket.pid")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.home.join("log/atlassian-bitbucket.log")
+    }
+}
+
+fn resolve_user(name: Option<&str>) -> Result<RunUser> {
+    let root = nix::unistd::geteuid().is_root();
+    let user = match name {
+        Some(n) => nix::unistd::User::from_name(n)
+            .with_context(|| format!("looking up bitbucket.user '{n}'"))?
+            .with_context(|| format!("bitbucket.user '{n}' does not exist on this machine"))?,
+        None => {
+            ensure!(
+                !root,
+                "bitbucket.user is not set and the agent runs as root; set it to the user Bitbucket runs as (never root)"
+            );
+            nix::unistd::User::from_uid(nix::unistd::geteuid())?
+                .context("the agent's own user has no passwd entry")?
+        }
+    };
+    ensure!(
+        !user.uid.is_root(),
+        "bitbucket.user is root; Bitbucket must run as an unprivileged user such as atlbitbucket"
+    );
+    if !root {
+        ensure!(
+            user.uid == nix::unistd::geteuid(),
+            "the agent runs as an unprivileged user, so bitbucket.user must be that same user, not '{}'",
+            user.name
+        );
+    }
+    Ok(RunUser { name: user.name, uid: user.uid.as_raw(), gid: user.gid.as_raw() })
+}

@@ -1,0 +1,185 @@
+//! The `bbupgrade` command line: argument parsing and dispatch. Exit codes: 0 done, 1 failed,
+//! 2 bad input.
+
+use crate::inventory::Inventory;
+use anyhow::{Context, Result};
+use bbupgrade_common::identity::Role;
+use bbupgrade_common::pki::{Ca, IssueRequest};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// An error caused by what the user gave us (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+#[derive(Parser)]
+#[command(name = "bbupgrade", version, about = "Zero-downtime rolling upgrades of Bitbucket Data Center clusters")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// The private CA and certificates for agents and coordinators.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Agent reachability, identity, versions and load of every node of a cluster.
+    Status(ClusterArgs),
+    /// Preflight checks and the ordered plan; changes nothing.
+    Plan(UpgradeArgs),
+    /// Upgrade a cluster node by node without downtime.
+    Upgrade(UpgradeArgs),
+    /// Continue the cluster's unfinished run from its journal and the live state.
+    Resume(UpgradeArgs),
+    /// Return every upgraded node to the original version, one at a time.
+    Rollback(UpgradeArgs),
+    /// A local sandbox cluster of simulated nodes with real agents, upgraded end to end.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+pub enum PkiCommand {
+    /// Create the CA (ca.pem, ca.key) in a directory.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate for an agent or a coordinator.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = ["agent", "coordinator"])]
+        role: String,
+        #[arg(long)]
+        name: String,
+        /// DNS name or IP address the holder is reached at (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct ClusterArgs {
+    #[arg(long)]
+    pub inventory: PathBuf,
+    #[arg(long)]
+    pub cluster: String,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+}
+
+#[derive(Args, Clone)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub target: ClusterArgs,
+    /// The bug-fix release to upgrade to, e.g. 8.19.6.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// The release archive (atlassian-bitbucket-X.Y.Z.tar.gz), streamed to every agent.
+    #[arg(long, conflicts_with = "archive_url")]
+    pub archive: Option<PathBuf>,
+    /// A URL the agents download the release from themselves (with --sha256).
+    #[arg(long, requires = "sha256")]
+    pub archive_url: Option<String>,
+    #[arg(long)]
+    pub sha256: Option<String>,
+    /// The journal: `sqlite:PATH` or a path (default: from the inventory, else ./bbupgrade-journal.db).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Roll a failed node back to the original version and put it back in service.
+    #[arg(long)]
+    pub auto_rollback: bool,
+    /// Healthy time after a node rejoins before the next node is taken out (overrides the inventory).
+    #[arg(long)]
+    pub soak_secs: Option<u64>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<BadInput>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BBUPGRADE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Loads the inventory; problems with it are bad input.
+pub fn load_inventory(path: &std::path::Path) -> Result<Inventory> {
+    Inventory::load(path).map_err(|e| BadInput(format!("{e:#}")).into())
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Pki { command } => pki(command).map(|_| ExitCode::SUCCESS),
+        Command::Status(args) => status(args).await,
+        Command::Plan(args) => crate::run::plan_command(args).await,
+        Command::Upgrade(args) => crate::run::upgrade_command(args).await,
+        Command::Resume(args) => crate::run::resume_command(args).await,
+        Command::Rollback(args) => crate::run::rollback_command(args).await,
+        Command::Demo(args) => crate::demo::run(args).await,
+    }
+}
+
+fn pki(cmd: PkiCommand) -> Result<()> {
+    match cmd {
+        PkiCommand::Init { dir } => {
+            Ca::generate()?.save(&dir).map_err(|e| BadInput(format!("{e:#}")))?;
+            println!("created the CA in {} (ca.pem, ca.key with mode 0600)", dir.display());
+        }
+        PkiCommand::Issue { dir, role, name, sans } => {
+            let role: Role = role.parse().map_err(|e| BadInput(format!("{e}")))?;
+            let ca = Ca::load(&dir).map_err(|e| BadInput(format!("{e:#}")))?;
+            let issued = ca
+                .issue(&IssueRequest::new(role, &name).with_sans(sans))
+                .map_err(|e| BadInput(format!("{e:#}")))?;
+            let (cert, key) = issued.save(&dir).context("writing the certificate")?;
+            println!("issued {} -> {} and {} (0600)", issued.identity.uri(), cert.display(), key.display());
+        }
+    }
+    Ok(())
+}
+
+async fn status(args: ClusterArgs) -> Result<ExitCode> {
+    let inv = load_inventory(&args.inventory)?;
+    let cluster = inv.cluster(&args.cluster).map_err(|e| BadInput(format!("{e:#}")))?;
+    let tls = inv.tls.load().map_err(|e| BadInput(format!("coordinator TLS files: {e:#}")))?;
+    let report = crate::status::collect(cluster, &tls).await;
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Human => print!("{}", crate::status::render_human(&report)),
+    }
+    let unreachable = report.nodes.iter().filter(|n| !n.reachable).count();
+    if unreachable > 0 {
+        eprintln!("{unreachable} of {} agents unreachable", report.nodes.len());
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
