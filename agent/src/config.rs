@@ -70,8 +70,14 @@ pub struct RawLimits {
 /// How the node's Bitbucket is run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServiceSettings {
-    Systemd { unit: String, unit_path: PathBuf, systemctl: PathBuf },
-    Initd { script: PathBuf },
+    Systemd {
+        unit: String,
+        unit_path: PathBuf,
+        systemctl: PathBuf,
+    },
+    Initd {
+        script: PathBuf,
+    },
     Scripts,
 }
 
@@ -126,10 +132,12 @@ impl Settings {
 
     pub fn validate(raw: RawConfig) -> Result<Self> {
         validate_name(&raw.node_id).context("node_id")?;
-        let listen: SocketAddr = raw
-            .listen
-            .parse()
-            .with_context(|| format!("listen = '{}' must be an address:port such as 0.0.0.0:7443", raw.listen))?;
+        let listen: SocketAddr = raw.listen.parse().with_context(|| {
+            format!(
+                "listen = '{}' must be an address:port such as 0.0.0.0:7443",
+                raw.listen
+            )
+        })?;
         let tls = raw.tls.load().context("[tls]")?;
         let own = tls.own_identity().context("[tls] cert")?;
         ensure!(
@@ -144,7 +152,11 @@ impl Settings {
             ("bitbucket.current_install", &b.current_install),
             ("bitbucket.home", &b.home),
         ] {
-            ensure!(p.is_absolute(), "{key} = '{}' must be an absolute path", p.display());
+            ensure!(
+                p.is_absolute(),
+                "{key} = '{}' must be an absolute path",
+                p.display()
+            );
             ensure!(p.is_dir(), "{key} = '{}' is not a directory", p.display());
         }
         ensure!(
@@ -178,19 +190,29 @@ impl Settings {
                 }
             }
             "initd" => ServiceSettings::Initd {
-                script: s.path.unwrap_or_else(|| PathBuf::from("/etc/init.d/atlbitbucket")),
+                script: s
+                    .path
+                    .unwrap_or_else(|| PathBuf::from("/etc/init.d/atlbitbucket")),
             },
             "scripts" => ServiceSettings::Scripts,
             other => bail!("service.kind = '{other}': expected systemd, initd or scripts"),
         };
-        if let ServiceSettings::Systemd { unit_path: p, .. } | ServiceSettings::Initd { script: p } = &service {
-            ensure!(p.is_file(), "service.path = '{}' does not exist", p.display());
+        if let ServiceSettings::Systemd { unit_path: p, .. }
+        | ServiceSettings::Initd { script: p } = &service
+        {
+            ensure!(
+                p.is_file(),
+                "service.path = '{}' does not exist",
+                p.display()
+            );
         }
         let l = raw.limits;
         Ok(Settings {
             node_id: raw.node_id,
             listen,
-            state_dir: raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             tls,
             install_root: b.install_root,
             initial_install: b.current_install,
@@ -243,5 +265,9 @@ fn resolve_user(name: Option<&str>) -> Result<RunUser> {
             user.name
         );
     }
-    Ok(RunUser { name: user.name, uid: user.uid.as_raw(), gid: user.gid.as_raw() })
+    Ok(RunUser {
+        name: user.name,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    })
 }

@@ -43,21 +43,32 @@ pub struct OpJournal {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn valid_op_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
         && !id.starts_with('.')
 }
 
 /// Decides admission from the record, pure.
 #[allow(clippy::result_large_err)]
-pub fn admit(record: Option<&OpRecord>, kind: &str, running_now: bool) -> Result<Admission, Status> {
+pub fn admit(
+    record: Option<&OpRecord>,
+    kind: &str,
+    running_now: bool,
+) -> Result<Admission, Status> {
     if running_now {
-        return Err(Status::aborted("this operation id is still running; poll OperationStatus"));
+        return Err(Status::aborted(
+            "this operation id is still running; poll OperationStatus",
+        ));
     }
     match record {
         None => Ok(Admission::Run),
@@ -65,9 +76,9 @@ pub fn admit(record: Option<&OpRecord>, kind: &str, running_now: bool) -> Result
             "operation id '{}' was already used for '{}', not '{kind}'; use a new id",
             r.operation_id, r.kind
         ))),
-        Some(r) if r.state == OpState::Succeeded => {
-            Ok(Admission::Replay(r.result.clone().unwrap_or(serde_json::Value::Null)))
-        }
+        Some(r) if r.state == OpState::Succeeded => Ok(Admission::Replay(
+            r.result.clone().unwrap_or(serde_json::Value::Null),
+        )),
         Some(_) => Ok(Admission::Run),
     }
 }
@@ -77,7 +88,10 @@ impl OpJournal {
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
         let dir = state_dir.join("operations");
         std::fs::create_dir_all(&dir)?;
-        let journal = Self { dir, running: Mutex::new(HashSet::new()) };
+        let journal = Self {
+            dir,
+            running: Mutex::new(HashSet::new()),
+        };
         for entry in std::fs::read_dir(&journal.dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "json")
@@ -131,7 +145,8 @@ impl OpJournal {
                 finished_unix_ms: None,
                 result: None,
             };
-            self.write(&rec).map_err(|e| Status::internal(format!("writing the agent journal: {e}")))?;
+            self.write(&rec)
+                .map_err(|e| Status::internal(format!("writing the agent journal: {e}")))?;
         }
         Ok(admission)
     }
@@ -161,7 +176,10 @@ impl OpJournal {
         if let Err(e) = self.write(&rec) {
             tracing::error!(operation = id, error = %e, "could not record an operation's end");
         }
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     /// Runs `work` once per operation id: replays a completed result, records the outcome.
@@ -171,8 +189,9 @@ impl OpJournal {
         F: std::future::Future<Output = Result<T, Status>>,
     {
         match self.begin(id, kind)? {
-            Admission::Replay(v) => serde_json::from_value(v)
-                .map_err(|e| Status::internal(format!("the recorded result of '{id}' is unreadable: {e}"))),
+            Admission::Replay(v) => serde_json::from_value(v).map_err(|e| {
+                Status::internal(format!("the recorded result of '{id}' is unreadable: {e}"))
+            }),
             Admission::Run => {
                 let out = work.await;
                 let recorded = match &out {
@@ -210,19 +229,31 @@ mod tests {
                 .unwrap();
             assert_eq!(v, 7);
         }
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "work must run once");
-        let err = j.run("op-1", "start", async { Ok(1u32) }).await.unwrap_err();
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "work must run once"
+        );
+        let err = j
+            .run("op-1", "start", async { Ok(1u32) })
+            .await
+            .unwrap_err();
         assert!(err.message().contains("already used for 'stop'"), "{err}");
         assert!(j.begin("../x", "stop").is_err());
 
         // A failed operation may be retried with the same id.
-        let _ = j.run::<u32, _>("op-2", "stop", async { Err(Status::internal("boom")) }).await;
+        let _ = j
+            .run::<u32, _>("op-2", "stop", async { Err(Status::internal("boom")) })
+            .await;
         assert_eq!(j.get("op-2").unwrap().state, OpState::Failed);
         assert_eq!(j.run("op-2", "stop", async { Ok(3u32) }).await.unwrap(), 3);
 
         // Running when the agent died: interrupted after reopening, and runnable again.
         assert_eq!(j.begin("op-3", "stage").unwrap(), Admission::Run);
-        assert!(j.begin("op-3", "stage").is_err(), "concurrent repeat is refused");
+        assert!(
+            j.begin("op-3", "stage").is_err(),
+            "concurrent repeat is refused"
+        );
         drop(j);
         let j = OpJournal::open(dir.path()).unwrap();
         assert_eq!(j.get("op-3").unwrap().state, OpState::Interrupted);

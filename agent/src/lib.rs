@@ -7,6 +7,12 @@
 //! ids and their results), `metrics` (load), `server` (the gRPC service), `cli` (the binary).
 
 pub mod activate;
+pub mod cli;
+pub mod config;
+pub mod journal;
+pub mod metrics;
+pub mod node_state;
 pub mod prepare;
+pub mod server;
 pub mod service;
 pub mod stage;

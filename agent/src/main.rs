@@ -1,1 +1,4 @@
-fn main() {}
+//! The `bbupgrade-agent` binary.
+fn main() -> std::process::ExitCode {
+    bbupgrade_agent::cli::main()
+}

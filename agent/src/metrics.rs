@@ -42,7 +42,9 @@ impl Metrics {
     pub fn new() -> Self {
         let mut system = System::new();
         system.refresh_cpu_usage();
-        Self { system: Mutex::new(system) }
+        Self {
+            system: Mutex::new(system),
+        }
     }
 
     /// One sample. Blocking (reads /proc); call from spawn_blocking.

@@ -1,1 +1,22 @@
-//! placeholder
+//! The bbupgrade coordinator: the admin's CLI that upgrades Bitbucket Data Center clusters without
+//! downtime.
+//!
+//! Layout: `cli` parses commands; `inventory` holds validated clusters and nodes; `agents` connects
+//! to agents over mutual TLS; `zdu` is Bitbucket's rolling-upgrade API; `loadbalancer` drains and
+//! restores nodes; `plan` decides (preflight, least-busy order) without I/O; `upgrade` carries a run
+//! out; `run` wires commands to it; `journal` records every step in SQLite; `report` prints;
+//! `status` and `demo` (with `sandbox`) are the other commands.
+
+pub mod agents;
+pub mod cli;
+pub mod demo;
+pub mod inventory;
+pub mod journal;
+pub mod loadbalancer;
+pub mod plan;
+pub mod report;
+pub mod run;
+pub mod sandbox;
+pub mod status;
+pub mod upgrade;
+pub mod zdu;

@@ -4,11 +4,13 @@
 //!
 //! Layout: `version` (release versions, the bug-fix rule), `zdu` (the rolling-upgrade state machine,
 //! pure), `membership` (the cluster record in the shared home, under `flock`), `node` (the HTTP node),
-//! `properties` (`.properties` files), `client` (a tiny blocking HTTP client for probes and tests).
+//! `properties` (`.properties` files), `client` (a tiny blocking HTTP client for probes and tests),
+//! `load` (a load generator: many users' sessions, pages and clones, through the load balancer).
 
 pub mod archive;
 pub mod client;
 pub mod cluster;
+pub mod load;
 pub mod membership;
 pub mod node;
 pub mod properties;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use bbupgrade_sim::archive;
 use bbupgrade_sim::cluster::{ClusterOptions, SimCluster};
+use bbupgrade_sim::{archive, load};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -76,6 +76,30 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
+    /// Send load through URL (many users with sessions, pages and clones) and report; exit code 1
+    /// if any request failed.
+    Load {
+        /// Where to send it, e.g. the load balancer: http://127.0.0.1:7990
+        #[arg(long)]
+        url: String,
+        /// Concurrent virtual users, each with its own session.
+        #[arg(long, default_value_t = 10)]
+        users: usize,
+        /// How long to run; until Ctrl-C / SIGTERM without it.
+        #[arg(long)]
+        duration_secs: Option<u64>,
+        /// Every Nth request of a user is a Git clone (0 = none).
+        #[arg(long, default_value_t = 10)]
+        clone_every: u32,
+        /// Pause between a user's requests, in ms.
+        #[arg(long, default_value_t = 200)]
+        think_ms: u64,
+        /// Longest one request (or whole clone) may take, in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -114,6 +138,25 @@ fn main() -> std::process::ExitCode {
                 run_as_user: None,
             };
             run_cluster(&dir, opts, base_port, output)
+        }
+        Cmd::Load {
+            url,
+            users,
+            duration_secs,
+            clone_every,
+            think_ms,
+            timeout_secs,
+            output,
+        } => {
+            let opts = load::LoadOptions {
+                base_url: url,
+                users,
+                clone_every,
+                think_ms,
+                duration: duration_secs.map(Duration::from_secs),
+                request_timeout: Duration::from_secs(timeout_secs),
+            };
+            run_load(opts, output)
         }
     };
     match result {
@@ -195,4 +238,61 @@ fn run_cluster(
     let waited = wait_for_stop();
     let stopped = cluster.stop_all();
     waited.and(stopped)
+}
+
+fn run_load(opts: load::LoadOptions, output: Output) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(&opts.base_url)
+        .with_context(|| format!("--url {} is not a URL", opts.base_url))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        anyhow::bail!("--url {url} must be http:// or https://");
+    }
+    if opts.users == 0 {
+        anyhow::bail!("--users must be at least 1");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let duration = opts.duration;
+        let handle = load::start(opts);
+        let elapsed = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = elapsed => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        anyhow::Ok(handle.stop().await)
+    })?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.summary_line());
+        for failure in &report.failures {
+            println!("  {failure}");
+        }
+        if report.failed > report.failures.len() as u64 {
+            println!(
+                "  ... and {} more failures",
+                report.failed - report.failures.len() as u64
+            );
+        }
+    }
+    if report.failed > 0 {
+        anyhow::bail!(
+            "{} of {} requests failed through {url}",
+            report.failed,
+            report.total
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,139 @@
+//! The `bbupgrade-agent` command line: run the daemon (`--config FILE`), or stage a release locally
+//! (`stage ...`) with the same code the daemon uses. Exit codes: 0 done, 1 failed, 2 bad input.
+
+use crate::config::Settings;
+use crate::server::AgentService;
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(name = "bbupgrade-agent", version, about = "The bbupgrade agent for a Bitbucket Data Center node")]
+pub struct Cli {
+    /// The agent configuration (TOML), e.g. /etc/bbupgrade/agent.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Verify and extract a release archive into <install-root>/<version>, in one pass.
+    Stage {
+        #[arg(long)]
+        archive: PathBuf,
+        #[arg(long)]
+        sha256: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        install_root: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BBUPGRADE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    match cli.command {
+        Some(Command::Stage { archive, sha256, version, install_root }) => {
+            let started = std::time::Instant::now();
+            match crate::stage::run_local_stage(&archive, &sha256, &version, &install_root) {
+                Ok(o) => {
+                    println!(
+                        "staged {} at {}: {} files, {} bytes in {} ms{}",
+                        version,
+                        o.install_path.display(),
+                        o.files,
+                        o.bytes,
+                        started.elapsed().as_millis(),
+                        if o.already_staged { " (already staged)" } else { "" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: staging {}: {e}", archive.display());
+                    ExitCode::from(if e.is_bad_input() { 2 } else { 1 })
+                }
+            }
+        }
+        None => {
+            let Some(config) = cli.config else {
+                eprintln!("error: give --config FILE to run the agent, or a subcommand (see --help)");
+                return ExitCode::from(2);
+            };
+            let settings = match Settings::load(&config) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(daemon(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn daemon(settings: Settings) -> Result<()> {
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    };
+    run(settings, listener, shutdown).await
+}
+
+/// Serves the agent on `listener` until `shutdown` completes (tests pass a 127.0.0.1:0 listener).
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let tls = bbupgrade_common::tls::server_tls_config(&settings.tls);
+    let node = settings.node_id.clone();
+    let addr = listener.local_addr()?;
+    let service = AgentService::new(settings)?;
+    let server = tonic::service::interceptor::InterceptedService::new(
+        service.into_server(),
+        bbupgrade_common::tls::require_coordinator,
+    );
+    tracing::info!(%node, %addr, "agent listening (mutual TLS, coordinator-role peers only)");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tonic::transport::Server::builder()
+        .tls_config(tls)
+        .context("configuring TLS")?
+        .add_service(server)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("serving gRPC")?;
+    Ok(())
+}

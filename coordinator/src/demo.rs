@@ -1,0 +1,176 @@
+//! `bbupgrade demo`: builds a sandbox cluster (simulated nodes, real agents over mutual TLS, HAProxy
+//! in front when installed), upgrades it end to end while sending traffic through the load balancer,
+//! and reports versions, the order chosen and why, time out of service, and requests served/failed.
+
+use crate::cli::{BadInput, Output, UpgradeArgs};
+use crate::report::Summary;
+use crate::sandbox::{Sandbox, SandboxLb, SandboxOptions, sibling_binary};
+use anyhow::{Context, Result};
+use bbupgrade_sim::load::{LoadOptions, LoadReport};
+use clap::Args;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Args, Clone)]
+pub struct DemoArgs {
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    #[arg(long, default_value = "8.19.3")]
+    pub from: String,
+    #[arg(long, default_value = "8.19.6")]
+    pub to: String,
+    /// Load balancer in front of the nodes (default: haproxy when installed, else none).
+    #[arg(long, value_enum)]
+    pub lb: Option<SandboxLb>,
+    /// Keep the sandbox's files here (inventory.toml, pki/, homes, installs) after the demo exits.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+    /// Size of each simulated release's payload.
+    #[arg(long, default_value_t = 16)]
+    pub payload_mib: u64,
+    /// Concurrent simulated users sending traffic during the upgrade.
+    #[arg(long, default_value_t = 8)]
+    pub users: usize,
+    /// The user Bitbucket runs as when the demo runs as root.
+    #[arg(long, default_value = "nobody")]
+    pub user: String,
+}
+
+#[derive(Serialize)]
+struct DemoSummary {
+    #[serde(flatten)]
+    summary: Summary,
+    requests: RequestCounts,
+    load: LoadReport,
+    sandbox_dir: Option<String>,
+    load_balancer: String,
+}
+
+#[derive(Serialize)]
+struct RequestCounts {
+    total: u64,
+    failed: u64,
+}
+
+fn say(output: Output, text: &str) {
+    if output == Output::Human {
+        eprintln!("{text}");
+    }
+}
+
+pub async fn run(args: DemoArgs) -> Result<ExitCode> {
+    if args.nodes == 0 || args.nodes > 16 {
+        return Err(BadInput("--nodes must be between 1 and 16".into()).into());
+    }
+    let (from, to) = crate::plan::check_target(&args.from, &args.to).map_err(|e| BadInput(e.to_string()))?;
+    let lb = args.lb.unwrap_or_else(|| {
+        if which_haproxy() { SandboxLb::Haproxy } else { SandboxLb::None }
+    });
+    if lb == SandboxLb::None {
+        say(args.output, "WARNING: no load balancer: nodes are NOT drained, traffic goes to one node directly and fails while it is stopped (install haproxy for the real thing)");
+    }
+    let temp;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::Builder::new().prefix("bbupgrade-demo-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    say(args.output, &format!("building a sandbox of {} nodes on {from} in {}", args.nodes, dir.display()));
+    let opts = SandboxOptions {
+        nodes: args.nodes,
+        from: from.to_string(),
+        to: to.to_string(),
+        payload_mib: args.payload_mib,
+        startup_ms: 1500,
+        lb,
+        user_when_root: args.user.clone(),
+        agent_bin: sibling_binary("BBUPGRADE_AGENT_BIN", "bbupgrade-agent")?,
+        sim_bin: sibling_binary("BITBUCKET_SIM_BIN", "bitbucket-sim")?,
+    };
+    let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox> {
+        let s = Sandbox::create(&dir, opts)?;
+        s.wait_agents()?;
+        Ok(s)
+    })
+    .await??;
+    sandbox.start_nodes().await.context("starting the simulated nodes through their agents")?;
+    say(args.output, &format!("cluster running; traffic through {}", sandbox.traffic_url()));
+
+    // Give each node its own load so the least-busy order has something to go by.
+    for (i, _) in sandbox.sim.nodes().iter().enumerate().skip(1) {
+        let _ = sandbox
+            .sim
+            .set_shared_property(&format!("sim.background.tasks.node{}", i + 1), &format!("{}", i * 3));
+    }
+
+    let load = bbupgrade_sim::load::start(LoadOptions {
+        base_url: sandbox.traffic_url(),
+        users: args.users,
+        clone_every: 10,
+        think_ms: 20,
+        duration: None,
+        request_timeout: Duration::from_secs(60),
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let upgrade_args = UpgradeArgs {
+        target: crate::cli::ClusterArgs {
+            inventory: sandbox.inventory.clone(),
+            cluster: sandbox.cluster_name.clone(),
+            output: args.output,
+        },
+        to: Some(to.to_string()),
+        archive: Some(sandbox.to_archive.path.clone()),
+        archive_url: None,
+        sha256: Some(sandbox.to_archive.sha256.clone()),
+        state: None,
+        auto_rollback: false,
+        soak_secs: None,
+    };
+    let summary = crate::run::upgrade_summary(upgrade_args, args.output == Output::Human).await;
+    let report = load.stop().await;
+    let (summary, code) = match summary {
+        Ok(s) => {
+            let code = if s.result == "upgraded" && report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) };
+            (s, code)
+        }
+        Err(e) => return Err(e),
+    };
+    let doc = DemoSummary {
+        requests: RequestCounts { total: report.total, failed: report.failed },
+        load: report.clone(),
+        sandbox_dir: args.dir.as_ref().map(|d| d.display().to_string()),
+        load_balancer: format!("{lb:?}").to_lowercase(),
+        summary,
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
+        Output::Human => {
+            print!("{}", crate::report::render_summary(&doc.summary));
+            println!(
+                "traffic during the upgrade: {} requests, {} failed ({})",
+                report.total,
+                report.failed,
+                report.summary_line()
+            );
+            if let Some(d) = &args.dir {
+                println!("sandbox kept in {} (inventory.toml, pki/, cluster/, agents/)", d.display());
+            }
+        }
+    }
+    drop(sandbox);
+    Ok(code)
+}
+
+fn which_haproxy() -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("haproxy").is_file()))
+        .unwrap_or(false)
+        || std::path::Path::new("/usr/sbin/haproxy").is_file()
+}

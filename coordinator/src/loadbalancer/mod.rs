@@ -1,0 +1,209 @@
+//! Load-balancer drivers: take a node's server out of rotation before it stops and put it back after.
+//!
+//! Each kind (HAProxy now; NGINX, Apache, Azure later) is one module implementing [`LoadBalancer`],
+//! selected by one [`LbConfig`] variant in [`from_config`].
+
+pub mod haproxy;
+pub mod none;
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether the load balancer is allowed to send a server new traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    /// In rotation.
+    Ready,
+    /// Keeps its current sessions, gets no new ones.
+    Drain,
+    /// Out of rotation, health checks stopped.
+    Maint,
+}
+
+/// What the load balancer's health checks say about a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperState {
+    Up,
+    Down,
+    Starting,
+    Stopping,
+    Unknown,
+}
+
+impl fmt::Display for AdminState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        })
+    }
+}
+
+impl fmt::Display for OperState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OperState::Up => "up",
+            OperState::Down => "down",
+            OperState::Starting => "starting",
+            OperState::Stopping => "stopping",
+            OperState::Unknown => "unknown",
+        })
+    }
+}
+
+/// A server's state as the load balancer reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerState {
+    pub admin: AdminState,
+    pub operational: OperState,
+    pub current_sessions: u64,
+}
+
+/// What a successful drain took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    pub waited: Duration,
+    pub sessions_at_start: u64,
+}
+
+/// What went wrong with a load balancer; every message names the load balancer and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    /// Nothing was changed: the coordinator must not stop the node.
+    #[error(
+        "cannot reach {lb} through {target}: {reason}; the node was left in service — check the address and that the load balancer runs"
+    )]
+    Unreachable {
+        lb: String,
+        target: String,
+        reason: String,
+    },
+    #[error(
+        "{lb} has no server {server:?}; check the node's load-balancer server name in the inventory"
+    )]
+    UnknownServer { lb: String, server: String },
+    #[error("{lb}: the backend does not exist; check the backend name in the inventory")]
+    UnknownBackend { lb: String },
+    #[error(
+        "{lb}: server {server} still had {sessions} session(s) after {waited:?}; it is left draining (no new users) — wait and retry, raise the drain timeout, or put it back with enable"
+    )]
+    DrainTimeout {
+        lb: String,
+        server: String,
+        sessions: u64,
+        waited: Duration,
+    },
+    #[error("{lb}: {command:?} was refused: {answer}")]
+    Refused {
+        lb: String,
+        command: String,
+        answer: String,
+    },
+    #[error(
+        "{lb}: server {server} should now be {wanted} but reads back as {found}; check the load balancer's configuration and whether something else changes it"
+    )]
+    NotConfirmed {
+        lb: String,
+        server: String,
+        wanted: String,
+        found: String,
+    },
+    #[error("{lb}: cannot understand the answer to {command:?}: {reason}")]
+    Parse {
+        lb: String,
+        command: String,
+        reason: String,
+    },
+    #[error("invalid load-balancer settings: {0}")]
+    Config(String),
+}
+
+/// One load balancer in front of a cluster; servers are named as the load balancer names them.
+#[async_trait::async_trait]
+pub trait LoadBalancer: Send + Sync {
+    /// What this is, for messages and logs, e.g. `haproxy at unix:/run/haproxy.sock backend bitbucket`.
+    fn describe(&self) -> String;
+
+    /// The server's current state.
+    async fn server_state(&self, server: &str) -> Result<ServerState, LbError>;
+
+    /// Stops new traffic to `server`, waits up to `timeout` for its sessions to end, then takes it out
+    /// entirely (health checks too) and reads the state back. On `DrainTimeout` it is left draining.
+    async fn drain(&self, server: &str, timeout: Duration) -> Result<DrainReport, LbError>;
+
+    /// Puts `server` back in rotation and reads the state back.
+    async fn enable(&self, server: &str) -> Result<(), LbError>;
+
+    /// Preflight: the server exists and the load balancer answers.
+    async fn check_server(&self, server: &str) -> Result<(), LbError>;
+}
+
+/// The `[cluster.load_balancer]` table of the inventory, e.g. `kind = "haproxy"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum LbConfig {
+    Haproxy {
+        /// `unix:/path`, `tcp:host:port`, or a plain socket path.
+        socket: String,
+        backend: String,
+    },
+    None {},
+}
+
+/// Builds the driver a configuration asks for.
+pub fn from_config(cfg: &LbConfig) -> Result<Box<dyn LoadBalancer>, LbError> {
+    Ok(match cfg {
+        LbConfig::Haproxy { socket, backend } => Box::new(haproxy::Haproxy::new(socket, backend)?),
+        LbConfig::None {} => Box::new(none::NoLoadBalancer),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parses_from_toml_shapes() {
+        let cfg: LbConfig = serde_json::from_str(
+            r#"{"kind":"haproxy","socket":"unix:/run/haproxy.sock","backend":"bitbucket"}"#,
+        )
+        .unwrap();
+        let lb = from_config(&cfg).unwrap();
+        assert_eq!(
+            lb.describe(),
+            "haproxy at unix:/run/haproxy.sock backend bitbucket"
+        );
+        let cfg: LbConfig = serde_json::from_str(r#"{"kind":"none"}"#).unwrap();
+        assert_eq!(cfg, LbConfig::None {});
+        assert!(
+            from_config(&cfg)
+                .unwrap()
+                .describe()
+                .contains("NOT drained")
+        );
+        assert!(serde_json::from_str::<LbConfig>(r#"{"kind":"f5"}"#).is_err());
+    }
+
+    #[test]
+    fn bad_haproxy_settings_are_refused() {
+        for (socket, backend) in [
+            ("unix:/run/h.sock", "bit bucket"),
+            ("unix:/run/h.sock", ""),
+            ("", "bitbucket"),
+            ("tcp:nohostport", "bitbucket"),
+            ("relative/path.sock", "bitbucket"),
+        ] {
+            let cfg = LbConfig::Haproxy {
+                socket: socket.into(),
+                backend: backend.into(),
+            };
+            assert!(
+                matches!(from_config(&cfg), Err(LbError::Config(_))),
+                "{socket} {backend}"
+            );
+        }
+    }
+}

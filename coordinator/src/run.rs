@@ -1,0 +1,553 @@
+//! The commands that drive a cluster — `plan`, `upgrade`, `resume`, `rollback` — and the context
+//! they share: inventory, journal, agents, Bitbucket's API and the load balancer.
+
+use crate::agents::{self, Client};
+use crate::cli::{BadInput, Output, UpgradeArgs, load_inventory};
+use crate::inventory::{Cluster, Node, Timeouts, TokenSource};
+use crate::journal::{ClusterLock, Journal, NewRun, RunId, RunKind, RunResult, StepOutcome};
+use crate::loadbalancer::{self, LoadBalancer};
+use crate::plan::{self, ObservedNode};
+use crate::report::{Reporter, Summary};
+use crate::zdu::{ClusterView, Secret, ZduClient};
+use anyhow::{Context, Result, anyhow, bail};
+use bbupgrade_common::proto::{LoadMetricsRequest, NodeInfoRequest, NodeInfoResponse};
+use bbupgrade_common::tls::TlsMaterial;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+pub const DEFAULT_JOURNAL_FILE: &str = "bbupgrade-journal.db";
+pub const ZDU_REQUEST_TIMEOUT_SECS: u64 = 10;
+pub const NODE_INFO_TIMEOUT_SECS: u64 = 10;
+
+/// Where the release comes from; recorded with the run so `resume` uses the same one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ArchiveSource {
+    File { path: PathBuf, sha256: String, size_bytes: u64 },
+    Url { url: String, sha256: String },
+}
+
+impl ArchiveSource {
+    pub fn sha256(&self) -> &str {
+        match self {
+            ArchiveSource::File { sha256, .. } | ArchiveSource::Url { sha256, .. } => sha256,
+        }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        match self {
+            ArchiveSource::File { size_bytes, .. } => *size_bytes,
+            ArchiveSource::Url { .. } => 0,
+        }
+    }
+}
+
+/// The options of a run, kept in the journal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunOptions {
+    pub to: String,
+    pub from: String,
+    pub archive: Option<ArchiveSource>,
+    pub auto_rollback: bool,
+    pub timeouts: Timeouts,
+}
+
+/// Everything a driver needs for one cluster.
+pub struct Ctx {
+    pub cluster: Cluster,
+    pub tls: TlsMaterial,
+    pub zdu: ZduClient,
+    pub lb: Box<dyn LoadBalancer>,
+    pub journal: Arc<Journal>,
+    pub reporter: Reporter,
+    pub timeouts: Timeouts,
+    clients: Mutex<HashMap<String, Client>>,
+}
+
+impl Ctx {
+    pub fn new(cluster: Cluster, tls: TlsMaterial, journal: Arc<Journal>, reporter: Reporter) -> Result<Self> {
+        let token = match &cluster.token {
+            TokenSource::File(p) => Secret::from_file(p),
+            TokenSource::Env(v) => Secret::from_env(v),
+        }
+        .map_err(|e| BadInput(format!("cluster '{}': {e}", cluster.name)))?;
+        let zdu = ZduClient::new(&cluster.bitbucket_url, token, Duration::from_secs(ZDU_REQUEST_TIMEOUT_SECS))
+            .map_err(|e| BadInput(format!("cluster '{}': {e}", cluster.name)))?;
+        let lb = loadbalancer::from_config(&cluster.load_balancer)
+            .map_err(|e| BadInput(format!("cluster '{}': load balancer: {e}", cluster.name)))?;
+        Ok(Self {
+            timeouts: cluster.timeouts.clone(),
+            cluster,
+            tls,
+            zdu,
+            lb,
+            journal,
+            reporter,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.timeouts.agent_connect_ms)
+    }
+
+    /// A connected client for a node's agent (cached; dropped on transport errors).
+    pub async fn client(&self, node: &Node) -> Result<Client> {
+        if let Some(c) = self.clients.lock().await.get(&node.id) {
+            return Ok(c.clone());
+        }
+        let c = agents::connect(node, &self.tls, self.connect_timeout()).await?;
+        self.clients.lock().await.insert(node.id.clone(), c.clone());
+        Ok(c)
+    }
+
+    pub async fn forget_client(&self, node: &Node) {
+        self.clients.lock().await.remove(&node.id);
+    }
+
+    pub async fn node_info(&self, node: &Node) -> Result<NodeInfoResponse> {
+        let mut c = self.client(node).await?;
+        let d = Duration::from_secs(NODE_INFO_TIMEOUT_SECS);
+        let r = agents::call(&node.id, d, c.node_info(agents::request(NodeInfoRequest {}, d))).await;
+        if r.is_err() {
+            self.forget_client(node).await;
+        }
+        r
+    }
+
+    /// What every node looks like now, agents and load balancer (in parallel).
+    pub async fn observe(&self) -> Vec<ObservedNode> {
+        futures::future::join_all(self.cluster.nodes.iter().map(|node| async move {
+            let mut o = ObservedNode {
+                id: node.id.clone(),
+                bitbucket_name: node.bitbucket_name.clone(),
+                ..Default::default()
+            };
+            match self.node_info(node).await {
+                Ok(info) => {
+                    o.active_version = Some(info.active_version.clone());
+                    o.staged_versions = info.installed.iter().map(|i| i.version.clone()).collect();
+                    o.install_root_free_bytes = info.install_root_free_bytes;
+                    o.cpu_percent = self.cpu(node).await;
+                }
+                Err(e) => o.agent_error = Some(format!("{e:#}")),
+            }
+            if let Err(e) = self.lb.check_server(&node.lb_server).await {
+                o.lb_error = Some(e.to_string());
+            }
+            o
+        }))
+        .await
+    }
+
+    pub async fn cpu(&self, node: &Node) -> f32 {
+        let Ok(mut c) = self.client(node).await else { return 0.0 };
+        let d = Duration::from_secs(NODE_INFO_TIMEOUT_SECS);
+        agents::call(&node.id, d, c.load_metrics(agents::request(LoadMetricsRequest {}, d)))
+            .await
+            .map(|s| s.cpu_percent)
+            .unwrap_or(0.0)
+    }
+
+    pub async fn cluster_view(&self) -> Result<ClusterView> {
+        self.zdu
+            .cluster()
+            .await
+            .with_context(|| format!("asking Bitbucket at {} for the cluster state", self.cluster.bitbucket_url))
+    }
+
+    /// Records a step around `work`; the journal gets its start, end and result.
+    pub async fn step<T, F>(&self, run: RunId, node: Option<&str>, step: &str, work: F) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<(T, String)>>,
+    {
+        let id = self.journal.begin_step(run, node, step, "")?;
+        self.reporter.step(node, step, "begin", "");
+        match work.await {
+            Ok((v, detail)) => {
+                self.journal.end_step(id, StepOutcome::Ok, &detail)?;
+                self.reporter.step(node, step, "ok", &detail);
+                Ok(v)
+            }
+            Err(e) => {
+                let text = format!("{e:#}");
+                self.journal.end_step(id, StepOutcome::Failed(text.clone()), "")?;
+                self.reporter.step(node, step, "failed", &text);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether this run's journal has `step` of `node` completed.
+    pub fn step_done(&self, run: RunId, node: &str, step: &str) -> Result<bool> {
+        Ok(self
+            .journal
+            .steps(run)?
+            .iter()
+            .any(|s| s.node.as_deref() == Some(node) && s.step == step && s.outcome == Some(StepOutcome::Ok)))
+    }
+}
+
+/// The journal named by `--state`, the inventory, or the default file.
+pub fn open_journal(state: Option<&str>, inventory_state: Option<&str>) -> Result<Journal> {
+    let spec = state.or(inventory_state).unwrap_or(DEFAULT_JOURNAL_FILE);
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        return Err(BadInput(
+            "a PostgreSQL journal is not implemented yet; use sqlite:PATH (the default) for now".into(),
+        )
+        .into());
+    }
+    let path = Path::new(spec.strip_prefix("sqlite:").unwrap_or(spec));
+    Journal::open(path).with_context(|| format!("opening the journal {}", path.display()))
+}
+
+fn actor() -> String {
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{user}@{host}:{}", std::process::id())
+}
+
+/// Hashes an archive file once, before anything changes (the agents verify it again as they extract).
+async fn archive_source(args: &UpgradeArgs) -> Result<Option<ArchiveSource>> {
+    if let Some(path) = &args.archive {
+        let path = path.clone();
+        let (sha, size) = tokio::task::spawn_blocking(move || -> Result<(String, u64, PathBuf)> {
+            use sha2::Digest;
+            use std::io::Read;
+            let mut f = std::fs::File::open(&path)
+                .map_err(|e| BadInput(format!("cannot read the archive {}: {e}", path.display())))?;
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut size = 0u64;
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                size += n as u64;
+                h.update(&buf[..n]);
+            }
+            Ok((hex::encode(h.finalize()), size, path))
+        })
+        .await?
+        .map(|(s, n, _)| (s, n))?;
+        if let Some(expected) = &args.sha256
+            && !expected.eq_ignore_ascii_case(&sha)
+        {
+            return Err(BadInput(format!(
+                "the archive's SHA-256 is {sha}, not the --sha256 given ({expected}); it may be corrupt or the wrong file"
+            ))
+            .into());
+        }
+        let abs = std::fs::canonicalize(args.archive.as_ref().unwrap_or(&PathBuf::new()))?;
+        return Ok(Some(ArchiveSource::File { path: abs, sha256: sha, size_bytes: size }));
+    }
+    if let Some(url) = &args.archive_url {
+        let sha = args.sha256.clone().unwrap_or_default();
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BadInput(format!("--sha256 '{sha}' must be 64 hex digits")).into());
+        }
+        return Ok(Some(ArchiveSource::Url { url: url.clone(), sha256: sha.to_lowercase() }));
+    }
+    Ok(None)
+}
+
+/// Loads what every command needs.
+async fn context(args: &UpgradeArgs, reporter: Reporter) -> Result<Ctx> {
+    let inv = load_inventory(&args.target.inventory)?;
+    let mut cluster = inv.cluster(&args.target.cluster).map_err(|e| BadInput(format!("{e:#}")))?.clone();
+    if let Some(s) = args.soak_secs {
+        cluster.timeouts.soak_secs = s;
+    }
+    let tls = inv.tls.load().map_err(|e| BadInput(format!("coordinator TLS files: {e:#}")))?;
+    let journal = Arc::new(open_journal(args.state.as_deref(), inv.state.as_deref())?);
+    Ctx::new(cluster, tls, journal, reporter)
+}
+
+fn checks_text(checks: &[plan::Check]) -> String {
+    checks
+        .iter()
+        .map(|c| format!("  [{}] {:<20} {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The ordered plan and the preflight verdict, changing nothing.
+#[derive(Debug, Serialize)]
+pub struct PlanReport {
+    pub cluster: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub ready: bool,
+    pub checks: Vec<plan::Check>,
+    pub order: Vec<plan::Busyness>,
+    pub load_balancer: String,
+}
+
+async fn make_plan(ctx: &Ctx, to: &str, archive_bytes: u64) -> PlanReport {
+    let observed = ctx.observe().await;
+    let (view, zdu_err) = match ctx.cluster_view().await {
+        Ok(v) => (Some(v), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    let checks = plan::preflight(&observed, view.as_ref(), zdu_err.as_deref(), to, archive_bytes);
+    let order = plan::rank_least_busy(
+        observed
+            .iter()
+            .map(|o| {
+                let z = view.as_ref().and_then(|v| plan::zdu_node(v, &o.bitbucket_name));
+                plan::Busyness {
+                    id: o.id.clone(),
+                    tasks_total: z.map(|z| z.tasks_total).unwrap_or(0),
+                    active_user_count: z.map(|z| z.active_user_count).unwrap_or(0),
+                    cpu_percent: o.cpu_percent,
+                }
+            })
+            .collect(),
+    );
+    PlanReport {
+        cluster: ctx.cluster.name.clone(),
+        from: plan::common_version(&observed).ok(),
+        to: to.to_string(),
+        ready: checks.iter().all(|c| c.ok),
+        checks,
+        order,
+        load_balancer: ctx.lb.describe(),
+    }
+}
+
+fn target_of(args: &UpgradeArgs) -> Result<String> {
+    let to = args
+        .to
+        .clone()
+        .ok_or_else(|| BadInput("give the target version with --to, e.g. --to 8.19.6".into()))?;
+    to.parse::<bbupgrade_common::version::Version>().map_err(|e| BadInput(e.to_string()))?;
+    Ok(to)
+}
+
+/// Refuses a target that is not a bug-fix upgrade of the cluster's version (bad input, exit 2).
+fn refuse_bad_target(report: &PlanReport) -> Result<()> {
+    if let Some(c) = report.checks.iter().find(|c| c.name == "target" && !c.ok) {
+        return Err(BadInput(format!("refused: {}", c.detail)).into());
+    }
+    Ok(())
+}
+
+pub async fn plan_command(args: UpgradeArgs) -> Result<ExitCode> {
+    let to = target_of(&args)?;
+    let ctx = context(&args, Reporter::new(args.target.output)).await?;
+    let archive_bytes = archive_source(&args).await?.map(|a| a.size_bytes()).unwrap_or(0);
+    let report = make_plan(&ctx, &to, archive_bytes).await;
+    match args.target.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Human => {
+            println!(
+                "plan for cluster {}: {} -> {} ({})",
+                report.cluster,
+                report.from.as_deref().unwrap_or("?"),
+                report.to,
+                report.load_balancer
+            );
+            println!("{}", checks_text(&report.checks));
+            println!("order (least busy first, re-ranked before each node):");
+            for (i, b) in report.order.iter().enumerate() {
+                println!(
+                    "  {}. {} (tasks {}, active users {}, cpu {:.0}%)",
+                    i + 1,
+                    b.id,
+                    b.tasks_total,
+                    b.active_user_count,
+                    b.cpu_percent
+                );
+            }
+            println!("{}", if report.ready { "ready to upgrade" } else { "NOT ready: fix the failed checks first" });
+        }
+    }
+    refuse_bad_target(&report)?;
+    Ok(if report.ready { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn exit_for(summary: &Summary) -> ExitCode {
+    match summary.result.as_str() {
+        "upgraded" | "rolled_back" if summary.error.is_none() => ExitCode::SUCCESS,
+        "refused" => ExitCode::from(2),
+        _ => ExitCode::from(1),
+    }
+}
+
+/// The run `resume` continues: an open one (a coordinator died), or the latest if it halted.
+fn resumable_run(ctx: &Ctx) -> Result<Option<crate::journal::RunRecord>> {
+    if let Some(r) = ctx.journal.open_run(&ctx.cluster.name)? {
+        return Ok(Some(r));
+    }
+    Ok(ctx.journal.latest_run(&ctx.cluster.name)?.filter(|r| r.result == Some(RunResult::Halted)))
+}
+
+/// Takes the cluster's lock and keeps it fresh while the run lasts.
+fn lock_cluster(ctx: &Ctx) -> Result<(Arc<std::sync::Mutex<ClusterLock>>, tokio::task::JoinHandle<()>)> {
+    let lock = ctx.journal.acquire_lock(&ctx.cluster.name, &actor()).map_err(|e| anyhow!("{e}"))?;
+    let lock = Arc::new(std::sync::Mutex::new(lock));
+    let beat = lock.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let guard = beat.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = guard.heartbeat() {
+                tracing::warn!(error = %e, "could not refresh the cluster lock");
+            }
+        }
+    });
+    Ok((lock, task))
+}
+
+pub async fn upgrade_command(args: UpgradeArgs) -> Result<ExitCode> {
+    let output = args.target.output;
+    let summary = upgrade_summary(args, true).await?;
+    let reporter = Reporter::new(output);
+    reporter.summary(&summary);
+    Ok(exit_for(&summary))
+}
+
+/// Runs an upgrade and returns its summary; `progress` shows step events as they happen.
+pub async fn upgrade_summary(args: UpgradeArgs, progress: bool) -> Result<Summary> {
+    let to = target_of(&args)?;
+    let output = args.target.output;
+    let reporter = if progress { Reporter::new(output) } else { Reporter::silent() };
+    let ctx = context(&args, reporter).await?;
+    let archive = archive_source(&args).await?;
+    let report = make_plan(&ctx, &to, archive.as_ref().map(|a| a.size_bytes()).unwrap_or(0)).await;
+    refuse_bad_target(&report)?;
+    if let Some(open) = resumable_run(&ctx)? {
+        bail!(
+            "cluster '{}' has an unfinished {} run (#{}, {} -> {}) started by {}; continue it with `bbupgrade resume` or undo it with `bbupgrade rollback`",
+            ctx.cluster.name,
+            open.kind.as_str(),
+            open.id,
+            open.from_version,
+            open.to_version,
+            open.actor
+        );
+    }
+    if !report.ready {
+        let failed: Vec<_> = report.checks.iter().filter(|c| !c.ok).cloned().collect();
+        eprintln!("preflight failed; nothing was changed:\n{}", checks_text(&failed));
+        let summary = Summary {
+            cluster: ctx.cluster.name.clone(),
+            from: report.from.clone().unwrap_or_default(),
+            to: to.clone(),
+            result: "refused".into(),
+            error: Some(failed.iter().map(|c| c.detail.clone()).collect::<Vec<_>>().join("; ")),
+            ..Default::default()
+        };
+        return Ok(summary);
+    }
+    let Some(archive) = archive else {
+        return Err(BadInput("give the release with --archive FILE or --archive-url URL --sha256 HEX".into()).into());
+    };
+    let from = report.from.clone().unwrap_or_default();
+    let options = RunOptions {
+        to: to.clone(),
+        from: from.clone(),
+        archive: Some(archive),
+        auto_rollback: args.auto_rollback,
+        timeouts: ctx.timeouts.clone(),
+    };
+    let (_lock, beat) = lock_cluster(&ctx)?;
+    let run = ctx.journal.create_run(&NewRun {
+        cluster: ctx.cluster.name.clone(),
+        kind: RunKind::Upgrade,
+        from_version: from,
+        to_version: to,
+        plan_json: serde_json::to_string(&report)?,
+        actor: actor(),
+        options_json: serde_json::to_string(&options)?,
+    })?;
+    let summary = crate::upgrade::drive(&ctx, run, &options).await;
+    beat.abort();
+    Ok(summary)
+}
+
+pub async fn resume_command(args: UpgradeArgs) -> Result<ExitCode> {
+    let ctx = context(&args, Reporter::new(args.target.output)).await?;
+    let Some(open) = resumable_run(&ctx)? else {
+        return Err(BadInput(format!("cluster '{}' has no unfinished or halted run to resume", ctx.cluster.name)).into());
+    };
+    let mut options: RunOptions = serde_json::from_str(&open.options_json)
+        .with_context(|| format!("reading the options of run #{}", open.id))?;
+    if let Some(s) = args.soak_secs {
+        options.timeouts.soak_secs = s;
+    }
+    let mut ctx = ctx;
+    ctx.timeouts = options.timeouts.clone();
+    let (_lock, beat) = lock_cluster(&ctx)?;
+    ctx.reporter.step(None, "resume", "info", &format!("resuming {} run #{} ({} -> {})", open.kind.as_str(), open.id, open.from_version, open.to_version));
+    let summary = if open.kind == RunKind::Rollback {
+        crate::upgrade::drive_rollback(&ctx, open.id, &options).await
+    } else {
+        crate::upgrade::drive(&ctx, open.id, &options).await
+    };
+    beat.abort();
+    ctx.reporter.summary(&summary);
+    Ok(exit_for(&summary))
+}
+
+pub async fn rollback_command(args: UpgradeArgs) -> Result<ExitCode> {
+    let ctx = context(&args, Reporter::new(args.target.output)).await?;
+    let (_lock, beat) = lock_cluster(&ctx)?;
+    // The upgrade being undone: the open one, or the latest.
+    let last = match ctx.journal.open_run(&ctx.cluster.name)? {
+        Some(r) => Some(r),
+        None => ctx.journal.latest_run(&ctx.cluster.name)?,
+    };
+    let view = ctx.cluster_view().await?;
+    let (original, upgraded_to) = match &last {
+        Some(r) if r.kind == RunKind::Upgrade => (r.from_version.clone(), r.to_version.clone()),
+        _ => (
+            view.original_version.clone().ok_or_else(|| {
+                BadInput("no upgrade run in the journal and Bitbucket reports no original version; nothing to roll back".into())
+            })?,
+            args.to.clone().unwrap_or_default(),
+        ),
+    };
+    if view.state == crate::zdu::ClusterState::Stable && !view.upgrade_mode_enabled {
+        let on_original = view.nodes.iter().all(|n| n.version == original);
+        if !on_original {
+            return Err(BadInput(format!(
+                "the cluster is STABLE on {} with upgrade mode off: the upgrade was finalized and its database tasks ran, so a rolling rollback is not possible; restore from backup",
+                view.nodes.first().map(|n| n.version.as_str()).unwrap_or("?")
+            ))
+            .into());
+        }
+    }
+    if let Some(r) = &last
+        && r.kind == RunKind::Upgrade
+        && r.result.is_none()
+    {
+        ctx.journal.finish_run(r.id, RunResult::Halted, Some("superseded by a rollback"))?;
+    }
+    let options = RunOptions {
+        to: original.clone(),
+        from: upgraded_to.clone(),
+        archive: None,
+        auto_rollback: false,
+        timeouts: ctx.timeouts.clone(),
+    };
+    let run = ctx.journal.create_run(&NewRun {
+        cluster: ctx.cluster.name.clone(),
+        kind: RunKind::Rollback,
+        from_version: upgraded_to,
+        to_version: original,
+        plan_json: "{}".into(),
+        actor: actor(),
+        options_json: serde_json::to_string(&options)?,
+    })?;
+    let summary = crate::upgrade::drive_rollback(&ctx, run, &options).await;
+    beat.abort();
+    ctx.reporter.summary(&summary);
+    Ok(exit_for(&summary))
+}

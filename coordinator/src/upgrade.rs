@@ -1,0 +1,750 @@
+//! The rolling upgrade of one cluster, carried out: stage everywhere, upgrade mode, then one node at
+//! a time least busy first (drain, stop, wait OFFLINE, activate, start, wait ACTIVE, back in, soak),
+//! then finalize. Every step is journaled; agent operations carry ids derived from the run, so a
+//! resumed run repeats nothing that completed.
+
+use crate::agents;
+use crate::inventory::Node;
+use crate::journal::{RunId, RunResult, StepOutcome};
+use crate::plan::{self, Busyness};
+use crate::report::{NodeSummary, Summary};
+use crate::run::{ArchiveSource, Ctx, RunOptions};
+use crate::zdu::{ClusterState, NodeState};
+use anyhow::{Context, Result, anyhow, bail};
+use bbupgrade_common::proto::*;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+
+pub const POLL_INTERVAL_MS: u64 = 250;
+pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
+pub const STAGE_TIMEOUT_SECS: u64 = 3600;
+pub const FINALIZE_TIMEOUT_SECS: u64 = 600;
+/// How long an agent call is retried after the connection dropped (the agent restarting).
+pub const AGENT_RETRY_SECS: u64 = 20;
+
+fn op_id(run: RunId, node: &str, step: &str) -> String {
+    format!("run{run}.{node}.{step}")
+}
+
+/// A node failed after it was taken out of service.
+struct NodeFailure {
+    node: String,
+    error: anyhow::Error,
+    stopped: bool,
+}
+
+/// Calls an idempotent agent operation, reconnecting and repeating it (same operation id) while the
+/// agent is unreachable, for a bounded time.
+async fn agent_op<T, F, Fut>(ctx: &Ctx, node: &Node, deadline: Duration, f: F) -> Result<T>
+where
+    F: Fn(agents::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let give_up = Instant::now() + Duration::from_secs(AGENT_RETRY_SECS);
+    loop {
+        let client = match ctx.client(node).await {
+            Ok(c) => c,
+            Err(e) if Instant::now() < give_up => {
+                tracing::warn!(node = %node.id, error = %format!("{e:#}"), "agent unreachable; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match tokio::time::timeout(deadline + Duration::from_secs(2), f(client)).await {
+            Ok(Ok(r)) => return Ok(r.into_inner()),
+            Ok(Err(s)) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Aborted)
+                && Instant::now() < give_up =>
+            {
+                ctx.forget_client(node).await;
+                tracing::warn!(node = %node.id, error = %s.message(), "agent call cut off; retrying with the same operation id");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Ok(Err(s)) => {
+                ctx.forget_client(node).await;
+                return Err(anyhow!(agents::status_text(&node.id, &s)));
+            }
+            Err(_) => {
+                ctx.forget_client(node).await;
+                bail!(
+                    "node '{}': the agent did not answer within {:?}; it may be hung — the run stops here",
+                    node.id,
+                    deadline
+                );
+            }
+        }
+    }
+}
+
+/// Waits until Bitbucket shows the node in `want` (on `version` if given); ERROR ends the wait.
+async fn wait_zdu(ctx: &Ctx, node: &Node, want: NodeState, version: Option<&str>, timeout: Duration) -> Result<String> {
+    let started = Instant::now();
+    let mut last: String;
+    loop {
+        match ctx.zdu.cluster().await {
+            Ok(view) => match plan::zdu_node(&view, &node.bitbucket_name) {
+                Some(z) => {
+                    last = format!("{} on {}", z.state, z.version);
+                    if z.state == want && version.is_none_or(|v| z.version == v) {
+                        return Ok(format!("{last} after {:.1}s", started.elapsed().as_secs_f64()));
+                    }
+                    if z.state == NodeState::Error && want != NodeState::Error {
+                        bail!("Bitbucket shows node '{}' in ERROR ({last})", node.id);
+                    }
+                }
+                None if want == NodeState::Offline => {
+                    return Ok("gone from the cluster view".into());
+                }
+                None => last = "absent from the cluster view".into(),
+            },
+            Err(e) => last = format!("API error: {e}"),
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "node '{}' did not become {} within {:?} (last seen: {last})",
+                node.id,
+                want,
+                timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(POLL_INTERVAL_MS)).await;
+    }
+}
+
+/// Stages (and prepares) the release on every node at once; nodes keep serving meanwhile.
+async fn stage_all(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Result<()> {
+    let archive = opts.archive.clone().context("the run has no release archive recorded")?;
+    let results = futures::future::join_all(ctx.cluster.nodes.iter().map(|node| {
+        let archive = archive.clone();
+        async move {
+            if !ctx.step_done(run, &node.id, "stage")? {
+                ctx.step(run, Some(&node.id), "stage", stage_node(ctx, run, node, &opts.to, &archive)).await?;
+            }
+            if !ctx.step_done(run, &node.id, "prepare")? {
+                ctx.step(run, Some(&node.id), "prepare", async {
+                    let d = Duration::from_secs(120);
+                    let r = agent_op(ctx, node, d, |mut c| {
+                        let req = agents::request(
+                            PrepareRequest { operation_id: op_id(run, &node.id, "prepare"), version: opts.to.clone() },
+                            d,
+                        );
+                        async move { c.prepare(req).await }
+                    })
+                    .await?;
+                    let carried: Vec<_> = r.carried.iter().map(|c| format!("{} ({})", c.path, c.reason)).collect();
+                    Ok(((), format!("home {}; carried: {}{}", r.bitbucket_home, if carried.is_empty() { "nothing".into() } else { carried.join(", ") },
+                        if r.notes.is_empty() { String::new() } else { format!("; {}", r.notes.join("; ")) })))
+                })
+                .await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    }))
+    .await;
+    let errors: Vec<String> = results.into_iter().filter_map(|r| r.err()).map(|e| format!("{e:#}")).collect();
+    if !errors.is_empty() {
+        bail!("staging failed; no node was taken out of service: {}", errors.join("; "));
+    }
+    Ok(())
+}
+
+async fn stage_node(ctx: &Ctx, run: RunId, node: &Node, version: &str, archive: &ArchiveSource) -> Result<((), String)> {
+    let info = ctx.node_info(node).await?;
+    if info.installed.iter().any(|i| i.version == version) {
+        return Ok(((), format!("{version} already staged")));
+    }
+    let id = op_id(run, &node.id, "stage");
+    let deadline = Duration::from_secs(STAGE_TIMEOUT_SECS);
+    let give_up = Instant::now() + Duration::from_secs(AGENT_RETRY_SECS);
+    loop {
+        let attempt = stage_attempt(ctx, node, &id, version, archive, deadline).await;
+        match attempt {
+            Ok(r) => {
+                return Ok((
+                    (),
+                    format!(
+                        "{} files, {} MiB at {}{}",
+                        r.files,
+                        r.bytes >> 20,
+                        r.install_path,
+                        if r.from_cache { " (from the agent's cache)" } else { "" }
+                    ),
+                ));
+            }
+            Err((retryable, e)) if retryable && Instant::now() < give_up => {
+                ctx.forget_client(node).await;
+                tracing::warn!(node = %node.id, error = %format!("{e:#}"), "staging cut off; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err((_, e)) => return Err(e),
+        }
+    }
+}
+
+/// One staging attempt: `Err((retryable, error))`.
+async fn stage_attempt(
+    ctx: &Ctx,
+    node: &Node,
+    id: &str,
+    version: &str,
+    archive: &ArchiveSource,
+    deadline: Duration,
+) -> Result<StageResult, (bool, anyhow::Error)> {
+    let mut client = ctx.client(node).await.map_err(|e| (true, e))?;
+    let bar = ctx.reporter.stage_bar(&node.id, archive.size_bytes());
+    let response = match archive {
+        ArchiveSource::Url { url, sha256 } => {
+            client
+                .stage_from_url(agents::request(
+                    StageFromUrlRequest {
+                        operation_id: id.to_string(),
+                        version: version.to_string(),
+                        url: url.clone(),
+                        sha256: sha256.clone(),
+                    },
+                    deadline,
+                ))
+                .await
+        }
+        ArchiveSource::File { path, sha256, size_bytes } => {
+            let header = StageUploadMessage {
+                msg: Some(stage_upload_message::Msg::Header(StageHeader {
+                    operation_id: id.to_string(),
+                    version: version.to_string(),
+                    sha256: sha256.clone(),
+                    size_bytes: *size_bytes,
+                })),
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel::<StageUploadMessage>(4);
+            let path = path.clone();
+            tokio::spawn(async move {
+                if tx.send(header).await.is_err() {
+                    return;
+                }
+                let Ok(mut f) = tokio::fs::File::open(&path).await else { return };
+                use tokio::io::AsyncReadExt;
+                loop {
+                    let mut buf = vec![0u8; UPLOAD_CHUNK_BYTES];
+                    let n = match f.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    buf.truncate(n);
+                    let msg = StageUploadMessage { msg: Some(stage_upload_message::Msg::Chunk(buf)) };
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            client
+                .stage_upload(agents::request(tokio_stream::wrappers::ReceiverStream::new(rx), deadline))
+                .await
+        }
+    };
+    let retryable = |s: &tonic::Status| matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Aborted | tonic::Code::Cancelled);
+    let mut stream = response
+        .map_err(|s| (retryable(&s), anyhow!(agents::status_text(&node.id, &s))))?
+        .into_inner();
+    let mut result = None;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(StageEvent { event: Some(stage_event::Event::Progress(p)) }) => {
+                if let Some(b) = &bar {
+                    b.set_position(p.bytes);
+                }
+            }
+            Ok(StageEvent { event: Some(stage_event::Event::Result(r)) }) => result = Some(r),
+            Ok(_) => {}
+            Err(s) => return Err((retryable(&s), anyhow!(agents::status_text(&node.id, &s)))),
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    result.ok_or_else(|| (true, anyhow!("node '{}': the staging stream ended without a result", node.id)))
+}
+
+/// Picks the next node: the one a previous coordinator left mid-way, else the least busy.
+async fn next_node<'a>(
+    ctx: &'a Ctx,
+    run: RunId,
+    remaining: &[&'a Node],
+) -> Result<(&'a Node, String)> {
+    let steps = ctx.journal.steps(run)?;
+    let open = remaining.iter().find(|n| {
+        steps
+            .iter()
+            .rev()
+            .find(|s| s.step == "node" && s.node.as_deref() == Some(n.id.as_str()))
+            .is_some_and(|s| s.outcome.is_none())
+    });
+    if let Some(n) = open {
+        return Ok((n, format!("{}: was out of service when the previous coordinator stopped; finished first", n.id)));
+    }
+    let view = ctx.cluster_view().await?;
+    let mut busy = Vec::new();
+    for n in remaining {
+        let z = plan::zdu_node(&view, &n.bitbucket_name);
+        busy.push(Busyness {
+            id: n.id.clone(),
+            tasks_total: z.map(|z| z.tasks_total).unwrap_or(0),
+            active_user_count: z.map(|z| z.active_user_count).unwrap_or(0),
+            cpu_percent: ctx.cpu(n).await,
+        });
+    }
+    let ranked = plan::rank_least_busy(busy);
+    let first = ranked.first().context("no node left to pick")?;
+    let node = remaining.iter().find(|n| n.id == first.id).context("ranked an unknown node")?;
+    let why = format!(
+        "{}: least busy of {} ({})",
+        node.id,
+        ranked.len(),
+        ranked
+            .iter()
+            .map(|b| format!("{} tasks={} users={} cpu={:.0}%", b.id, b.tasks_total, b.active_user_count, b.cpu_percent))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    Ok((node, why))
+}
+
+/// One node, out and back: returns the time it was out of service.
+async fn upgrade_node(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions) -> Result<Duration, NodeFailure> {
+    let t = &opts.timeouts;
+    let fail = |error: anyhow::Error, stopped: bool| NodeFailure { node: node.id.clone(), error, stopped };
+    let out_since = Instant::now();
+    let id = node.id.as_str();
+    let done = |step: &str| ctx.step_done(run, id, step).unwrap_or(false);
+
+    if !done("drain") {
+        ctx.step(run, Some(id), "drain", async {
+            let r = ctx.lb.drain(&node.lb_server, Duration::from_secs(t.drain_secs)).await?;
+            Ok(((), format!("{} sessions drained in {:.1}s", r.sessions_at_start, r.waited.as_secs_f64())))
+        })
+        .await
+        .map_err(|e| fail(e, false))?;
+    }
+    if !done("stop") {
+        ctx.step(run, Some(id), "stop", async {
+            let d = Duration::from_secs(t.stop_secs);
+            let r = agent_op(ctx, node, d, |mut c| {
+                let req = agents::request(
+                    StopRequest { operation_id: op_id(run, id, "stop"), timeout_secs: t.stop_secs as u32, kill_after_timeout: false },
+                    d,
+                );
+                async move { c.stop(req).await }
+            })
+            .await?;
+            Ok(((), format!("was_running={} in {} ms", r.was_running, r.duration_ms)))
+        })
+        .await
+        .map_err(|e| fail(e, false))?;
+    }
+    if !done("wait_offline") {
+        ctx.step(run, Some(id), "wait_offline", async {
+            Ok(((), wait_zdu(ctx, node, NodeState::Offline, None, Duration::from_secs(t.stop_secs)).await?))
+        })
+        .await
+        .map_err(|e| fail(e, true))?;
+    }
+    if !done("activate") {
+        ctx.step(run, Some(id), "activate", async {
+            let d = Duration::from_secs(120);
+            let r = agent_op(ctx, node, d, |mut c| {
+                let req = agents::request(
+                    ActivateRequest { operation_id: op_id(run, id, "activate"), version: opts.to.clone() },
+                    d,
+                );
+                async move { c.activate(req).await }
+            })
+            .await?;
+            Ok(((), format!("{} (was {}){}", r.install_path, r.previous_install,
+                if r.notes.is_empty() { String::new() } else { format!("; {}", r.notes.join("; ")) })))
+        })
+        .await
+        .map_err(|e| fail(e, true))?;
+    }
+    if !done("start") {
+        ctx.step(run, Some(id), "start", async {
+            let d = Duration::from_secs(t.start_secs);
+            let r = agent_op(ctx, node, d, |mut c| {
+                let req = agents::request(StartRequest { operation_id: op_id(run, id, "start"), timeout_secs: t.start_secs as u32 }, d);
+                async move { c.start(req).await }
+            })
+            .await?;
+            if let Some(why) = plan::start_failure(&r.state) {
+                bail!("node '{id}': {why}");
+            }
+            Ok(((), format!("{} on {} after {} ms", r.state, r.version, r.duration_ms)))
+        })
+        .await
+        .map_err(|e| fail(e, true))?;
+    }
+    if !done("wait_active") {
+        ctx.step(run, Some(id), "wait_active", async {
+            Ok(((), wait_zdu(ctx, node, NodeState::Active, Some(&opts.to), Duration::from_secs(t.active_secs)).await?))
+        })
+        .await
+        .map_err(|e| fail(e, true))?;
+    }
+    if !done("enable") {
+        ctx.step(run, Some(id), "enable", async {
+            ctx.lb.enable(&node.lb_server).await?;
+            Ok(((), format!("back in {}", ctx.lb.describe())))
+        })
+        .await
+        .map_err(|e| fail(e, true))?;
+    }
+    let out_of_service = out_since.elapsed();
+    if !done("soak") {
+        ctx.step(run, Some(id), "soak", async {
+            soak(ctx, node, &opts.to, Duration::from_secs(t.soak_secs)).await?;
+            Ok(((), format!("healthy for {}s", t.soak_secs)))
+        })
+        .await
+        .map_err(|e| fail(e, false))?;
+    }
+    Ok(out_of_service)
+}
+
+/// Watches a rejoined node for a while: it must stay ACTIVE on the new version.
+async fn soak(ctx: &Ctx, node: &Node, version: &str, dur: Duration) -> Result<()> {
+    let until = Instant::now() + dur;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(500).min(until.saturating_duration_since(Instant::now()))).await;
+        if let Ok(view) = ctx.zdu.cluster().await {
+            match plan::zdu_node(&view, &node.bitbucket_name) {
+                Some(z) if z.state == NodeState::Active && z.version == version => {}
+                Some(z) => bail!("node '{}' left ACTIVE while soaking: now {} on {}", node.id, z.state, z.version),
+                None => bail!("node '{}' vanished from the cluster view while soaking", node.id),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After a node failed: take it out and stop it gracefully, roll it back if asked, cancel upgrade
+/// mode when no node runs the new version. Returns notes for the report.
+async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOptions) -> Vec<String> {
+    let mut notes = Vec::new();
+    let Ok(node) = ctx.cluster.node(&f.node) else { return notes };
+    let id = node.id.as_str();
+    if f.stopped || ctx.step_done(run, id, "stop").unwrap_or(false) {
+        // Out of the load balancer (it may have rejoined before failing) and stopped gracefully.
+        let _ = ctx
+            .step(run, Some(id), "disable", async {
+                ctx.lb.drain(&node.lb_server, Duration::from_secs(opts.timeouts.drain_secs)).await?;
+                Ok(((), "kept out of the load balancer".to_string()))
+            })
+            .await;
+        let d = Duration::from_secs(opts.timeouts.stop_secs);
+        let stopped = ctx
+            .step(run, Some(id), "stop_failed", async {
+                let r = agent_op(ctx, node, d, |mut c| {
+                    let req = agents::request(
+                        StopRequest { operation_id: op_id(run, id, "stop-failed"), timeout_secs: opts.timeouts.stop_secs as u32, kill_after_timeout: false },
+                        d,
+                    );
+                    async move { c.stop(req).await }
+                })
+                .await?;
+                Ok(((), format!("stopped gracefully (was_running={})", r.was_running)))
+            })
+            .await;
+        if let Err(e) = stopped {
+            notes.push(format!("node '{id}' could not be stopped after its failure: {e:#}"));
+        }
+        if opts.auto_rollback {
+            match rollback_node(ctx, run, node, &opts.from, opts).await {
+                Ok(_) => notes.push(format!("node '{id}' was rolled back to {} and is serving", opts.from)),
+                Err(e) => notes.push(format!("rolling node '{id}' back failed: {e:#}")),
+            }
+        } else {
+            notes.push(format!(
+                "node '{id}' is stopped and out of the load balancer; fix it and run `bbupgrade resume`, or run `bbupgrade rollback`"
+            ));
+        }
+    } else {
+        // Never stopped: put it back as it was.
+        match ctx.lb.enable(&node.lb_server).await {
+            Ok(()) => notes.push(format!("node '{id}' was not stopped and is back in the load balancer")),
+            Err(e) => notes.push(format!("node '{id}' was not stopped but could not be put back in the load balancer: {e}")),
+        }
+    }
+    cancel_if_nothing_upgraded(ctx, run, &opts.to, &mut notes).await;
+    notes
+}
+
+async fn cancel_if_nothing_upgraded(ctx: &Ctx, run: RunId, new_version: &str, notes: &mut Vec<String>) {
+    let Ok(view) = ctx.zdu.cluster().await else { return };
+    if view.upgrade_mode_enabled && !view.nodes.iter().any(|n| n.version == new_version) {
+        let r = ctx
+            .step(run, None, "cancel_upgrade_mode", async {
+                ctx.zdu.cancel().await?;
+                Ok(((), "no node runs the new version; upgrade mode cancelled".to_string()))
+            })
+            .await;
+        match r {
+            Ok(()) => notes.push("upgrade mode cancelled: no node runs the new version".into()),
+            Err(e) => notes.push(format!("could not cancel upgrade mode: {e:#}")),
+        }
+    }
+}
+
+/// Returns one node to `version` with the same discipline: out, roll back, ACTIVE, back in.
+async fn rollback_node(ctx: &Ctx, run: RunId, node: &Node, version: &str, opts: &RunOptions) -> Result<Duration> {
+    let t = &opts.timeouts;
+    let id = node.id.as_str();
+    let since = Instant::now();
+    ctx.step(run, Some(id), "drain", async {
+        let r = ctx.lb.drain(&node.lb_server, Duration::from_secs(t.drain_secs)).await?;
+        Ok(((), format!("{} sessions drained", r.sessions_at_start)))
+    })
+    .await?;
+    ctx.step(run, Some(id), "rollback", async {
+        let d = Duration::from_secs(t.stop_secs + t.start_secs);
+        let r = agent_op(ctx, node, d, |mut c| {
+            let req = agents::request(
+                RollbackRequest {
+                    operation_id: op_id(run, id, "rollback"),
+                    stop_timeout_secs: t.stop_secs as u32,
+                    start_timeout_secs: t.start_secs as u32,
+                    no_start: false,
+                },
+                d,
+            );
+            async move { c.rollback(req).await }
+        })
+        .await?;
+        Ok(((), format!("{} {} at {}", r.state, r.version, r.install_path)))
+    })
+    .await?;
+    ctx.step(run, Some(id), "wait_active", async {
+        Ok(((), wait_zdu(ctx, node, NodeState::Active, Some(version), Duration::from_secs(t.active_secs)).await?))
+    })
+    .await?;
+    ctx.step(run, Some(id), "enable", async {
+        ctx.lb.enable(&node.lb_server).await?;
+        Ok(((), "back in the load balancer".to_string()))
+    })
+    .await?;
+    Ok(since.elapsed())
+}
+
+fn base_summary(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
+    Summary {
+        cluster: ctx.cluster.name.clone(),
+        from: opts.from.clone(),
+        to: opts.to.clone(),
+        run_id: Some(run.0),
+        ..Default::default()
+    }
+}
+
+async fn versions_now(ctx: &Ctx) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for n in &ctx.cluster.nodes {
+        if let Ok(info) = ctx.node_info(n).await {
+            out.insert(n.id.clone(), info.active_version);
+        }
+    }
+    out
+}
+
+fn finish(ctx: &Ctx, run: RunId, mut s: Summary, before: &HashMap<String, String>, after: &HashMap<String, String>, oos: &HashMap<String, u64>) -> Summary {
+    s.nodes = ctx
+        .cluster
+        .nodes
+        .iter()
+        .map(|n| NodeSummary {
+            id: n.id.clone(),
+            version_before: before.get(&n.id).cloned().unwrap_or_default(),
+            version_after: after.get(&n.id).cloned().unwrap_or_default(),
+            out_of_service_ms: oos.get(&n.id).copied().unwrap_or(0),
+        })
+        .collect();
+    s.duration_ms = ctx.reporter.elapsed_ms();
+    let result = match s.result.as_str() {
+        "upgraded" => RunResult::Upgraded,
+        "rolled_back" => RunResult::RolledBack,
+        "refused" => RunResult::Refused,
+        _ => RunResult::Halted,
+    };
+    if let Err(e) = ctx.journal.finish_run(run, result, s.error.as_deref()) {
+        s.notes.push(format!("could not record the run's end in the journal: {e}"));
+    }
+    s
+}
+
+/// Upgrade (or continue upgrading) a cluster.
+pub async fn drive(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
+    let mut s = base_summary(ctx, run, opts);
+    let before = versions_now(ctx).await;
+    let mut oos = HashMap::new();
+    let outcome = drive_inner(ctx, run, opts, &mut s, &mut oos).await;
+    match outcome {
+        Ok(()) => s.result = "upgraded".into(),
+        Err(DriveError::Node(f)) => {
+            s.error = Some(format!("node '{}' failed: {:#}", f.node, f.error));
+            s.notes.extend(handle_failure(ctx, run, &f, opts).await);
+            let view = ctx.zdu.cluster().await.ok();
+            let any_new = view.as_ref().is_some_and(|v| v.nodes.iter().any(|n| n.version == opts.to));
+            s.result = if opts.auto_rollback && !any_new { "rolled_back".into() } else { "halted".into() };
+        }
+        Err(DriveError::Other(e)) => {
+            s.error = Some(format!("{e:#}"));
+            s.result = "halted".into();
+            if !ctx.journal.steps(run).map(|st| st.iter().any(|x| x.step == "stop")).unwrap_or(true) {
+                cancel_if_nothing_upgraded(ctx, run, &opts.to, &mut s.notes).await;
+            }
+        }
+    }
+    let after = versions_now(ctx).await;
+    finish(ctx, run, s, &before, &after, &oos)
+}
+
+enum DriveError {
+    Node(NodeFailure),
+    Other(anyhow::Error),
+}
+
+impl From<crate::journal::JournalError> for DriveError {
+    fn from(e: crate::journal::JournalError) -> Self {
+        DriveError::Other(e.into())
+    }
+}
+
+impl From<anyhow::Error> for DriveError {
+    fn from(e: anyhow::Error) -> Self {
+        DriveError::Other(e)
+    }
+}
+
+async fn drive_inner(
+    ctx: &Ctx,
+    run: RunId,
+    opts: &RunOptions,
+    s: &mut Summary,
+    oos: &mut HashMap<String, u64>,
+) -> Result<(), DriveError> {
+    let view = ctx.cluster_view().await?;
+    let finalized = view.state == ClusterState::Stable && !view.upgrade_mode_enabled && view.nodes.iter().all(|n| n.version == opts.to);
+    if !finalized {
+        stage_all(ctx, run, opts).await?;
+        if !view.upgrade_mode_enabled {
+            ctx.step(run, None, "upgrade_mode", async {
+                ctx.zdu.start().await?;
+                Ok(((), "upgrade mode enabled".to_string()))
+            })
+            .await?;
+        }
+        // Previously finished nodes keep their order in the report.
+        for st in ctx.journal.steps(run)? {
+            if st.step == "node" && st.outcome == Some(StepOutcome::Ok)
+                && let Some(n) = st.node
+                && !s.order.contains(&n)
+            {
+                s.order.push(n);
+            }
+        }
+        loop {
+            let view = ctx.cluster_view().await?;
+            let steps = ctx.journal.steps(run)?;
+            let mut remaining = Vec::new();
+            for n in &ctx.cluster.nodes {
+                let agent_version = ctx.node_info(n).await.map(|i| i.active_version).ok();
+                let upgraded = plan::node_upgraded(agent_version.as_deref(), plan::zdu_node(&view, &n.bitbucket_name), &opts.to);
+                // A node whose latest "node" step is open was out of service when a coordinator
+                // stopped: it is finished (back into the load balancer) even if already upgraded.
+                let open = steps
+                    .iter()
+                    .rev()
+                    .find(|st| st.step == "node" && st.node.as_deref() == Some(n.id.as_str()))
+                    .is_some_and(|st| st.outcome.is_none());
+                if !upgraded || open {
+                    remaining.push(n);
+                }
+            }
+            if remaining.is_empty() {
+                break;
+            }
+            let (node, why) = next_node(ctx, run, &remaining).await?;
+            s.order_reasons.push(why.clone());
+            ctx.reporter.step(Some(&node.id), "pick", "info", &why);
+            let node_step = ctx.journal.begin_step(run, Some(&node.id), "node", &format!("upgrade to {}", opts.to))?;
+            match upgrade_node(ctx, run, node, opts).await {
+                Ok(d) => {
+                    ctx.journal.end_step(node_step, StepOutcome::Ok, &format!("out of service {} ms", d.as_millis()))?;
+                    oos.insert(node.id.clone(), d.as_millis() as u64);
+                    s.order.push(node.id.clone());
+                }
+                Err(f) => {
+                    ctx.journal.end_step(node_step, StepOutcome::Failed(format!("{:#}", f.error)), "")?;
+                    s.order.push(node.id.clone());
+                    return Err(DriveError::Node(f));
+                }
+            }
+        }
+        ctx.step(run, None, "approve", async {
+            let v = ctx.cluster_view().await?;
+            if v.state != ClusterState::Stable || v.upgrade_mode_enabled {
+                ctx.zdu.approve().await?;
+            }
+            let started = Instant::now();
+            loop {
+                let v = ctx.cluster_view().await?;
+                if v.state == ClusterState::Stable && !v.upgrade_mode_enabled {
+                    break;
+                }
+                if v.state == ClusterState::UpgradeTasksFailed {
+                    bail!("Bitbucket's upgrade tasks failed (UPGRADE_TASKS_FAILED); check the Bitbucket log, then POST /rest/zdu/retryUpgrade or contact support");
+                }
+                if started.elapsed() > Duration::from_secs(FINALIZE_TIMEOUT_SECS) {
+                    bail!("the cluster did not become STABLE within {FINALIZE_TIMEOUT_SECS}s after approval (now {})", v.state);
+                }
+                tokio::time::sleep(Duration::from_millis(POLL_INTERVAL_MS)).await;
+            }
+            Ok(((), format!("cluster STABLE on {}", opts.to)))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Returns every node not on the original version to it, one at a time, then cancels upgrade mode.
+pub async fn drive_rollback(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
+    let mut s = base_summary(ctx, run, opts);
+    let before = versions_now(ctx).await;
+    let mut oos = HashMap::new();
+    let result: Result<()> = async {
+        for node in &ctx.cluster.nodes {
+            let info = ctx.node_info(node).await?;
+            if info.active_version == opts.to {
+                continue;
+            }
+            let d = rollback_node(ctx, run, node, &opts.to, opts).await?;
+            oos.insert(node.id.clone(), d.as_millis() as u64);
+            s.order.push(node.id.clone());
+        }
+        let view = ctx.cluster_view().await?;
+        if view.upgrade_mode_enabled {
+            ctx.step(run, None, "cancel_upgrade_mode", async {
+                ctx.zdu.cancel().await?;
+                Ok(((), format!("cluster back on {}", opts.to)))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => s.result = "rolled_back".into(),
+        Err(e) => {
+            s.result = "halted".into();
+            s.error = Some(format!("{e:#}"));
+        }
+    }
+    let after = versions_now(ctx).await;
+    finish(ctx, run, s, &before, &after, &oos)
+}
