@@ -58,7 +58,11 @@ impl Default for Timeouts {
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     pub name: String,
+    /// Bitbucket's URL, normally the load balancer's.
     pub bitbucket_url: String,
+    /// The nodes' own URLs, asked when `bitbucket_url` does not answer.
+    #[serde(default)]
+    pub bitbucket_node_urls: Vec<String>,
     pub token_file: Option<PathBuf>,
     pub token_env: Option<String>,
     #[serde(default)]
@@ -98,6 +102,7 @@ pub struct Node {
 pub struct Cluster {
     pub name: String,
     pub bitbucket_url: String,
+    pub bitbucket_node_urls: Vec<String>,
     pub token: TokenSource,
     pub labels: Vec<String>,
     pub load_balancer: LbConfig,
@@ -136,12 +141,13 @@ impl Inventory {
         for c in raw.clusters {
             validate_name(&c.name).with_context(|| "cluster name".to_string())?;
             ensure!(names.insert(c.name.clone()), "cluster '{}' is listed twice", c.name);
-            ensure!(
-                c.bitbucket_url.starts_with("http://") || c.bitbucket_url.starts_with("https://"),
-                "cluster '{}': bitbucket_url '{}' must be an http(s) URL",
-                c.name,
-                c.bitbucket_url
-            );
+            for url in std::iter::once(&c.bitbucket_url).chain(&c.bitbucket_node_urls) {
+                ensure!(
+                    url.starts_with("http://") || url.starts_with("https://"),
+                    "cluster '{}': bitbucket URL '{url}' must be an http(s) URL",
+                    c.name
+                );
+            }
             let token = match (c.token_file, c.token_env) {
                 (Some(f), None) => TokenSource::File(rel(&f)),
                 (None, Some(e)) => TokenSource::Env(e),
@@ -174,6 +180,7 @@ impl Inventory {
             clusters.push(Cluster {
                 name: c.name,
                 bitbucket_url: c.bitbucket_url.trim_end_matches('/').to_string(),
+                bitbucket_node_urls: c.bitbucket_node_urls.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
                 token,
                 labels: c.labels,
                 load_balancer: c.load_balancer.unwrap_or(LbConfig::None {}),

@@ -20,3 +20,4 @@ pub mod sandbox;
 pub mod status;
 pub mod upgrade;
 pub mod zdu;
+pub mod zdu_pool;

@@ -8,7 +8,8 @@ use crate::journal::{ClusterLock, Journal, NewRun, RunId, RunKind, RunResult, St
 use crate::loadbalancer::{self, LoadBalancer};
 use crate::plan::{self, ObservedNode};
 use crate::report::{Reporter, Summary};
-use crate::zdu::{ClusterView, Secret, ZduClient};
+use crate::zdu::{ClusterView, Secret};
+use crate::zdu_pool::ZduPool;
 use anyhow::{Context, Result, anyhow, bail};
 use bbupgrade_common::proto::{LoadMetricsRequest, NodeInfoRequest, NodeInfoResponse};
 use bbupgrade_common::tls::TlsMaterial;
@@ -61,7 +62,7 @@ pub struct RunOptions {
 pub struct Ctx {
     pub cluster: Cluster,
     pub tls: TlsMaterial,
-    pub zdu: ZduClient,
+    pub zdu: ZduPool,
     pub lb: Box<dyn LoadBalancer>,
     pub journal: Arc<Journal>,
     pub reporter: Reporter,
@@ -76,7 +77,8 @@ impl Ctx {
             TokenSource::Env(v) => Secret::from_env(v),
         }
         .map_err(|e| BadInput(format!("cluster '{}': {e}", cluster.name)))?;
-        let zdu = ZduClient::new(&cluster.bitbucket_url, token, Duration::from_secs(ZDU_REQUEST_TIMEOUT_SECS))
+        let urls: Vec<String> = std::iter::once(cluster.bitbucket_url.clone()).chain(cluster.bitbucket_node_urls.clone()).collect();
+        let zdu = ZduPool::new(&urls, token, Duration::from_secs(ZDU_REQUEST_TIMEOUT_SECS))
             .map_err(|e| BadInput(format!("cluster '{}': {e}", cluster.name)))?;
         let lb = loadbalancer::from_config(&cluster.load_balancer)
             .map_err(|e| BadInput(format!("cluster '{}': load balancer: {e}", cluster.name)))?;

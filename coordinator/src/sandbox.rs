@@ -312,13 +312,14 @@ impl Sandbox {
             None => "load_balancer = { kind = \"none\" }\n".to_string(),
         };
         let mut inv = format!(
-            "# Written by the bbupgrade sandbox.\ntls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\nstate = {:?}\n\n[timeouts]\ndrain_secs = 60\nstop_secs = 60\nstart_secs = 120\nactive_secs = 60\nsoak_secs = 1\nagent_connect_ms = 3000\n\n[[clusters]]\nname = \"{}\"\nbitbucket_url = {:?}\ntoken_file = {:?}\n{lb}",
+            "# Written by the bbupgrade sandbox.\ntls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\nstate = {:?}\n\n[timeouts]\ndrain_secs = 60\nstop_secs = 60\nstart_secs = 120\nactive_secs = 60\nsoak_secs = 1\nagent_connect_ms = 3000\n\n[[clusters]]\nname = \"{}\"\nbitbucket_url = {:?}\nbitbucket_node_urls = {:?}\ntoken_file = {:?}\n{lb}",
             tls.ca,
             tls.cert,
             tls.key,
             format!("sqlite:{}", self.dir.join("journal.db").display()),
             self.cluster_name,
-            self.sim.nodes()[0].base_url,
+            self.lb_url.clone().unwrap_or_else(|| self.sim.nodes()[0].base_url.clone()),
+            self.sim.nodes().iter().map(|n| n.base_url.clone()).collect::<Vec<_>>(),
             token,
         );
         for (node, addr) in self.sim.nodes().iter().zip(&self.agent_addrs) {
@@ -354,6 +355,29 @@ impl Sandbox {
         });
         for r in futures::future::join_all(starts).await {
             r?;
+        }
+        self.wait_lb_up(Duration::from_secs(20)).await
+    }
+
+    /// Waits until the load balancer's health checks see every node up.
+    pub async fn wait_lb_up(&self, timeout: Duration) -> Result<()> {
+        let Some(socket) = &self.haproxy_socket else { return Ok(()) };
+        let lb = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
+            socket: format!("unix:{}", socket.display()),
+            backend: "bitbucket".into(),
+        })?;
+        let deadline = Instant::now() + timeout;
+        for node in self.sim.nodes() {
+            loop {
+                let state = lb.server_state(&node.name).await?;
+                if state.operational == crate::loadbalancer::OperState::Up {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("haproxy still sees {} as {:?}", node.name, state.operational);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         Ok(())
     }

@@ -347,8 +347,9 @@ impl Haproxy {
     }
 
     async fn sessions(&self, server: &str) -> Result<u64, LbError> {
-        // Type 4 = servers only, -1 = all of them: keeps the answer small on big configurations.
-        let cmd = format!("show stat {} 4 -1", self.backend);
+        // Type 4 = servers only. HAProxy 2.6 answers a proxy *name* here with no rows at all, so
+        // ask for every proxy (-1) and filter by name below.
+        let cmd = "show stat -1 4 -1".to_string();
         let answer = self.query(&cmd, server).await?;
         let rows = parse_show_stat(&answer).map_err(|e| self.parse_error(&cmd, e))?;
         rows.into_iter()
