@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
-#[command(name = "bbupgrade-agent", version, about = "The bbupgrade agent for a Bitbucket Data Center node")]
+#[command(
+    name = "bbupgrade-agent",
+    version,
+    about = "The bbupgrade agent for a Bitbucket Data Center node"
+)]
 pub struct Cli {
     /// The agent configuration (TOML), e.g. /etc/bbupgrade/agent.toml.
     #[arg(long)]
@@ -38,9 +42,17 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("BBUPGRADE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     match cli.command {
-        Some(Command::Stage { archive, sha256, version, install_root }) => {
+        Some(Command::Stage {
+            archive,
+            sha256,
+            version,
+            install_root,
+        }) => {
             let started = std::time::Instant::now();
             match crate::stage::run_local_stage(&archive, &sha256, &version, &install_root) {
                 Ok(o) => {
@@ -51,7 +63,11 @@ pub fn main() -> ExitCode {
                         o.files,
                         o.bytes,
                         started.elapsed().as_millis(),
-                        if o.already_staged { " (already staged)" } else { "" }
+                        if o.already_staged {
+                            " (already staged)"
+                        } else {
+                            ""
+                        }
                     );
                     ExitCode::SUCCESS
                 }
@@ -63,7 +79,9 @@ pub fn main() -> ExitCode {
         }
         None => {
             let Some(config) = cli.config else {
-                eprintln!("error: give --config FILE to run the agent, or a subcommand (see --help)");
+                eprintln!(
+                    "error: give --config FILE to run the agent, or a subcommand (see --help)"
+                );
                 return ExitCode::from(2);
             };
             let settings = match Settings::load(&config) {
@@ -101,7 +119,8 @@ pub async fn daemon(settings: Settings) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
@@ -132,7 +151,10 @@ pub async fn run(
         .tls_config(tls)
         .context("configuring TLS")?
         .add_service(server)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
         .context("serving gRPC")?;
     Ok(())

@@ -24,7 +24,7 @@ pub fn read_pid(pid_file: &Path) -> Option<u32> {
 /// Free bytes on the file system holding `path`: the disk with the longest mount point prefix.
 pub fn free_bytes(path: &Path) -> u64 {
     match nix::sys::statvfs::statvfs(path) {
-        Ok(s) => s.blocks_available() as u64 * s.fragment_size() as u64,
+        Ok(s) => s.blocks_available() * s.fragment_size(),
         Err(_) => {
             let disks = Disks::new_with_refreshed_list();
             disks

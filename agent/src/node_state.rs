@@ -16,7 +16,9 @@ pub struct StateFile {
 
 impl StateFile {
     pub fn new(state_dir: &Path) -> Self {
-        Self { path: state_dir.join("state.json") }
+        Self {
+            path: state_dir.join("state.json"),
+        }
     }
 
     /// The recorded state, or the configured install on first start.
@@ -51,7 +53,9 @@ pub fn install_version(install: &Path) -> Option<String> {
     }
     let name = install.file_name()?.to_str()?;
     let v = name.strip_prefix("atlassian-bitbucket-").unwrap_or(name);
-    v.parse::<bbupgrade_common::version::Version>().ok().map(|v| v.to_string())
+    v.parse::<bbupgrade_common::version::Version>()
+        .ok()
+        .map(|v| v.to_string())
 }
 
 /// Installs under the install root (directories holding `bin/start-bitbucket.sh`), with versions.
@@ -60,7 +64,10 @@ pub fn list_installs(install_root: &Path) -> Vec<(String, PathBuf)> {
     if let Ok(entries) = std::fs::read_dir(install_root) {
         for e in entries.flatten() {
             let p = e.path();
-            let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            let hidden = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
             if !hidden
                 && p.join("bin/start-bitbucket.sh").is_file()
                 && let Some(v) = install_version(&p)
@@ -78,8 +85,13 @@ pub fn list_installs(install_root: &Path) -> Vec<(String, PathBuf)> {
 }
 
 /// Installs that cleanup may remove: all but the newest `keep`, never the active or previous one.
-pub fn cleanup_candidates(installs: &[(String, PathBuf)], state: &NodeState, keep: usize) -> Vec<PathBuf> {
-    let protected = |p: &PathBuf| *p == state.active_install || Some(p) == state.previous_install.as_ref();
+pub fn cleanup_candidates(
+    installs: &[(String, PathBuf)],
+    state: &NodeState,
+    keep: usize,
+) -> Vec<PathBuf> {
+    let protected =
+        |p: &PathBuf| *p == state.active_install || Some(p) == state.previous_install.as_ref();
     let n = installs.len();
     installs
         .iter()
@@ -103,7 +115,10 @@ mod tests {
             active_install: PathBuf::from("/opt/bb/8.19.1"),
             previous_install: Some(PathBuf::from("/opt/bb/8.19.2")),
         };
-        assert_eq!(cleanup_candidates(&installs, &state, 2), vec![PathBuf::from("/opt/bb/8.19.3")]);
+        assert_eq!(
+            cleanup_candidates(&installs, &state, 2),
+            vec![PathBuf::from("/opt/bb/8.19.3")]
+        );
         assert!(cleanup_candidates(&installs, &state, 5).is_empty());
         assert_eq!(cleanup_candidates(&installs, &state, 0).len(), 3);
     }

@@ -70,30 +70,46 @@ impl From<StageRecord> for StageResult {
 }
 
 fn stage_status(e: stage::StageError) -> Status {
-    if e.is_bad_input() { Status::invalid_argument(e.to_string()) } else { Status::internal(e.to_string()) }
+    if e.is_bad_input() {
+        Status::invalid_argument(e.to_string())
+    } else {
+        Status::internal(e.to_string())
+    }
 }
 
 fn check_version(v: &str) -> Result<Version, Status> {
-    v.parse::<Version>().map_err(|e| Status::invalid_argument(e.to_string()))
+    v.parse::<Version>()
+        .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 impl AgentService {
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
         use anyhow::Context;
-        std::fs::create_dir_all(&settings.state_dir)
-            .with_context(|| format!("creating the state directory {}", settings.state_dir.display()))?;
-        let journal = OpJournal::open(&settings.state_dir).context("opening the operation journal")?;
-        let removed = stage::clean_leftovers(&settings.install_root)
-            .with_context(|| format!("cleaning leftovers in {}", settings.install_root.display()))?;
+        std::fs::create_dir_all(&settings.state_dir).with_context(|| {
+            format!(
+                "creating the state directory {}",
+                settings.state_dir.display()
+            )
+        })?;
+        let journal =
+            OpJournal::open(&settings.state_dir).context("opening the operation journal")?;
+        let removed = stage::clean_leftovers(&settings.install_root).with_context(|| {
+            format!("cleaning leftovers in {}", settings.install_root.display())
+        })?;
         for r in removed {
             tracing::warn!(path = %r.display(), "removed a staging directory left by an interrupted stage");
         }
         let state_file = StateFile::new(&settings.state_dir);
-        let state = state_file.load_or(&settings.initial_install).context("reading state.json")?;
+        let state = state_file
+            .load_or(&settings.initial_install)
+            .context("reading state.json")?;
         let active_install = Arc::new(RwLock::new(state.active_install.clone()));
         let service = service_manager(&settings, active_install.clone());
-        let cache = stage::ArchiveCache::new(settings.state_dir.join("archive-cache"), settings.cache_max_bytes)
-            .context("opening the archive cache")?;
+        let cache = stage::ArchiveCache::new(
+            settings.state_dir.join("archive-cache"),
+            settings.cache_max_bytes,
+        )
+        .context("opening the archive cache")?;
         Ok(Self {
             journal: Arc::new(journal),
             state_file,
@@ -121,8 +137,13 @@ impl AgentService {
     }
 
     fn set_node_state(&self, new: NodeState) -> Result<(), Status> {
-        self.state_file.save(&new).map_err(|e| internal("writing state.json", e))?;
-        *self.active_install.write().unwrap_or_else(|p| p.into_inner()) = new.active_install.clone();
+        self.state_file
+            .save(&new)
+            .map_err(|e| internal("writing state.json", e))?;
+        *self
+            .active_install
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = new.active_install.clone();
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = new;
         Ok(())
     }
@@ -157,17 +178,29 @@ impl AgentService {
             service::NodeStatus::Unreachable(_)
         );
         if !self.bitbucket_running() && !status_answers {
-            return Ok(StopResponse { was_running: false, duration_ms: 0, killed: false });
+            return Ok(StopResponse {
+                was_running: false,
+                duration_ms: 0,
+                killed: false,
+            });
         }
-        self.service.stop().await.map_err(|e| Status::internal(e.to_string()))?;
+        self.service
+            .stop()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         let timeout = Duration::from_secs(u64::from(if timeout_secs == 0 {
             self.settings.stop_timeout_secs
         } else {
             timeout_secs
         }));
-        let report = service::wait_stopped(&self.settings.pid_file(), &self.settings.status_url, timeout, kill)
-            .await
-            .map_err(|e| Status::deadline_exceeded(e.to_string()))?;
+        let report = service::wait_stopped(
+            &self.settings.pid_file(),
+            &self.settings.status_url,
+            timeout,
+            kill,
+        )
+        .await
+        .map_err(|e| Status::deadline_exceeded(e.to_string()))?;
         Ok(StopResponse {
             was_running: true,
             duration_ms: started.elapsed().as_millis() as u64,
@@ -183,17 +216,28 @@ impl AgentService {
             service::NodeStatus::Running
         ) && self.bitbucket_running()
         {
-            return Ok(StartResponse { state: "RUNNING".into(), version, duration_ms: 0 });
+            return Ok(StartResponse {
+                state: "RUNNING".into(),
+                version,
+                duration_ms: 0,
+            });
         }
-        self.service.start().await.map_err(|e| Status::internal(e.to_string()))?;
+        self.service
+            .start()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         let timeout = Duration::from_secs(u64::from(if timeout_secs == 0 {
             self.settings.start_timeout_secs
         } else {
             timeout_secs
         }));
-        let state = service::wait_running(&self.settings.status_url, timeout, &self.settings.log_file())
-            .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let state = service::wait_running(
+            &self.settings.status_url,
+            timeout,
+            &self.settings.log_file(),
+        )
+        .await
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(StartResponse {
             state: state.to_string(),
             version,
@@ -203,11 +247,15 @@ impl AgentService {
 
     fn service_def(&self) -> activate::ServiceDef {
         match &self.settings.service {
-            ServiceSettings::Systemd { unit, unit_path, .. } => activate::ServiceDef::Systemd {
+            ServiceSettings::Systemd {
+                unit, unit_path, ..
+            } => activate::ServiceDef::Systemd {
                 unit_path: unit_path.clone(),
                 unit_name: unit.clone(),
             },
-            ServiceSettings::Initd { script } => activate::ServiceDef::Initd { script_path: script.clone() },
+            ServiceSettings::Initd { script } => activate::ServiceDef::Initd {
+                script_path: script.clone(),
+            },
             ServiceSettings::Scripts => activate::ServiceDef::Scripts,
         }
     }
@@ -222,7 +270,10 @@ impl AgentService {
         if state.active_install == new_install {
             return Ok(ActivateResponse {
                 install_path: new_install.display().to_string(),
-                previous_install: state.previous_install.map(|p| p.display().to_string()).unwrap_or_default(),
+                previous_install: state
+                    .previous_install
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 service_path,
                 backup_path: String::new(),
                 notes: vec!["already active".into()],
@@ -237,13 +288,23 @@ impl AgentService {
         let link = self.settings.current_link.clone();
         let old = state.active_install.clone();
         let new = new_install.clone();
-        let outcome = tokio::task::spawn_blocking(move || activate::activate(&def, link.as_deref(), &old, &new))
+        let outcome = tokio::task::spawn_blocking(move || {
+            activate::activate(&def, link.as_deref(), &old, &new)
+        })
+        .await
+        .map_err(blocking_join)?
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        self.service
+            .daemon_reload()
             .await
-            .map_err(blocking_join)?
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        self.service.daemon_reload().await.map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Status::internal(e.to_string()))?;
         let mut notes = outcome.notes;
-        notes.extend(self.service.disable_bundled_search().await.map_err(|e| Status::internal(e.to_string()))?);
+        notes.extend(
+            self.service
+                .disable_bundled_search()
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?,
+        );
         self.set_node_state(NodeState {
             active_install: new_install.clone(),
             previous_install: Some(state.active_install.clone()),
@@ -252,7 +313,10 @@ impl AgentService {
             install_path: new_install.display().to_string(),
             previous_install: state.active_install.display().to_string(),
             service_path,
-            backup_path: outcome.backup_path.map(|p| p.display().to_string()).unwrap_or_default(),
+            backup_path: outcome
+                .backup_path
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             notes,
         })
     }
@@ -262,9 +326,15 @@ impl AgentService {
         let state = self.node_state();
         let mut installed: Vec<InstalledVersion> = list_installs(&s.install_root)
             .into_iter()
-            .map(|(version, path)| InstalledVersion { version, path: path.display().to_string() })
+            .map(|(version, path)| InstalledVersion {
+                version,
+                path: path.display().to_string(),
+            })
             .collect();
-        if !installed.iter().any(|i| Path::new(&i.path) == state.active_install) {
+        if !installed
+            .iter()
+            .any(|i| Path::new(&i.path) == state.active_install)
+        {
             installed.push(InstalledVersion {
                 version: install_version(&state.active_install).unwrap_or_default(),
                 path: state.active_install.display().to_string(),
@@ -273,11 +343,16 @@ impl AgentService {
         NodeInfoResponse {
             node_id: s.node_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             installed,
             active_version: install_version(&state.active_install).unwrap_or_default(),
             active_install: state.active_install.display().to_string(),
-            previous_install: state.previous_install.map(|p| p.display().to_string()).unwrap_or_default(),
+            previous_install: state
+                .previous_install
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             bitbucket_home: s.home.display().to_string(),
             service_kind: match s.service {
                 ServiceSettings::Systemd { .. } => ServiceKind::Systemd,
@@ -300,13 +375,18 @@ impl AgentService {
     /// Runs a staging operation in the background and streams its events; replays a recorded one.
     fn stage_stream<F>(&self, op_id: String, work: F) -> Result<EventStream, Status>
     where
-        F: FnOnce(tokio::sync::mpsc::Sender<Result<StageEvent, Status>>) -> tokio::task::JoinHandle<Result<StageRecord, Status>>,
+        F: FnOnce(
+            tokio::sync::mpsc::Sender<Result<StageEvent, Status>>,
+        ) -> tokio::task::JoinHandle<Result<StageRecord, Status>>,
     {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         match self.journal.begin(&op_id, "stage")? {
             crate::journal::Admission::Replay(v) => {
-                let rec: StageRecord = serde_json::from_value(v).map_err(|e| internal("recorded stage", e))?;
-                let _ = tx.try_send(Ok(StageEvent { event: Some(stage_event::Event::Result(rec.into())) }));
+                let rec: StageRecord =
+                    serde_json::from_value(v).map_err(|e| internal("recorded stage", e))?;
+                let _ = tx.try_send(Ok(StageEvent {
+                    event: Some(stage_event::Event::Result(rec.into())),
+                }));
             }
             crate::journal::Admission::Run => {
                 let journal = self.journal.clone();
@@ -318,8 +398,15 @@ impl AgentService {
                     };
                     match out {
                         Ok(rec) => {
-                            journal.finish(&op_id, serde_json::to_value(&rec).map_err(|e| e.to_string()));
-                            let _ = tx.send(Ok(StageEvent { event: Some(stage_event::Event::Result(rec.into())) })).await;
+                            journal.finish(
+                                &op_id,
+                                serde_json::to_value(&rec).map_err(|e| e.to_string()),
+                            );
+                            let _ = tx
+                                .send(Ok(StageEvent {
+                                    event: Some(stage_event::Event::Result(rec.into())),
+                                }))
+                                .await;
                         }
                         Err(status) => {
                             journal.finish(&op_id, Err(status.message().to_string()));
@@ -334,7 +421,9 @@ impl AgentService {
 }
 
 fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
         Ok(()) => true,
         Err(nix::errno::Errno::EPERM) => true,
@@ -342,11 +431,16 @@ fn pid_alive(pid: u32) -> bool {
     }
 }
 
-fn service_manager(settings: &Settings, active_install: Arc<RwLock<PathBuf>>) -> Arc<dyn service::ServiceManager> {
+fn service_manager(
+    settings: &Settings,
+    active_install: Arc<RwLock<PathBuf>>,
+) -> Arc<dyn service::ServiceManager> {
     // Script output goes to a file the agent owns, never to a pipe the backgrounded JVM inherits.
     let log = settings.state_dir.join("service-commands.log");
     match &settings.service {
-        ServiceSettings::Systemd { unit, systemctl, .. } => {
+        ServiceSettings::Systemd {
+            unit, systemctl, ..
+        } => {
             let mut m = service::Systemd::new(unit.clone());
             m.systemctl = systemctl.clone();
             Arc::new(m)
@@ -396,31 +490,47 @@ fn record_of(o: stage::StageOutcome, version: &str) -> StageRecord {
 
 #[tonic::async_trait]
 impl Agent for AgentService {
-    async fn node_info(&self, _req: Request<NodeInfoRequest>) -> Result<Response<NodeInfoResponse>, Status> {
+    async fn node_info(
+        &self,
+        _req: Request<NodeInfoRequest>,
+    ) -> Result<Response<NodeInfoResponse>, Status> {
         let mut info = self.node_info();
-        info.status = service::read_status(&self.http, &self.settings.status_url).await.to_string();
+        info.status = service::read_status(&self.http, &self.settings.status_url)
+            .await
+            .to_string();
         Ok(Response::new(info))
     }
 
-    async fn load_metrics(&self, _req: Request<LoadMetricsRequest>) -> Result<Response<LoadSample>, Status> {
+    async fn load_metrics(
+        &self,
+        _req: Request<LoadMetricsRequest>,
+    ) -> Result<Response<LoadSample>, Status> {
         let (m, s) = (self.metrics.clone(), self.settings.clone());
-        let sample = tokio::task::spawn_blocking(move || m.sample(&s.install_root, &s.home, &s.pid_file()))
-            .await
-            .map_err(blocking_join)?;
+        let sample =
+            tokio::task::spawn_blocking(move || m.sample(&s.install_root, &s.home, &s.pid_file()))
+                .await
+                .map_err(blocking_join)?;
         Ok(Response::new(sample))
     }
 
     type WatchLoadStream = LoadStream;
 
-    async fn watch_load(&self, req: Request<WatchLoadRequest>) -> Result<Response<LoadStream>, Status> {
-        let interval = Duration::from_millis(u64::from(req.into_inner().interval_ms.max(MIN_WATCH_INTERVAL_MS)));
+    async fn watch_load(
+        &self,
+        req: Request<WatchLoadRequest>,
+    ) -> Result<Response<LoadStream>, Status> {
+        let interval = Duration::from_millis(u64::from(
+            req.into_inner().interval_ms.max(MIN_WATCH_INTERVAL_MS),
+        ));
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let (m, s) = (self.metrics.clone(), self.settings.clone());
         tokio::spawn(async move {
             loop {
                 let (m2, s2) = (m.clone(), s.clone());
-                let Ok(sample) =
-                    tokio::task::spawn_blocking(move || m2.sample(&s2.install_root, &s2.home, &s2.pid_file())).await
+                let Ok(sample) = tokio::task::spawn_blocking(move || {
+                    m2.sample(&s2.install_root, &s2.home, &s2.pid_file())
+                })
+                .await
                 else {
                     break;
                 };
@@ -441,8 +551,14 @@ impl Agent for AgentService {
     ) -> Result<Response<EventStream>, Status> {
         let mut inbound = req.into_inner();
         let header = match inbound.message().await? {
-            Some(StageUploadMessage { msg: Some(stage_upload_message::Msg::Header(h)) }) => h,
-            _ => return Err(Status::invalid_argument("the first upload message must be the stage header")),
+            Some(StageUploadMessage {
+                msg: Some(stage_upload_message::Msg::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first upload message must be the stage header",
+                ));
+            }
         };
         check_version(&header.version)?;
         let stage_req = self.stage_request(&header.version, &header.sha256);
@@ -454,18 +570,24 @@ impl Agent for AgentService {
             tokio::spawn(async move {
                 loop {
                     match inbound.message().await {
-                        Ok(Some(StageUploadMessage { msg: Some(stage_upload_message::Msg::Chunk(c)) })) => {
+                        Ok(Some(StageUploadMessage {
+                            msg: Some(stage_upload_message::Msg::Chunk(c)),
+                        })) => {
                             if chunk_tx.send(Ok(c.into())).await.is_err() {
                                 break;
                             }
                         }
                         Ok(Some(_)) => {
-                            let _ = chunk_tx.send(Err("a second header arrived in the upload".into())).await;
+                            let _ = chunk_tx
+                                .send(Err("a second header arrived in the upload".into()))
+                                .await;
                             break;
                         }
                         Ok(None) => break,
                         Err(e) => {
-                            let _ = chunk_tx.send(Err(format!("the upload was cut off: {}", e.message()))).await;
+                            let _ = chunk_tx
+                                .send(Err(format!("the upload was cut off: {}", e.message())))
+                                .await;
                             break;
                         }
                     }
@@ -473,12 +595,17 @@ impl Agent for AgentService {
             });
             let mut progress = progress_sender(tx);
             tokio::task::spawn_blocking(move || {
-                stage::stage_from_reader(reader, &stage_req, cache.as_deref(), &mut |mut p: stage::StageProgress| {
-                    if p.total_bytes.is_none() && total > 0 {
-                        p.total_bytes = Some(total);
-                    }
-                    progress(p)
-                })
+                stage::stage_from_reader(
+                    reader,
+                    &stage_req,
+                    cache.as_deref(),
+                    &mut |mut p: stage::StageProgress| {
+                        if p.total_bytes.is_none() && total > 0 {
+                            p.total_bytes = Some(total);
+                        }
+                        progress(p)
+                    },
+                )
                 .map(|o| record_of(o, &version))
                 .map_err(stage_status)
             })
@@ -488,11 +615,17 @@ impl Agent for AgentService {
 
     type StageFromUrlStream = EventStream;
 
-    async fn stage_from_url(&self, req: Request<StageFromUrlRequest>) -> Result<Response<EventStream>, Status> {
+    async fn stage_from_url(
+        &self,
+        req: Request<StageFromUrlRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let r = req.into_inner();
         check_version(&r.version)?;
         if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
-            return Err(Status::invalid_argument(format!("'{}' is not an http(s) URL", r.url)));
+            return Err(Status::invalid_argument(format!(
+                "'{}' is not an http(s) URL",
+                r.url
+            )));
         }
         let stage_req = self.stage_request(&r.version, &r.sha256);
         let cache = self.cache.clone();
@@ -508,7 +641,10 @@ impl Agent for AgentService {
         Ok(Response::new(stream))
     }
 
-    async fn prepare(&self, req: Request<PrepareRequest>) -> Result<Response<PrepareResponse>, Status> {
+    async fn prepare(
+        &self,
+        req: Request<PrepareRequest>,
+    ) -> Result<Response<PrepareResponse>, Status> {
         let r = req.into_inner();
         check_version(&r.version)?;
         let new_install = self.install_path(&r.version);
@@ -527,7 +663,10 @@ impl Agent for AgentService {
                 // Prepare carries customizations from the running install, which is the previous
                 // one once the new install has been activated (a repeated prepare after activate).
                 let current = if state.active_install == new_install {
-                    state.previous_install.clone().unwrap_or(state.active_install.clone())
+                    state
+                        .previous_install
+                        .clone()
+                        .unwrap_or(state.active_install.clone())
                 } else {
                     state.active_install.clone()
                 };
@@ -544,7 +683,11 @@ impl Agent for AgentService {
                 Ok(PrepareResponseRecord {
                     install_path: new_install.display().to_string(),
                     bitbucket_home: s.home.display().to_string(),
-                    carried: outcome.carried.into_iter().map(|c| (c.path, c.reason)).collect(),
+                    carried: outcome
+                        .carried
+                        .into_iter()
+                        .map(|c| (c.path, c.reason))
+                        .collect(),
                     notes: outcome.notes,
                 })
             })
@@ -557,13 +700,18 @@ impl Agent for AgentService {
         let resp = self
             .journal
             .run(&r.operation_id, "stop", async {
-                self.stop_bitbucket(r.timeout_secs, r.kill_after_timeout).await.map(StopRecord::from)
+                self.stop_bitbucket(r.timeout_secs, r.kill_after_timeout)
+                    .await
+                    .map(StopRecord::from)
             })
             .await?;
         Ok(Response::new(resp.into()))
     }
 
-    async fn activate(&self, req: Request<ActivateRequest>) -> Result<Response<ActivateResponse>, Status> {
+    async fn activate(
+        &self,
+        req: Request<ActivateRequest>,
+    ) -> Result<Response<ActivateResponse>, Status> {
         let r = req.into_inner();
         check_version(&r.version)?;
         let new_install = self.install_path(&r.version);
@@ -577,7 +725,9 @@ impl Agent for AgentService {
                         r.version
                     )));
                 }
-                self.activate_install(new_install.clone()).await.map(ActivateRecord::from)
+                self.activate_install(new_install.clone())
+                    .await
+                    .map(ActivateRecord::from)
             })
             .await?;
         Ok(Response::new(resp.into()))
@@ -588,13 +738,18 @@ impl Agent for AgentService {
         let resp = self
             .journal
             .run(&r.operation_id, "start", async {
-                self.start_bitbucket(r.timeout_secs).await.map(StartRecord::from)
+                self.start_bitbucket(r.timeout_secs)
+                    .await
+                    .map(StartRecord::from)
             })
             .await?;
         Ok(Response::new(resp.into()))
     }
 
-    async fn rollback(&self, req: Request<RollbackRequest>) -> Result<Response<RollbackResponse>, Status> {
+    async fn rollback(
+        &self,
+        req: Request<RollbackRequest>,
+    ) -> Result<Response<RollbackResponse>, Status> {
         let r = req.into_inner();
         let resp = self
             .journal
@@ -609,11 +764,16 @@ impl Agent for AgentService {
                 let def = self.service_def();
                 let link = self.settings.current_link.clone();
                 let (from, to) = (state.active_install.clone(), previous.clone());
-                tokio::task::spawn_blocking(move || activate::restore(&def, link.as_deref(), &to, &from))
+                tokio::task::spawn_blocking(move || {
+                    activate::restore(&def, link.as_deref(), &to, &from)
+                })
+                .await
+                .map_err(blocking_join)?
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                self.service
+                    .daemon_reload()
                     .await
-                    .map_err(blocking_join)?
-                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
-                self.service.daemon_reload().await.map_err(|e| Status::internal(e.to_string()))?;
+                    .map_err(|e| Status::internal(e.to_string()))?;
                 self.set_node_state(NodeState {
                     active_install: previous.clone(),
                     previous_install: Some(state.active_install.clone()),
@@ -633,11 +793,18 @@ impl Agent for AgentService {
         Ok(Response::new(resp.into()))
     }
 
-    async fn cleanup(&self, req: Request<CleanupRequest>) -> Result<Response<CleanupResponse>, Status> {
+    async fn cleanup(
+        &self,
+        req: Request<CleanupRequest>,
+    ) -> Result<Response<CleanupResponse>, Status> {
         let r = req.into_inner();
         let root = self.settings.install_root.clone();
         let state = self.node_state();
-        let keep = if r.keep == 0 { self.settings.keep_installs } else { r.keep.max(2) } as usize;
+        let keep = if r.keep == 0 {
+            self.settings.keep_installs
+        } else {
+            r.keep.max(2)
+        } as usize;
         let resp = self
             .journal
             .run(&r.operation_id, "cleanup", async move {
@@ -646,7 +813,8 @@ impl Agent for AgentService {
                     let remove = cleanup_candidates(&installs, &state, keep);
                     let mut removed = Vec::new();
                     for p in &remove {
-                        std::fs::remove_dir_all(p).map_err(|e| internal(&format!("removing {}", p.display()), e))?;
+                        std::fs::remove_dir_all(p)
+                            .map_err(|e| internal(&format!("removing {}", p.display()), e))?;
                         removed.push(p.display().to_string());
                     }
                     let kept = installs
@@ -660,7 +828,10 @@ impl Agent for AgentService {
                 .map_err(blocking_join)?
             })
             .await?;
-        Ok(Response::new(CleanupResponse { removed: resp.removed, kept: resp.kept }))
+        Ok(Response::new(CleanupResponse {
+            removed: resp.removed,
+            kept: resp.kept,
+        }))
     }
 
     async fn operation_status(
@@ -709,7 +880,11 @@ impl From<PrepareResponseRecord> for PrepareResponse {
         PrepareResponse {
             install_path: r.install_path,
             bitbucket_home: r.bitbucket_home,
-            carried: r.carried.into_iter().map(|(path, reason)| CarriedFile { path, reason }).collect(),
+            carried: r
+                .carried
+                .into_iter()
+                .map(|(path, reason)| CarriedFile { path, reason })
+                .collect(),
             notes: r.notes,
         }
     }
@@ -724,13 +899,21 @@ struct StopRecord {
 
 impl From<StopResponse> for StopRecord {
     fn from(r: StopResponse) -> Self {
-        Self { was_running: r.was_running, duration_ms: r.duration_ms, killed: r.killed }
+        Self {
+            was_running: r.was_running,
+            duration_ms: r.duration_ms,
+            killed: r.killed,
+        }
     }
 }
 
 impl From<StopRecord> for StopResponse {
     fn from(r: StopRecord) -> Self {
-        Self { was_running: r.was_running, duration_ms: r.duration_ms, killed: r.killed }
+        Self {
+            was_running: r.was_running,
+            duration_ms: r.duration_ms,
+            killed: r.killed,
+        }
     }
 }
 
@@ -776,13 +959,21 @@ struct StartRecord {
 
 impl From<StartResponse> for StartRecord {
     fn from(r: StartResponse) -> Self {
-        Self { state: r.state, version: r.version, duration_ms: r.duration_ms }
+        Self {
+            state: r.state,
+            version: r.version,
+            duration_ms: r.duration_ms,
+        }
     }
 }
 
 impl From<StartRecord> for StartResponse {
     fn from(r: StartRecord) -> Self {
-        Self { state: r.state, version: r.version, duration_ms: r.duration_ms }
+        Self {
+            state: r.state,
+            version: r.version,
+            duration_ms: r.duration_ms,
+        }
     }
 }
 
@@ -795,7 +986,11 @@ struct RollbackRecord {
 
 impl From<RollbackRecord> for RollbackResponse {
     fn from(r: RollbackRecord) -> Self {
-        Self { install_path: r.install_path, version: r.version, state: r.state }
+        Self {
+            install_path: r.install_path,
+            version: r.version,
+            state: r.state,
+        }
     }
 }
 

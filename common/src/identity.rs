@@ -52,7 +52,10 @@ pub struct PeerIdentity {
 
 impl PeerIdentity {
     pub fn new(role: Role, name: impl Into<String>) -> Self {
-        Self { role, name: name.into() }
+        Self {
+            role,
+            name: name.into(),
+        }
     }
 
     /// The SAN URI that carries this identity.
@@ -70,7 +73,9 @@ impl fmt::Display for PeerIdentity {
 /// Why a peer was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
-    #[error("the peer presented no client certificate; bbupgrade requires mutual TLS with a certificate from its CA")]
+    #[error(
+        "the peer presented no client certificate; bbupgrade requires mutual TLS with a certificate from its CA"
+    )]
     NoCertificate,
     #[error("the peer certificate cannot be parsed: {0}")]
     Unparseable(String),
@@ -121,8 +126,8 @@ pub fn parse_uri(uri: &str) -> Option<Result<PeerIdentity, IdentityError>> {
 
 /// The identity in a DER certificate.
 pub fn identity_of(cert_der: &[u8]) -> Result<PeerIdentity, IdentityError> {
-    let (_, cert) =
-        X509Certificate::from_der(cert_der).map_err(|e| IdentityError::Unparseable(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(cert_der)
+        .map_err(|e| IdentityError::Unparseable(e.to_string()))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| IdentityError::Unparseable(e.to_string()))?;
@@ -146,13 +151,18 @@ pub fn identity_of(cert_der: &[u8]) -> Result<PeerIdentity, IdentityError> {
 }
 
 /// The agent's rule: only coordinator-role peers may call it.
-pub fn require_coordinator(peer_certs: Option<&[impl AsRef<[u8]>]>) -> Result<PeerIdentity, IdentityError> {
+pub fn require_coordinator(
+    peer_certs: Option<&[impl AsRef<[u8]>]>,
+) -> Result<PeerIdentity, IdentityError> {
     let leaf = peer_certs
         .and_then(|certs| certs.first())
         .ok_or(IdentityError::NoCertificate)?;
     let peer = identity_of(leaf.as_ref())?;
     if peer.role != Role::Coordinator {
-        return Err(IdentityError::WrongRole { expected: Role::Coordinator, found: peer });
+        return Err(IdentityError::WrongRole {
+            expected: Role::Coordinator,
+            found: peer,
+        });
     }
     Ok(peer)
 }
@@ -161,7 +171,10 @@ pub fn require_coordinator(peer_certs: Option<&[impl AsRef<[u8]>]>) -> Result<Pe
 pub fn require_agent(cert_der: &[u8], expected_node: &str) -> Result<PeerIdentity, IdentityError> {
     let peer = identity_of(cert_der)?;
     if peer.role != Role::Agent {
-        return Err(IdentityError::WrongRole { expected: Role::Agent, found: peer });
+        return Err(IdentityError::WrongRole {
+            expected: Role::Agent,
+            found: peer,
+        });
     }
     if peer.name != expected_node {
         return Err(IdentityError::WrongNode {
@@ -179,7 +192,9 @@ mod tests {
     #[test]
     fn parses_identity_uris() {
         assert_eq!(
-            parse_uri("spiffe://bbupgrade/agent/node-1").unwrap().unwrap(),
+            parse_uri("spiffe://bbupgrade/agent/node-1")
+                .unwrap()
+                .unwrap(),
             PeerIdentity::new(Role::Agent, "node-1")
         );
         assert!(parse_uri("spiffe://other/agent/x").is_none());
@@ -225,7 +240,7 @@ mod tests {
             require_agent(&coord_der, "n1"),
             Err(IdentityError::WrongRole { .. })
         ));
-        assert!(require_coordinator(Some(&[coord_der.clone()])).is_ok());
+        assert!(require_coordinator(Some(std::slice::from_ref(&coord_der))).is_ok());
         let err = require_coordinator(Some(&[agent_der])).unwrap_err();
         assert!(err.to_string().contains("agent 'n1'"), "{err}");
         assert_eq!(

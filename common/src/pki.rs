@@ -93,7 +93,10 @@ impl Ca {
         params.not_before = now - Duration::minutes(5);
         params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
         let cert = params.self_signed(&key).context("self-signing the CA")?;
-        Ok(Self { cert_pem: cert.pem(), key })
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key,
+        })
     }
 
     /// Loads `ca.pem` and `ca.key` from a PKI directory.
@@ -101,7 +104,11 @@ impl Ca {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         let cert_pem = fs::read_to_string(&cert_path).with_context(|| {
-            format!("reading {}; run `bbupgrade pki init --dir {}` first", cert_path.display(), dir.display())
+            format!(
+                "reading {}; run `bbupgrade pki init --dir {}` first",
+                cert_path.display(),
+                dir.display()
+            )
         })?;
         let key_pem = fs::read_to_string(&key_path)
             .with_context(|| format!("reading the CA key {}", key_path.display()))?;
@@ -134,7 +141,10 @@ impl Ca {
         dn.push(DnType::OrganizationName, "bbupgrade");
         params.distinguished_name = dn;
         params.subject_alt_names.push(SanType::URI(
-            identity.uri().try_into().context("encoding the identity URI")?,
+            identity
+                .uri()
+                .try_into()
+                .context("encoding the identity URI")?,
         ));
         for san in &req.sans {
             params.subject_alt_names.push(match san.parse::<IpAddr>() {
@@ -143,21 +153,34 @@ impl Ca {
                 Err(_) => bail!("--san '{san}' is neither an IP address nor a DNS name"),
             });
         }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         // Agents are servers to the coordinator and, on a load-balancer host, clients of nothing
         // else; client auth is kept on them so a misused agent certificate reaches the identity
         // check and is refused with its role named, not with an opaque TLS alert.
         params.extended_key_usages = match req.role {
-            Role::Agent => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            Role::Agent => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
             Role::Coordinator => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         params.not_before = req.not_before;
         params.not_after = req.not_after;
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().context("generating a key")?;
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).context("loading the CA as issuer")?;
-        let cert = params.signed_by(&key, &issuer).context("signing the certificate")?;
-        Ok(Issued { identity, cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)
+            .context("loading the CA as issuer")?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .context("signing the certificate")?;
+        Ok(Issued {
+            identity,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 
@@ -167,7 +190,9 @@ fn is_dns_name(s: &str) -> bool {
         && s.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
         })
 }
 
@@ -217,18 +242,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::generate().unwrap();
         ca.save(dir.path()).unwrap();
-        assert!(Ca::generate().unwrap().save(dir.path()).is_err(), "must not replace a CA");
+        assert!(
+            Ca::generate().unwrap().save(dir.path()).is_err(),
+            "must not replace a CA"
+        );
         let ca = Ca::load(dir.path()).unwrap();
         let issued = ca
-            .issue(&IssueRequest::new(Role::Agent, "node-1").with_sans(["127.0.0.1", "node1.example"]))
+            .issue(
+                &IssueRequest::new(Role::Agent, "node-1").with_sans(["127.0.0.1", "node1.example"]),
+            )
             .unwrap();
         let (cert, key) = issued.save(dir.path()).unwrap();
         for k in [key, dir.path().join(CA_KEY_FILE)] {
-            assert_eq!(fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                fs::metadata(&k).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         let der = pem_to_der(&fs::read_to_string(cert).unwrap()).unwrap();
-        assert_eq!(crate::identity::identity_of(&der).unwrap(), PeerIdentity::new(Role::Agent, "node-1"));
-        assert!(ca.issue(&IssueRequest::new(Role::Agent, "bad/name")).is_err());
-        assert!(ca.issue(&IssueRequest::new(Role::Agent, "n").with_sans(["not a name!"])).is_err());
+        assert_eq!(
+            crate::identity::identity_of(&der).unwrap(),
+            PeerIdentity::new(Role::Agent, "node-1")
+        );
+        assert!(
+            ca.issue(&IssueRequest::new(Role::Agent, "bad/name"))
+                .is_err()
+        );
+        assert!(
+            ca.issue(&IssueRequest::new(Role::Agent, "n").with_sans(["not a name!"]))
+                .is_err()
+        );
     }
 }

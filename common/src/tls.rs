@@ -35,7 +35,11 @@ impl TlsFiles {
     /// The files `bbupgrade pki` writes for a role and name in a PKI directory.
     pub fn in_pki_dir(dir: &Path, role: identity::Role, name: &str) -> Self {
         let (cert, key) = crate::pki::leaf_paths(dir, role, name);
-        Self { ca: dir.join(crate::pki::CA_CERT_FILE), cert, key }
+        Self {
+            ca: dir.join(crate::pki::CA_CERT_FILE),
+            cert,
+            key,
+        }
     }
 
     pub fn load(&self) -> Result<TlsMaterial> {
@@ -47,9 +51,12 @@ impl TlsFiles {
             cert_pem: read("certificate", &self.cert)?,
             key_pem: read("private key", &self.key)?,
         };
-        m.certs().with_context(|| format!("in {}", self.cert.display()))?;
-        m.roots().with_context(|| format!("in {}", self.ca.display()))?;
-        m.key().with_context(|| format!("in {}", self.key.display()))?;
+        m.certs()
+            .with_context(|| format!("in {}", self.cert.display()))?;
+        m.roots()
+            .with_context(|| format!("in {}", self.ca.display()))?;
+        m.key()
+            .with_context(|| format!("in {}", self.key.display()))?;
         Ok(m)
     }
 }
@@ -70,7 +77,9 @@ impl TlsMaterial {
     fn roots(&self) -> Result<RootCertStore> {
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&self.ca_pem) {
-            roots.add(cert.context("parsing the CA PEM")?).context("adding the CA certificate")?;
+            roots
+                .add(cert.context("parsing the CA PEM")?)
+                .context("adding the CA certificate")?;
         }
         anyhow::ensure!(!roots.is_empty(), "no CA certificate found in PEM");
         Ok(roots)
@@ -197,7 +206,8 @@ pub async fn connect_agent(
     expected_node: &str,
     connect_timeout: Duration,
 ) -> Result<Channel> {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(agent_client_config(m, expected_node)?));
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(agent_client_config(m, expected_node)?));
     let host = addr
         .rsplit_once(':')
         .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
@@ -225,7 +235,9 @@ pub async fn connect_agent(
     }));
     let channel = tokio::time::timeout(connect_timeout, connect)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer from the agent at {addr} within {connect_timeout:?}"))?
+        .map_err(|_| {
+            anyhow::anyhow!("no answer from the agent at {addr} within {connect_timeout:?}")
+        })?
         .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
         .with_context(|| format!("connecting to the agent of node '{expected_node}' at {addr}"))?;
     Ok(channel)

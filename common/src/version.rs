@@ -17,7 +17,9 @@ pub enum VersionError {
     Malformed(String),
     #[error("{to} is the version the cluster already runs; nothing to upgrade")]
     Same { to: Version },
-    #[error("{to} is older than {from}; a rolling upgrade never goes down (use `bbupgrade rollback` to undo an upgrade)")]
+    #[error(
+        "{to} is older than {from}; a rolling upgrade never goes down (use `bbupgrade rollback` to undo an upgrade)"
+    )]
     Downgrade { from: Version, to: Version },
     #[error(
         "{from} -> {to} changes the major or minor version; Bitbucket allows rolling upgrades only between bug-fix releases of one feature release ({}.{}.x); upgrade with downtime instead",
@@ -28,7 +30,11 @@ pub enum VersionError {
 
 impl Version {
     pub fn new(major: u32, minor: u32, patch: u32) -> Self {
-        Self { major, minor, patch }
+        Self {
+            major,
+            minor,
+            patch,
+        }
     }
 }
 
@@ -89,7 +95,16 @@ mod tests {
     fn parses_and_prints() {
         assert_eq!(v("8.19.3"), Version::new(8, 19, 3));
         assert_eq!(v("8.19.3").to_string(), "8.19.3");
-        for bad in ["", "8", "8.19", "8.19.x", "8.19.3.1", "-1.2.3", "8..3", "1234567.1.1"] {
+        for bad in [
+            "",
+            "8",
+            "8.19",
+            "8.19.x",
+            "8.19.3.1",
+            "-1.2.3",
+            "8..3",
+            "1234567.1.1",
+        ] {
             assert!(bad.parse::<Version>().is_err(), "{bad}");
         }
     }
@@ -97,11 +112,26 @@ mod tests {
     #[test]
     fn only_bug_fix_upgrades_are_rolling() {
         assert!(check_rolling_upgrade(v("8.19.3"), v("8.19.6")).is_ok());
-        assert!(matches!(check_rolling_upgrade(v("8.19.3"), v("8.20.0")), Err(VersionError::NotBugFix { .. })));
-        assert!(matches!(check_rolling_upgrade(v("8.19.3"), v("9.19.4")), Err(VersionError::NotBugFix { .. })));
-        assert!(matches!(check_rolling_upgrade(v("8.19.3"), v("8.19.1")), Err(VersionError::Downgrade { .. })));
-        assert!(matches!(check_rolling_upgrade(v("8.19.3"), v("8.18.9")), Err(VersionError::Downgrade { .. })));
-        assert!(matches!(check_rolling_upgrade(v("8.19.3"), v("8.19.3")), Err(VersionError::Same { .. })));
+        assert!(matches!(
+            check_rolling_upgrade(v("8.19.3"), v("8.20.0")),
+            Err(VersionError::NotBugFix { .. })
+        ));
+        assert!(matches!(
+            check_rolling_upgrade(v("8.19.3"), v("9.19.4")),
+            Err(VersionError::NotBugFix { .. })
+        ));
+        assert!(matches!(
+            check_rolling_upgrade(v("8.19.3"), v("8.19.1")),
+            Err(VersionError::Downgrade { .. })
+        ));
+        assert!(matches!(
+            check_rolling_upgrade(v("8.19.3"), v("8.18.9")),
+            Err(VersionError::Downgrade { .. })
+        ));
+        assert!(matches!(
+            check_rolling_upgrade(v("8.19.3"), v("8.19.3")),
+            Err(VersionError::Same { .. })
+        ));
     }
 
     #[test]
@@ -116,7 +146,11 @@ mod tests {
                                 let from = Version::new(a, b, c);
                                 let to = Version::new(d, e, f);
                                 let ok = a == d && b == e && f > c;
-                                assert_eq!(check_rolling_upgrade(from, to).is_ok(), ok, "{from}->{to}");
+                                assert_eq!(
+                                    check_rolling_upgrade(from, to).is_ok(),
+                                    ok,
+                                    "{from}->{to}"
+                                );
                             }
                         }
                     }

@@ -32,7 +32,9 @@ pub fn request<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
 pub fn status_text(node: &str, s: &tonic::Status) -> String {
     let msg = s.message();
     match s.code() {
-        tonic::Code::DeadlineExceeded => format!("node '{node}': the agent did not answer in time ({msg})"),
+        tonic::Code::DeadlineExceeded => {
+            format!("node '{node}': the agent did not answer in time ({msg})")
+        }
         tonic::Code::Unavailable => format!(
             "node '{node}': the agent is unreachable ({})",
             bbupgrade_common::tls::error_chain(s)

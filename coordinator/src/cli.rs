@@ -15,7 +15,11 @@ use std::process::ExitCode;
 pub struct BadInput(pub String);
 
 #[derive(Parser)]
-#[command(name = "bbupgrade", version, about = "Zero-downtime rolling upgrades of Bitbucket Data Center clusters")]
+#[command(
+    name = "bbupgrade",
+    version,
+    about = "Zero-downtime rolling upgrades of Bitbucket Data Center clusters"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -109,7 +113,10 @@ pub struct UpgradeArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -120,7 +127,11 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<BadInput>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
+            if e.downcast_ref::<BadInput>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }
@@ -128,7 +139,10 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BBUPGRADE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Loads the inventory; problems with it are bad input.
@@ -151,17 +165,32 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 fn pki(cmd: PkiCommand) -> Result<()> {
     match cmd {
         PkiCommand::Init { dir } => {
-            Ca::generate()?.save(&dir).map_err(|e| BadInput(format!("{e:#}")))?;
-            println!("created the CA in {} (ca.pem, ca.key with mode 0600)", dir.display());
+            Ca::generate()?
+                .save(&dir)
+                .map_err(|e| BadInput(format!("{e:#}")))?;
+            println!(
+                "created the CA in {} (ca.pem, ca.key with mode 0600)",
+                dir.display()
+            );
         }
-        PkiCommand::Issue { dir, role, name, sans } => {
+        PkiCommand::Issue {
+            dir,
+            role,
+            name,
+            sans,
+        } => {
             let role: Role = role.parse().map_err(|e| BadInput(format!("{e}")))?;
             let ca = Ca::load(&dir).map_err(|e| BadInput(format!("{e:#}")))?;
             let issued = ca
                 .issue(&IssueRequest::new(role, &name).with_sans(sans))
                 .map_err(|e| BadInput(format!("{e:#}")))?;
             let (cert, key) = issued.save(&dir).context("writing the certificate")?;
-            println!("issued {} -> {} and {} (0600)", issued.identity.uri(), cert.display(), key.display());
+            println!(
+                "issued {} -> {} and {} (0600)",
+                issued.identity.uri(),
+                cert.display(),
+                key.display()
+            );
         }
     }
     Ok(())
@@ -169,8 +198,13 @@ fn pki(cmd: PkiCommand) -> Result<()> {
 
 async fn status(args: ClusterArgs) -> Result<ExitCode> {
     let inv = load_inventory(&args.inventory)?;
-    let cluster = inv.cluster(&args.cluster).map_err(|e| BadInput(format!("{e:#}")))?;
-    let tls = inv.tls.load().map_err(|e| BadInput(format!("coordinator TLS files: {e:#}")))?;
+    let cluster = inv
+        .cluster(&args.cluster)
+        .map_err(|e| BadInput(format!("{e:#}")))?;
+    let tls = inv
+        .tls
+        .load()
+        .map_err(|e| BadInput(format!("coordinator TLS files: {e:#}")))?;
     let report = crate::status::collect(cluster, &tls).await;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),

@@ -66,22 +66,39 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     if args.nodes == 0 || args.nodes > 16 {
         return Err(BadInput("--nodes must be between 1 and 16".into()).into());
     }
-    let (from, to) = crate::plan::check_target(&args.from, &args.to).map_err(|e| BadInput(e.to_string()))?;
+    let (from, to) =
+        crate::plan::check_target(&args.from, &args.to).map_err(|e| BadInput(e.to_string()))?;
     let lb = args.lb.unwrap_or_else(|| {
-        if which_haproxy() { SandboxLb::Haproxy } else { SandboxLb::None }
+        if which_haproxy() {
+            SandboxLb::Haproxy
+        } else {
+            SandboxLb::None
+        }
     });
     if lb == SandboxLb::None {
-        say(args.output, "WARNING: no load balancer: nodes are NOT drained, traffic goes to one node directly and fails while it is stopped (install haproxy for the real thing)");
+        say(
+            args.output,
+            "WARNING: no load balancer: nodes are NOT drained, traffic goes to one node directly and fails while it is stopped (install haproxy for the real thing)",
+        );
     }
     let temp;
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => {
-            temp = tempfile::Builder::new().prefix("bbupgrade-demo-").tempdir()?;
+            temp = tempfile::Builder::new()
+                .prefix("bbupgrade-demo-")
+                .tempdir()?;
             temp.path().to_path_buf()
         }
     };
-    say(args.output, &format!("building a sandbox of {} nodes on {from} in {}", args.nodes, dir.display()));
+    say(
+        args.output,
+        &format!(
+            "building a sandbox of {} nodes on {from} in {}",
+            args.nodes,
+            dir.display()
+        ),
+    );
     let opts = SandboxOptions {
         nodes: args.nodes,
         from: from.to_string(),
@@ -99,14 +116,21 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         Ok(s)
     })
     .await??;
-    sandbox.start_nodes().await.context("starting the simulated nodes through their agents")?;
-    say(args.output, &format!("cluster running; traffic through {}", sandbox.traffic_url()));
+    sandbox
+        .start_nodes()
+        .await
+        .context("starting the simulated nodes through their agents")?;
+    say(
+        args.output,
+        &format!("cluster running; traffic through {}", sandbox.traffic_url()),
+    );
 
     // Give each node its own load so the least-busy order has something to go by.
     for (i, _) in sandbox.sim.nodes().iter().enumerate().skip(1) {
-        let _ = sandbox
-            .sim
-            .set_shared_property(&format!("sim.background.tasks.node{}", i + 1), &format!("{}", i * 3));
+        let _ = sandbox.sim.set_shared_property(
+            &format!("sim.background.tasks.node{}", i + 1),
+            &format!("{}", i * 3),
+        );
     }
 
     let load = bbupgrade_sim::load::start(LoadOptions {
@@ -137,13 +161,20 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let report = load.stop().await;
     let (summary, code) = match summary {
         Ok(s) => {
-            let code = if s.result == "upgraded" && report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) };
+            let code = if s.result == "upgraded" && report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
             (s, code)
         }
         Err(e) => return Err(e),
     };
     let doc = DemoSummary {
-        requests: RequestCounts { total: report.total, failed: report.failed },
+        requests: RequestCounts {
+            total: report.total,
+            failed: report.failed,
+        },
         load: report.clone(),
         sandbox_dir: args.dir.as_ref().map(|d| d.display().to_string()),
         load_balancer: format!("{lb:?}").to_lowercase(),
@@ -160,7 +191,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
                 report.summary_line()
             );
             if let Some(d) = &args.dir {
-                println!("sandbox kept in {} (inventory.toml, pki/, cluster/, agents/)", d.display());
+                println!(
+                    "sandbox kept in {} (inventory.toml, pki/, cluster/, agents/)",
+                    d.display()
+                );
             }
         }
     }

@@ -125,7 +125,8 @@ impl Inventory {
         let raw: RawInventory = toml::from_str(&text)
             .with_context(|| format!("parsing the inventory {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::validate(raw, base).with_context(|| format!("in the inventory {}", path.display()))
+        Self::validate(raw, base)
+            .with_context(|| format!("in the inventory {}", path.display()))
             .map(|mut inv| {
                 inv.path = path.to_path_buf();
                 inv
@@ -134,13 +135,27 @@ impl Inventory {
 
     /// Checks the raw inventory; relative paths are taken from `base` (the inventory's folder).
     pub fn validate(raw: RawInventory, base: &Path) -> Result<Self> {
-        let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
-        let tls = TlsFiles { ca: rel(&raw.tls.ca), cert: rel(&raw.tls.cert), key: rel(&raw.tls.key) };
+        let rel = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let tls = TlsFiles {
+            ca: rel(&raw.tls.ca),
+            cert: rel(&raw.tls.cert),
+            key: rel(&raw.tls.key),
+        };
         let mut names = HashSet::new();
         let mut clusters = Vec::new();
         for c in raw.clusters {
             validate_name(&c.name).with_context(|| "cluster name".to_string())?;
-            ensure!(names.insert(c.name.clone()), "cluster '{}' is listed twice", c.name);
+            ensure!(
+                names.insert(c.name.clone()),
+                "cluster '{}' is listed twice",
+                c.name
+            );
             for url in std::iter::once(&c.bitbucket_url).chain(&c.bitbucket_node_urls) {
                 ensure!(
                     url.starts_with("http://") || url.starts_with("https://"),
@@ -155,16 +170,26 @@ impl Inventory {
                     "cluster '{}': set token_file (a file holding a Bitbucket HTTP access token with SYS_ADMIN) or token_env",
                     c.name
                 ),
-                (Some(_), Some(_)) => bail!("cluster '{}': set token_file or token_env, not both", c.name),
+                (Some(_), Some(_)) => bail!(
+                    "cluster '{}': set token_file or token_env, not both",
+                    c.name
+                ),
             };
             ensure!(!c.nodes.is_empty(), "cluster '{}' has no nodes", c.name);
             let mut ids = HashSet::new();
             let mut nodes = Vec::new();
             for n in c.nodes {
                 validate_name(&n.id).with_context(|| format!("cluster '{}': node id", c.name))?;
-                ensure!(ids.insert(n.id.clone()), "cluster '{}': node '{}' is listed twice", c.name, n.id);
                 ensure!(
-                    n.agent.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                    ids.insert(n.id.clone()),
+                    "cluster '{}': node '{}' is listed twice",
+                    c.name,
+                    n.id
+                );
+                ensure!(
+                    n.agent
+                        .rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
                     "cluster '{}', node '{}': agent = '{}' must be host:port",
                     c.name,
                     n.id,
@@ -180,7 +205,11 @@ impl Inventory {
             clusters.push(Cluster {
                 name: c.name,
                 bitbucket_url: c.bitbucket_url.trim_end_matches('/').to_string(),
-                bitbucket_node_urls: c.bitbucket_node_urls.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
+                bitbucket_node_urls: c
+                    .bitbucket_node_urls
+                    .iter()
+                    .map(|u| u.trim_end_matches('/').to_string())
+                    .collect(),
                 token,
                 labels: c.labels,
                 load_balancer: c.load_balancer.unwrap_or(LbConfig::None {}),
@@ -188,25 +217,40 @@ impl Inventory {
                 nodes,
             });
         }
-        Ok(Self { path: PathBuf::new(), tls, state: raw.state, clusters })
+        Ok(Self {
+            path: PathBuf::new(),
+            tls,
+            state: raw.state,
+            clusters,
+        })
     }
 
     pub fn cluster(&self, name: &str) -> Result<&Cluster> {
-        self.clusters.iter().find(|c| c.name == name).with_context(|| {
-            let known: Vec<_> = self.clusters.iter().map(|c| c.name.as_str()).collect();
-            format!(
-                "no cluster named '{name}' in {}; known clusters: {}",
-                self.path.display(),
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
-            )
-        })
+        self.clusters
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| {
+                let known: Vec<_> = self.clusters.iter().map(|c| c.name.as_str()).collect();
+                format!(
+                    "no cluster named '{name}' in {}; known clusters: {}",
+                    self.path.display(),
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                )
+            })
     }
 }
 
 impl Cluster {
     pub fn node(&self, id: &str) -> Result<&Node> {
         self.nodes.iter().find(|n| n.id == id).with_context(|| {
-            format!("cluster '{}' has no node '{id}' in the inventory", self.name)
+            format!(
+                "cluster '{}' has no node '{id}' in the inventory",
+                self.name
+            )
         })
     }
 }
@@ -254,10 +298,19 @@ lb_server = "bb2"
     fn refuses_bad_inventories_with_reasons() {
         for (bad, why) in [
             (GOOD.replace("id = \"n2\"", "id = \"n1\""), "listed twice"),
-            (GOOD.replace("10.0.0.1:7443", "10.0.0.1"), "must be host:port"),
-            (GOOD.replace("token_file = \"prod.token\"", ""), "token_file"),
+            (
+                GOOD.replace("10.0.0.1:7443", "10.0.0.1"),
+                "must be host:port",
+            ),
+            (
+                GOOD.replace("token_file = \"prod.token\"", ""),
+                "token_file",
+            ),
             (GOOD.replace("https://bb", "ftp://bb"), "http(s)"),
-            (GOOD.replace("name = \"prod\"", "name = \"pr od\""), "cluster name"),
+            (
+                GOOD.replace("name = \"prod\"", "name = \"pr od\""),
+                "cluster name",
+            ),
         ] {
             let err = format!("{:#}", parse(&bad).unwrap_err());
             assert!(err.contains(why), "{why}: {err}");

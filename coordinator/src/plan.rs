@@ -28,7 +28,11 @@ pub struct Check {
 
 impl Check {
     fn new(name: &str, ok: bool, detail: impl Into<String>) -> Self {
-        Self { name: name.to_string(), ok, detail: detail.into() }
+        Self {
+            name: name.to_string(),
+            ok,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -47,13 +51,19 @@ pub fn check_target(from: &str, to: &str) -> Result<(Version, Version), VersionE
 
 /// The version every node runs, or why there is none.
 pub fn common_version(nodes: &[ObservedNode]) -> Result<String, String> {
-    let mut versions: Vec<&str> = nodes.iter().filter_map(|n| n.active_version.as_deref()).collect();
+    let mut versions: Vec<&str> = nodes
+        .iter()
+        .filter_map(|n| n.active_version.as_deref())
+        .collect();
     versions.sort();
     versions.dedup();
     match versions.as_slice() {
         [one] => Ok(one.to_string()),
         [] => Err("no node reported a version".into()),
-        many => Err(format!("nodes run different versions ({}); a rolling upgrade starts from one version", many.join(", "))),
+        many => Err(format!(
+            "nodes run different versions ({}); a rolling upgrade starts from one version",
+            many.join(", ")
+        )),
     }
 }
 
@@ -68,7 +78,11 @@ pub fn preflight(
     let mut checks = Vec::new();
     for n in nodes {
         checks.push(match &n.agent_error {
-            None => Check::new("agent", true, format!("{}: reachable, identity verified", n.id)),
+            None => Check::new(
+                "agent",
+                true,
+                format!("{}: reachable, identity verified", n.id),
+            ),
             Some(e) => Check::new("agent", false, e.clone()),
         });
     }
@@ -79,7 +93,11 @@ pub fn preflight(
     });
     if let Ok(from) = &from {
         checks.push(match check_target(from, to) {
-            Ok(_) => Check::new("target", true, format!("{from} -> {to} is a bug-fix upgrade")),
+            Ok(_) => Check::new(
+                "target",
+                true,
+                format!("{from} -> {to} is a bug-fix upgrade"),
+            ),
             Err(e) => Check::new("target", false, e.to_string()),
         });
     }
@@ -94,18 +112,35 @@ pub fn preflight(
             if staged {
                 format!("{}: {to} already staged", n.id)
             } else {
-                format!("{}: {} MiB free at the install root, {} MiB needed", n.id, n.install_root_free_bytes >> 20, needed >> 20)
+                format!(
+                    "{}: {} MiB free at the install root, {} MiB needed",
+                    n.id,
+                    n.install_root_free_bytes >> 20,
+                    needed >> 20
+                )
             },
         ));
     }
     match (view, zdu_error) {
         (Some(view), _) => {
-            checks.push(Check::new("rolling-upgrade API", true, "reachable with the token"));
+            checks.push(Check::new(
+                "rolling-upgrade API",
+                true,
+                "reachable with the token",
+            ));
             let stable = view.state == ClusterState::Stable && !view.upgrade_mode_enabled;
             checks.push(Check::new(
                 "cluster stable",
                 stable,
-                format!("cluster is {}{}", view.state, if view.upgrade_mode_enabled { " with upgrade mode on" } else { "" }),
+                format!(
+                    "cluster is {}{}",
+                    view.state,
+                    if view.upgrade_mode_enabled {
+                        " with upgrade mode on"
+                    } else {
+                        ""
+                    }
+                ),
             ));
             for n in nodes {
                 checks.push(match zdu_node(view, &n.bitbucket_name) {
@@ -126,7 +161,11 @@ pub fn preflight(
                 });
             }
         }
-        (None, e) => checks.push(Check::new("rolling-upgrade API", false, e.unwrap_or("not reachable").to_string())),
+        (None, e) => checks.push(Check::new(
+            "rolling-upgrade API",
+            false,
+            e.unwrap_or("not reachable").to_string(),
+        )),
     }
     for n in nodes {
         if let Some(e) = &n.lb_error {
@@ -158,7 +197,8 @@ pub fn rank_least_busy(mut nodes: Vec<Busyness>) -> Vec<Busyness> {
 
 /// A node counts as upgraded when its agent runs the target and Bitbucket shows it ACTIVE on it.
 pub fn node_upgraded(agent_version: Option<&str>, zdu: Option<&ZduNode>, to: &str) -> bool {
-    agent_version == Some(to) && zdu.is_some_and(|z| z.state == NodeState::Active && z.version == to)
+    agent_version == Some(to)
+        && zdu.is_some_and(|z| z.state == NodeState::Active && z.version == to)
 }
 
 /// Why the run must stop waiting for a node that was started: FIRST_RUN and ERROR are failures.
@@ -166,7 +206,8 @@ pub fn start_failure(status: &str) -> Option<String> {
     match status {
         "ERROR" => Some("Bitbucket reports ERROR on /status".into()),
         "FIRST_RUN" => Some(
-            "the node shows the setup wizard (FIRST_RUN): its BITBUCKET_HOME is wrong or empty".into(),
+            "the node shows the setup wizard (FIRST_RUN): its BITBUCKET_HOME is wrong or empty"
+                .into(),
         ),
         _ => None,
     }
@@ -177,7 +218,12 @@ mod tests {
     use super::*;
 
     fn busy(id: &str, tasks: u64, users: u64, cpu: f32) -> Busyness {
-        Busyness { id: id.into(), tasks_total: tasks, active_user_count: users, cpu_percent: cpu }
+        Busyness {
+            id: id.into(),
+            tasks_total: tasks,
+            active_user_count: users,
+            cpu_percent: cpu,
+        }
     }
 
     #[test]
@@ -218,26 +264,45 @@ mod tests {
     fn preflight_passes_a_healthy_cluster_and_names_every_problem() {
         let nodes = vec![node("n1", "8.19.3"), node("n2", "8.19.3")];
         let v = view(&[("n1", "ACTIVE", "8.19.3"), ("n2", "ACTIVE", "8.19.3")]);
-        assert!(preflight(&nodes, Some(&v), None, "8.19.6", 100 << 20).iter().all(|c| c.ok));
+        assert!(
+            preflight(&nodes, Some(&v), None, "8.19.6", 100 << 20)
+                .iter()
+                .all(|c| c.ok)
+        );
 
         let failed = |checks: Vec<Check>| -> Vec<String> {
-            checks.into_iter().filter(|c| !c.ok).map(|c| c.detail).collect()
+            checks
+                .into_iter()
+                .filter(|c| !c.ok)
+                .map(|c| c.detail)
+                .collect()
         };
         let f = failed(preflight(&nodes, Some(&v), None, "8.20.0", 0));
         assert!(f[0].contains("major or minor"), "{f:?}");
         let mut mixed = nodes.clone();
         mixed[1].active_version = Some("8.19.4".into());
-        assert!(failed(preflight(&mixed, Some(&v), None, "8.19.6", 0))[0].contains("different versions"));
+        assert!(
+            failed(preflight(&mixed, Some(&v), None, "8.19.6", 0))[0]
+                .contains("different versions")
+        );
         let mut down = nodes.clone();
         down[0].agent_error = Some("n1: unreachable".into());
-        assert_eq!(failed(preflight(&down, Some(&v), None, "8.19.6", 0)), ["n1: unreachable"]);
+        assert_eq!(
+            failed(preflight(&down, Some(&v), None, "8.19.6", 0)),
+            ["n1: unreachable"]
+        );
         let v2 = view(&[("n1", "ACTIVE", "8.19.3"), ("n2", "OFFLINE", "8.19.3")]);
         assert!(failed(preflight(&nodes, Some(&v2), None, "8.19.6", 0))[0].contains("OFFLINE"));
         let v3 = view(&[("n1", "ACTIVE", "8.19.3")]);
-        assert!(failed(preflight(&nodes, Some(&v3), None, "8.19.6", 0))[0].contains("no node named 'n2'"));
+        assert!(
+            failed(preflight(&nodes, Some(&v3), None, "8.19.6", 0))[0]
+                .contains("no node named 'n2'")
+        );
         let mut small = nodes.clone();
         small[0].install_root_free_bytes = 1 << 20;
-        assert!(failed(preflight(&small, Some(&v), None, "8.19.6", 100 << 20))[0].contains("MiB free"));
+        assert!(
+            failed(preflight(&small, Some(&v), None, "8.19.6", 100 << 20))[0].contains("MiB free")
+        );
         assert!(failed(preflight(&nodes, None, Some("401"), "8.19.6", 0))[0].contains("401"));
     }
 
@@ -247,7 +312,11 @@ mod tests {
         assert!(node_upgraded(Some("8.19.6"), zdu_node(&v, "n1"), "8.19.6"));
         assert!(!node_upgraded(Some("8.19.3"), zdu_node(&v, "n1"), "8.19.6"));
         assert!(!node_upgraded(Some("8.19.6"), zdu_node(&v, "n2"), "8.19.6"));
-        assert!(start_failure("FIRST_RUN").unwrap().contains("BITBUCKET_HOME"));
+        assert!(
+            start_failure("FIRST_RUN")
+                .unwrap()
+                .contains("BITBUCKET_HOME")
+        );
         assert!(start_failure("RUNNING").is_none());
     }
 }

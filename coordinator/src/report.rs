@@ -54,12 +54,22 @@ impl Reporter {
     pub fn new(output: Output) -> Self {
         let bars = (output == Output::Human && std::io::stderr().is_terminal())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        Self { output, started: Instant::now(), bars, quiet: false }
+        Self {
+            output,
+            started: Instant::now(),
+            bars,
+            quiet: false,
+        }
     }
 
     /// A reporter that prints nothing (the demo's inner runs in JSON mode).
     pub fn silent() -> Self {
-        Self { output: Output::Json, started: Instant::now(), bars: None, quiet: true }
+        Self {
+            output: Output::Json,
+            started: Instant::now(),
+            bars: None,
+            quiet: true,
+        }
     }
 
     pub fn elapsed_ms(&self) -> u64 {
@@ -73,7 +83,14 @@ impl Reporter {
         }
         match self.output {
             Output::Json => {
-                let e = Event { event: "step", t_ms: self.elapsed_ms(), node, step, status, detail };
+                let e = Event {
+                    event: "step",
+                    t_ms: self.elapsed_ms(),
+                    node,
+                    step,
+                    status,
+                    detail,
+                };
                 if let Ok(line) = serde_json::to_string(&e) {
                     println!("{line}");
                 }
@@ -102,9 +119,11 @@ impl Reporter {
         let bars = self.bars.as_ref()?;
         let bar = bars.add(ProgressBar::new(total.max(1)));
         bar.set_style(
-            ProgressStyle::with_template("{prefix:<12} staging [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:<12} staging [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_prefix(node.to_string());
         Some(bar)
@@ -116,7 +135,9 @@ impl Reporter {
         }
         match self.output {
             Output::Json => {
-                if let Ok(text) = serde_json::to_string(&serde_json::json!({ "event": "summary", "summary": s })) {
+                if let Ok(text) =
+                    serde_json::to_string(&serde_json::json!({ "event": "summary", "summary": s }))
+                {
                     println!("{text}");
                 }
             }
@@ -135,7 +156,10 @@ pub fn render_summary(s: &Summary) -> String {
         s.duration_ms as f64 / 1000.0
     );
     if !s.nodes.is_empty() {
-        out.push_str(&format!("{:<14} {:<10} {:<10} {:>16}\n", "NODE", "BEFORE", "AFTER", "OUT OF SERVICE"));
+        out.push_str(&format!(
+            "{:<14} {:<10} {:<10} {:>16}\n",
+            "NODE", "BEFORE", "AFTER", "OUT OF SERVICE"
+        ));
         for n in &s.nodes {
             out.push_str(&format!(
                 "{:<14} {:<10} {:<10} {:>15.1}s\n",

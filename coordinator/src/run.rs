@@ -29,8 +29,15 @@ pub const NODE_INFO_TIMEOUT_SECS: u64 = 10;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ArchiveSource {
-    File { path: PathBuf, sha256: String, size_bytes: u64 },
-    Url { url: String, sha256: String },
+    File {
+        path: PathBuf,
+        sha256: String,
+        size_bytes: u64,
+    },
+    Url {
+        url: String,
+        sha256: String,
+    },
 }
 
 impl ArchiveSource {
@@ -71,13 +78,20 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(cluster: Cluster, tls: TlsMaterial, journal: Arc<Journal>, reporter: Reporter) -> Result<Self> {
+    pub fn new(
+        cluster: Cluster,
+        tls: TlsMaterial,
+        journal: Arc<Journal>,
+        reporter: Reporter,
+    ) -> Result<Self> {
         let token = match &cluster.token {
             TokenSource::File(p) => Secret::from_file(p),
             TokenSource::Env(v) => Secret::from_env(v),
         }
         .map_err(|e| BadInput(format!("cluster '{}': {e}", cluster.name)))?;
-        let urls: Vec<String> = std::iter::once(cluster.bitbucket_url.clone()).chain(cluster.bitbucket_node_urls.clone()).collect();
+        let urls: Vec<String> = std::iter::once(cluster.bitbucket_url.clone())
+            .chain(cluster.bitbucket_node_urls.clone())
+            .collect();
         let zdu = ZduPool::new(&urls, token, Duration::from_secs(ZDU_REQUEST_TIMEOUT_SECS))
             .map_err(|e| BadInput(format!("cluster '{}': {e}", cluster.name)))?;
         let lb = loadbalancer::from_config(&cluster.load_balancer)
@@ -115,7 +129,12 @@ impl Ctx {
     pub async fn node_info(&self, node: &Node) -> Result<NodeInfoResponse> {
         let mut c = self.client(node).await?;
         let d = Duration::from_secs(NODE_INFO_TIMEOUT_SECS);
-        let r = agents::call(&node.id, d, c.node_info(agents::request(NodeInfoRequest {}, d))).await;
+        let r = agents::call(
+            &node.id,
+            d,
+            c.node_info(agents::request(NodeInfoRequest {}, d)),
+        )
+        .await;
         if r.is_err() {
             self.forget_client(node).await;
         }
@@ -148,19 +167,27 @@ impl Ctx {
     }
 
     pub async fn cpu(&self, node: &Node) -> f32 {
-        let Ok(mut c) = self.client(node).await else { return 0.0 };
+        let Ok(mut c) = self.client(node).await else {
+            return 0.0;
+        };
         let d = Duration::from_secs(NODE_INFO_TIMEOUT_SECS);
-        agents::call(&node.id, d, c.load_metrics(agents::request(LoadMetricsRequest {}, d)))
-            .await
-            .map(|s| s.cpu_percent)
-            .unwrap_or(0.0)
+        agents::call(
+            &node.id,
+            d,
+            c.load_metrics(agents::request(LoadMetricsRequest {}, d)),
+        )
+        .await
+        .map(|s| s.cpu_percent)
+        .unwrap_or(0.0)
     }
 
     pub async fn cluster_view(&self) -> Result<ClusterView> {
-        self.zdu
-            .cluster()
-            .await
-            .with_context(|| format!("asking Bitbucket at {} for the cluster state", self.cluster.bitbucket_url))
+        self.zdu.cluster().await.with_context(|| {
+            format!(
+                "asking Bitbucket at {} for the cluster state",
+                self.cluster.bitbucket_url
+            )
+        })
     }
 
     /// Records a step around `work`; the journal gets its start, end and result.
@@ -178,7 +205,8 @@ impl Ctx {
             }
             Err(e) => {
                 let text = format!("{e:#}");
-                self.journal.end_step(id, StepOutcome::Failed(text.clone()), "")?;
+                self.journal
+                    .end_step(id, StepOutcome::Failed(text.clone()), "")?;
                 self.reporter.step(node, step, "failed", &text);
                 Err(e)
             }
@@ -187,11 +215,9 @@ impl Ctx {
 
     /// Whether this run's journal has `step` of `node` completed.
     pub fn step_done(&self, run: RunId, node: &str, step: &str) -> Result<bool> {
-        Ok(self
-            .journal
-            .steps(run)?
-            .iter()
-            .any(|s| s.node.as_deref() == Some(node) && s.step == step && s.outcome == Some(StepOutcome::Ok)))
+        Ok(self.journal.steps(run)?.iter().any(|s| {
+            s.node.as_deref() == Some(node) && s.step == step && s.outcome == Some(StepOutcome::Ok)
+        }))
     }
 }
 
@@ -200,7 +226,8 @@ pub fn open_journal(state: Option<&str>, inventory_state: Option<&str>) -> Resul
     let spec = state.or(inventory_state).unwrap_or(DEFAULT_JOURNAL_FILE);
     if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         return Err(BadInput(
-            "a PostgreSQL journal is not implemented yet; use sqlite:PATH (the default) for now".into(),
+            "a PostgreSQL journal is not implemented yet; use sqlite:PATH (the default) for now"
+                .into(),
         )
         .into());
     }
@@ -209,8 +236,12 @@ pub fn open_journal(state: Option<&str>, inventory_state: Option<&str>) -> Resul
 }
 
 fn actor() -> String {
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
-    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
     format!("{user}@{host}:{}", std::process::id())
 }
 
@@ -221,8 +252,9 @@ async fn archive_source(args: &UpgradeArgs) -> Result<Option<ArchiveSource>> {
         let (sha, size) = tokio::task::spawn_blocking(move || -> Result<(String, u64, PathBuf)> {
             use sha2::Digest;
             use std::io::Read;
-            let mut f = std::fs::File::open(&path)
-                .map_err(|e| BadInput(format!("cannot read the archive {}: {e}", path.display())))?;
+            let mut f = std::fs::File::open(&path).map_err(|e| {
+                BadInput(format!("cannot read the archive {}: {e}", path.display()))
+            })?;
             let mut h = sha2::Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
             let mut size = 0u64;
@@ -247,14 +279,21 @@ async fn archive_source(args: &UpgradeArgs) -> Result<Option<ArchiveSource>> {
             .into());
         }
         let abs = std::fs::canonicalize(args.archive.as_ref().unwrap_or(&PathBuf::new()))?;
-        return Ok(Some(ArchiveSource::File { path: abs, sha256: sha, size_bytes: size }));
+        return Ok(Some(ArchiveSource::File {
+            path: abs,
+            sha256: sha,
+            size_bytes: size,
+        }));
     }
     if let Some(url) = &args.archive_url {
         let sha = args.sha256.clone().unwrap_or_default();
         if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(BadInput(format!("--sha256 '{sha}' must be 64 hex digits")).into());
         }
-        return Ok(Some(ArchiveSource::Url { url: url.clone(), sha256: sha.to_lowercase() }));
+        return Ok(Some(ArchiveSource::Url {
+            url: url.clone(),
+            sha256: sha.to_lowercase(),
+        }));
     }
     Ok(None)
 }
@@ -262,11 +301,17 @@ async fn archive_source(args: &UpgradeArgs) -> Result<Option<ArchiveSource>> {
 /// Loads what every command needs.
 async fn context(args: &UpgradeArgs, reporter: Reporter) -> Result<Ctx> {
     let inv = load_inventory(&args.target.inventory)?;
-    let mut cluster = inv.cluster(&args.target.cluster).map_err(|e| BadInput(format!("{e:#}")))?.clone();
+    let mut cluster = inv
+        .cluster(&args.target.cluster)
+        .map_err(|e| BadInput(format!("{e:#}")))?
+        .clone();
     if let Some(s) = args.soak_secs {
         cluster.timeouts.soak_secs = s;
     }
-    let tls = inv.tls.load().map_err(|e| BadInput(format!("coordinator TLS files: {e:#}")))?;
+    let tls = inv
+        .tls
+        .load()
+        .map_err(|e| BadInput(format!("coordinator TLS files: {e:#}")))?;
     let journal = Arc::new(open_journal(args.state.as_deref(), inv.state.as_deref())?);
     Ctx::new(cluster, tls, journal, reporter)
 }
@@ -274,7 +319,14 @@ async fn context(args: &UpgradeArgs, reporter: Reporter) -> Result<Ctx> {
 fn checks_text(checks: &[plan::Check]) -> String {
     checks
         .iter()
-        .map(|c| format!("  [{}] {:<20} {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail))
+        .map(|c| {
+            format!(
+                "  [{}] {:<20} {}",
+                if c.ok { " ok " } else { "FAIL" },
+                c.name,
+                c.detail
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -297,12 +349,20 @@ async fn make_plan(ctx: &Ctx, to: &str, archive_bytes: u64) -> PlanReport {
         Ok(v) => (Some(v), None),
         Err(e) => (None, Some(format!("{e:#}"))),
     };
-    let checks = plan::preflight(&observed, view.as_ref(), zdu_err.as_deref(), to, archive_bytes);
+    let checks = plan::preflight(
+        &observed,
+        view.as_ref(),
+        zdu_err.as_deref(),
+        to,
+        archive_bytes,
+    );
     let order = plan::rank_least_busy(
         observed
             .iter()
             .map(|o| {
-                let z = view.as_ref().and_then(|v| plan::zdu_node(v, &o.bitbucket_name));
+                let z = view
+                    .as_ref()
+                    .and_then(|v| plan::zdu_node(v, &o.bitbucket_name));
                 plan::Busyness {
                     id: o.id.clone(),
                     tasks_total: z.map(|z| z.tasks_total).unwrap_or(0),
@@ -328,7 +388,8 @@ fn target_of(args: &UpgradeArgs) -> Result<String> {
         .to
         .clone()
         .ok_or_else(|| BadInput("give the target version with --to, e.g. --to 8.19.6".into()))?;
-    to.parse::<bbupgrade_common::version::Version>().map_err(|e| BadInput(e.to_string()))?;
+    to.parse::<bbupgrade_common::version::Version>()
+        .map_err(|e| BadInput(e.to_string()))?;
     Ok(to)
 }
 
@@ -343,7 +404,10 @@ fn refuse_bad_target(report: &PlanReport) -> Result<()> {
 pub async fn plan_command(args: UpgradeArgs) -> Result<ExitCode> {
     let to = target_of(&args)?;
     let ctx = context(&args, Reporter::new(args.target.output)).await?;
-    let archive_bytes = archive_source(&args).await?.map(|a| a.size_bytes()).unwrap_or(0);
+    let archive_bytes = archive_source(&args)
+        .await?
+        .map(|a| a.size_bytes())
+        .unwrap_or(0);
     let report = make_plan(&ctx, &to, archive_bytes).await;
     match args.target.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -367,11 +431,22 @@ pub async fn plan_command(args: UpgradeArgs) -> Result<ExitCode> {
                     b.cpu_percent
                 );
             }
-            println!("{}", if report.ready { "ready to upgrade" } else { "NOT ready: fix the failed checks first" });
+            println!(
+                "{}",
+                if report.ready {
+                    "ready to upgrade"
+                } else {
+                    "NOT ready: fix the failed checks first"
+                }
+            );
         }
     }
     refuse_bad_target(&report)?;
-    Ok(if report.ready { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn exit_for(summary: &Summary) -> ExitCode {
@@ -387,12 +462,23 @@ fn resumable_run(ctx: &Ctx) -> Result<Option<crate::journal::RunRecord>> {
     if let Some(r) = ctx.journal.open_run(&ctx.cluster.name)? {
         return Ok(Some(r));
     }
-    Ok(ctx.journal.latest_run(&ctx.cluster.name)?.filter(|r| r.result == Some(RunResult::Halted)))
+    Ok(ctx
+        .journal
+        .latest_run(&ctx.cluster.name)?
+        .filter(|r| r.result == Some(RunResult::Halted)))
 }
 
 /// Takes the cluster's lock and keeps it fresh while the run lasts.
-fn lock_cluster(ctx: &Ctx) -> Result<(Arc<std::sync::Mutex<ClusterLock>>, tokio::task::JoinHandle<()>)> {
-    let lock = ctx.journal.acquire_lock(&ctx.cluster.name, &actor()).map_err(|e| anyhow!("{e}"))?;
+fn lock_cluster(
+    ctx: &Ctx,
+) -> Result<(
+    Arc<std::sync::Mutex<ClusterLock>>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let lock = ctx
+        .journal
+        .acquire_lock(&ctx.cluster.name, &actor())
+        .map_err(|e| anyhow!("{e}"))?;
     let lock = Arc::new(std::sync::Mutex::new(lock));
     let beat = lock.clone();
     let task = tokio::spawn(async move {
@@ -419,10 +505,19 @@ pub async fn upgrade_command(args: UpgradeArgs) -> Result<ExitCode> {
 pub async fn upgrade_summary(args: UpgradeArgs, progress: bool) -> Result<Summary> {
     let to = target_of(&args)?;
     let output = args.target.output;
-    let reporter = if progress { Reporter::new(output) } else { Reporter::silent() };
+    let reporter = if progress {
+        Reporter::new(output)
+    } else {
+        Reporter::silent()
+    };
     let ctx = context(&args, reporter).await?;
     let archive = archive_source(&args).await?;
-    let report = make_plan(&ctx, &to, archive.as_ref().map(|a| a.size_bytes()).unwrap_or(0)).await;
+    let report = make_plan(
+        &ctx,
+        &to,
+        archive.as_ref().map(|a| a.size_bytes()).unwrap_or(0),
+    )
+    .await;
     refuse_bad_target(&report)?;
     if let Some(open) = resumable_run(&ctx)? {
         bail!(
@@ -437,19 +532,31 @@ pub async fn upgrade_summary(args: UpgradeArgs, progress: bool) -> Result<Summar
     }
     if !report.ready {
         let failed: Vec<_> = report.checks.iter().filter(|c| !c.ok).cloned().collect();
-        eprintln!("preflight failed; nothing was changed:\n{}", checks_text(&failed));
+        eprintln!(
+            "preflight failed; nothing was changed:\n{}",
+            checks_text(&failed)
+        );
         let summary = Summary {
             cluster: ctx.cluster.name.clone(),
             from: report.from.clone().unwrap_or_default(),
             to: to.clone(),
             result: "refused".into(),
-            error: Some(failed.iter().map(|c| c.detail.clone()).collect::<Vec<_>>().join("; ")),
+            error: Some(
+                failed
+                    .iter()
+                    .map(|c| c.detail.clone())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
             ..Default::default()
         };
         return Ok(summary);
     }
     let Some(archive) = archive else {
-        return Err(BadInput("give the release with --archive FILE or --archive-url URL --sha256 HEX".into()).into());
+        return Err(BadInput(
+            "give the release with --archive FILE or --archive-url URL --sha256 HEX".into(),
+        )
+        .into());
     };
     let from = report.from.clone().unwrap_or_default();
     let options = RunOptions {
@@ -477,7 +584,11 @@ pub async fn upgrade_summary(args: UpgradeArgs, progress: bool) -> Result<Summar
 pub async fn resume_command(args: UpgradeArgs) -> Result<ExitCode> {
     let ctx = context(&args, Reporter::new(args.target.output)).await?;
     let Some(open) = resumable_run(&ctx)? else {
-        return Err(BadInput(format!("cluster '{}' has no unfinished or halted run to resume", ctx.cluster.name)).into());
+        return Err(BadInput(format!(
+            "cluster '{}' has no unfinished or halted run to resume",
+            ctx.cluster.name
+        ))
+        .into());
     };
     let mut options: RunOptions = serde_json::from_str(&open.options_json)
         .with_context(|| format!("reading the options of run #{}", open.id))?;
@@ -487,7 +598,18 @@ pub async fn resume_command(args: UpgradeArgs) -> Result<ExitCode> {
     let mut ctx = ctx;
     ctx.timeouts = options.timeouts.clone();
     let (_lock, beat) = lock_cluster(&ctx)?;
-    ctx.reporter.step(None, "resume", "info", &format!("resuming {} run #{} ({} -> {})", open.kind.as_str(), open.id, open.from_version, open.to_version));
+    ctx.reporter.step(
+        None,
+        "resume",
+        "info",
+        &format!(
+            "resuming {} run #{} ({} -> {})",
+            open.kind.as_str(),
+            open.id,
+            open.from_version,
+            open.to_version
+        ),
+    );
     let summary = if open.kind == RunKind::Rollback {
         crate::upgrade::drive_rollback(&ctx, open.id, &options).await
     } else {
@@ -530,7 +652,8 @@ pub async fn rollback_command(args: UpgradeArgs) -> Result<ExitCode> {
         && r.kind == RunKind::Upgrade
         && r.result.is_none()
     {
-        ctx.journal.finish_run(r.id, RunResult::Halted, Some("superseded by a rollback"))?;
+        ctx.journal
+            .finish_run(r.id, RunResult::Halted, Some("superseded by a rollback"))?;
     }
     let options = RunOptions {
         to: original.clone(),

@@ -111,7 +111,9 @@ backend bitbucket\n    balance roundrobin\n    option httpchk GET /status\n    h
         socket.display()
     );
     for (name, port) in servers {
-        cfg.push_str(&format!("    server {name} 127.0.0.1:{port} check inter 500ms fall 2 rise 2\n"));
+        cfg.push_str(&format!(
+            "    server {name} 127.0.0.1:{port} check inter 500ms fall 2 rise 2\n"
+        ));
     }
     cfg
 }
@@ -130,7 +132,10 @@ impl Sandbox {
                 if let Ok(m) = std::fs::metadata(d)
                     && m.permissions().mode() & 0o001 == 0
                 {
-                    bail!("{} is not searchable by other users; put the sandbox elsewhere (--dir)", d.display());
+                    bail!(
+                        "{} is not searchable by other users; put the sandbox elsewhere (--dir)",
+                        d.display()
+                    );
                 }
                 p = d.parent();
             }
@@ -140,15 +145,18 @@ impl Sandbox {
         let pki = dir.join("pki");
         let ca = Ca::generate()?;
         ca.save(&pki)?;
-        ca.issue(&IssueRequest::new(Role::Coordinator, "sandbox-admin"))?.save(&pki)?;
+        ca.issue(&IssueRequest::new(Role::Coordinator, "sandbox-admin"))?
+            .save(&pki)?;
 
         // Releases and the simulated cluster on the old one.
         let archives = dir.join("archives");
         std::fs::create_dir_all(&archives)?;
-        let from_archive = write_archive_with_program(&opts.from, &archives, opts.payload_mib, &opts.sim_bin)
-            .with_context(|| format!("building the {} archive", opts.from))?;
-        let to_archive = write_archive_with_program(&opts.to, &archives, opts.payload_mib, &opts.sim_bin)
-            .with_context(|| format!("building the {} archive", opts.to))?;
+        let from_archive =
+            write_archive_with_program(&opts.from, &archives, opts.payload_mib, &opts.sim_bin)
+                .with_context(|| format!("building the {} archive", opts.from))?;
+        let to_archive =
+            write_archive_with_program(&opts.to, &archives, opts.payload_mib, &opts.sim_bin)
+                .with_context(|| format!("building the {} archive", opts.to))?;
         let sim = SimCluster::create(
             &dir.join("cluster"),
             ClusterOptions {
@@ -162,7 +170,8 @@ impl Sandbox {
             },
         )?;
         if let Some(user) = &run_user {
-            let u = nix::unistd::User::from_name(user)?.with_context(|| format!("there is no user {user}"))?;
+            let u = nix::unistd::User::from_name(user)?
+                .with_context(|| format!("there is no user {user}"))?;
             chown_tree(sim.dir(), u.uid.as_raw(), u.gid.as_raw())?;
         }
 
@@ -171,8 +180,10 @@ impl Sandbox {
         let mut agent_addrs = Vec::new();
         let mut agent_configs = Vec::new();
         for (i, node) in sim.nodes().iter().enumerate() {
-            ca.issue(&IssueRequest::new(Role::Agent, &node.name).with_sans(["127.0.0.1", "localhost"]))?
-                .save(&pki)?;
+            ca.issue(
+                &IssueRequest::new(Role::Agent, &node.name).with_sans(["127.0.0.1", "localhost"]),
+            )?
+            .save(&pki)?;
             let tls = TlsFiles::in_pki_dir(&pki, Role::Agent, &node.name);
             let addr = format!("127.0.0.1:{}", ports[i]);
             let cfg = format!(
@@ -186,7 +197,10 @@ impl Sandbox {
                 node.install_root,
                 node.install_dir,
                 node.home,
-                run_user.as_ref().map(|u| format!("user = {u:?}\n")).unwrap_or_default(),
+                run_user
+                    .as_ref()
+                    .map(|u| format!("user = {u:?}\n"))
+                    .unwrap_or_default(),
                 format!("{}/status", node.base_url),
             );
             let path = dir.join(format!("agents/{}.toml", node.name));
@@ -225,7 +239,10 @@ impl Sandbox {
     }
 
     fn spawn_agent(&self, i: usize) -> Result<Child> {
-        let log = std::fs::File::create(self.dir.join(format!("agents/{}.log", self.sim.nodes()[i].name)))?;
+        let log = std::fs::File::create(
+            self.dir
+                .join(format!("agents/{}.log", self.sim.nodes()[i].name)),
+        )?;
         let child = Command::new(&self.opts.agent_bin)
             .arg("--config")
             .arg(&self.agent_configs[i])
@@ -243,7 +260,10 @@ impl Sandbox {
         for addr in &self.agent_addrs {
             while std::net::TcpStream::connect(addr).is_err() {
                 if Instant::now() > deadline {
-                    bail!("the agent at {addr} did not start; see {}/agents/*.log", self.dir.display());
+                    bail!(
+                        "the agent at {addr} did not start; see {}/agents/*.log",
+                        self.dir.display()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -276,7 +296,12 @@ impl Sandbox {
             "haproxy is not installed (apt-get install -y haproxy), or run the sandbox with --lb none",
         )?;
         let socket = self.dir.join("haproxy.sock");
-        let servers: Vec<(String, u16)> = self.sim.nodes().iter().map(|n| (n.name.clone(), n.port)).collect();
+        let servers: Vec<(String, u16)> = self
+            .sim
+            .nodes()
+            .iter()
+            .map(|n| (n.name.clone(), n.port))
+            .collect();
         let cfg_path = self.dir.join("haproxy.cfg");
         std::fs::write(&cfg_path, haproxy_config(&socket, port, &servers))?;
         let log = std::fs::File::create(self.dir.join("haproxy.log"))?;
@@ -293,7 +318,10 @@ impl Sandbox {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
-                bail!("haproxy did not start; see {}/haproxy.log", self.dir.display());
+                bail!(
+                    "haproxy did not start; see {}/haproxy.log",
+                    self.dir.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -308,7 +336,10 @@ impl Sandbox {
         std::fs::write(&token, format!("{ADMIN_TOKEN}\n"))?;
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
         let lb = match &self.haproxy_socket {
-            Some(s) => format!("load_balancer = {{ kind = \"haproxy\", socket = {:?}, backend = \"bitbucket\" }}\n", format!("unix:{}", s.display())),
+            Some(s) => format!(
+                "load_balancer = {{ kind = \"haproxy\", socket = {:?}, backend = \"bitbucket\" }}\n",
+                format!("unix:{}", s.display())
+            ),
             None => "load_balancer = { kind = \"none\" }\n".to_string(),
         };
         let mut inv = format!(
@@ -318,12 +349,21 @@ impl Sandbox {
             tls.key,
             format!("sqlite:{}", self.dir.join("journal.db").display()),
             self.cluster_name,
-            self.lb_url.clone().unwrap_or_else(|| self.sim.nodes()[0].base_url.clone()),
-            self.sim.nodes().iter().map(|n| n.base_url.clone()).collect::<Vec<_>>(),
+            self.lb_url
+                .clone()
+                .unwrap_or_else(|| self.sim.nodes()[0].base_url.clone()),
+            self.sim
+                .nodes()
+                .iter()
+                .map(|n| n.base_url.clone())
+                .collect::<Vec<_>>(),
             token,
         );
         for (node, addr) in self.sim.nodes().iter().zip(&self.agent_addrs) {
-            inv.push_str(&format!("\n[[clusters.nodes]]\nid = {:?}\nagent = {:?}\n", node.name, addr));
+            inv.push_str(&format!(
+                "\n[[clusters.nodes]]\nid = {:?}\nagent = {:?}\n",
+                node.name, addr
+            ));
         }
         std::fs::write(&self.inventory, inv)?;
         Ok(())
@@ -361,7 +401,9 @@ impl Sandbox {
 
     /// Waits until the load balancer's health checks see every node up.
     pub async fn wait_lb_up(&self, timeout: Duration) -> Result<()> {
-        let Some(socket) = &self.haproxy_socket else { return Ok(()) };
+        let Some(socket) = &self.haproxy_socket else {
+            return Ok(());
+        };
         let lb = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
             socket: format!("unix:{}", socket.display()),
             backend: "bitbucket".into(),
@@ -374,7 +416,11 @@ impl Sandbox {
                     break;
                 }
                 if Instant::now() > deadline {
-                    bail!("haproxy still sees {} as {:?}", node.name, state.operational);
+                    bail!(
+                        "haproxy still sees {} as {:?}",
+                        node.name,
+                        state.operational
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -384,7 +430,9 @@ impl Sandbox {
 
     /// Where traffic goes: the load balancer, else the first node.
     pub fn traffic_url(&self) -> String {
-        self.lb_url.clone().unwrap_or_else(|| self.sim.nodes()[0].base_url.clone())
+        self.lb_url
+            .clone()
+            .unwrap_or_else(|| self.sim.nodes()[0].base_url.clone())
     }
 }
 

@@ -62,18 +62,36 @@ impl From<LoadSample> for LoadView {
 }
 
 /// Facts and load of one node, or why they could not be had.
-pub async fn node_facts(node: &Node, tls: &TlsMaterial, connect_timeout: Duration) -> Result<(NodeInfoResponse, LoadSample)> {
+pub async fn node_facts(
+    node: &Node,
+    tls: &TlsMaterial,
+    connect_timeout: Duration,
+) -> Result<(NodeInfoResponse, LoadSample)> {
     let mut client = agents::connect(node, tls, connect_timeout).await?;
     let deadline = Duration::from_secs(STATUS_CALL_TIMEOUT_SECS);
-    let info = agents::call(&node.id, deadline, client.node_info(agents::request(NodeInfoRequest {}, deadline))).await?;
-    let load = agents::call(&node.id, deadline, client.load_metrics(agents::request(LoadMetricsRequest {}, deadline))).await?;
+    let info = agents::call(
+        &node.id,
+        deadline,
+        client.node_info(agents::request(NodeInfoRequest {}, deadline)),
+    )
+    .await?;
+    let load = agents::call(
+        &node.id,
+        deadline,
+        client.load_metrics(agents::request(LoadMetricsRequest {}, deadline)),
+    )
+    .await?;
     Ok((info, load))
 }
 
 pub async fn collect(cluster: &Cluster, tls: &TlsMaterial) -> StatusReport {
     let connect_timeout = Duration::from_millis(cluster.timeouts.agent_connect_ms);
     let rows = futures::future::join_all(cluster.nodes.iter().map(|node| async move {
-        let mut row = NodeStatus { id: node.id.clone(), agent: node.agent.clone(), ..Default::default() };
+        let mut row = NodeStatus {
+            id: node.id.clone(),
+            agent: node.agent.clone(),
+            ..Default::default()
+        };
         match node_facts(node, tls, connect_timeout).await {
             Ok((info, load)) => {
                 row.reachable = true;
@@ -90,7 +108,10 @@ pub async fn collect(cluster: &Cluster, tls: &TlsMaterial) -> StatusReport {
         row
     }))
     .await;
-    StatusReport { cluster: cluster.name.clone(), nodes: rows }
+    StatusReport {
+        cluster: cluster.name.clone(),
+        nodes: rows,
+    }
 }
 
 pub fn service_kind_name(kind: i32) -> &'static str {
@@ -126,7 +147,13 @@ pub fn render_human(r: &StatusReport) -> String {
                 mib(l.bitbucket_rss_bytes),
                 mib(l.install_root_free_bytes),
             )),
-            None => out.push_str(&format!("{:<12} {:<22} {:<10} {}\n", n.id, n.agent, "NO", n.error.as_deref().unwrap_or(""))),
+            None => out.push_str(&format!(
+                "{:<12} {:<22} {:<10} {}\n",
+                n.id,
+                n.agent,
+                "NO",
+                n.error.as_deref().unwrap_or("")
+            )),
         }
     }
     out

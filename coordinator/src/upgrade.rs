@@ -54,8 +54,11 @@ where
         };
         match tokio::time::timeout(deadline + Duration::from_secs(2), f(client)).await {
             Ok(Ok(r)) => return Ok(r.into_inner()),
-            Ok(Err(s)) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Aborted)
-                && Instant::now() < give_up =>
+            Ok(Err(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Aborted
+                ) && Instant::now() < give_up =>
             {
                 ctx.forget_client(node).await;
                 tracing::warn!(node = %node.id, error = %s.message(), "agent call cut off; retrying with the same operation id");
@@ -78,7 +81,13 @@ where
 }
 
 /// Waits until Bitbucket shows the node in `want` (on `version` if given); ERROR ends the wait.
-async fn wait_zdu(ctx: &Ctx, node: &Node, want: NodeState, version: Option<&str>, timeout: Duration) -> Result<String> {
+async fn wait_zdu(
+    ctx: &Ctx,
+    node: &Node,
+    want: NodeState,
+    version: Option<&str>,
+    timeout: Duration,
+) -> Result<String> {
     let started = Instant::now();
     let mut last: String;
     loop {
@@ -87,7 +96,10 @@ async fn wait_zdu(ctx: &Ctx, node: &Node, want: NodeState, version: Option<&str>
                 Some(z) => {
                     last = format!("{} on {}", z.state, z.version);
                     if z.state == want && version.is_none_or(|v| z.version == v) {
-                        return Ok(format!("{last} after {:.1}s", started.elapsed().as_secs_f64()));
+                        return Ok(format!(
+                            "{last} after {:.1}s",
+                            started.elapsed().as_secs_f64()
+                        ));
                     }
                     if z.state == NodeState::Error && want != NodeState::Error {
                         bail!("Bitbucket shows node '{}' in ERROR ({last})", node.id);
@@ -114,27 +126,58 @@ async fn wait_zdu(ctx: &Ctx, node: &Node, want: NodeState, version: Option<&str>
 
 /// Stages (and prepares) the release on every node at once; nodes keep serving meanwhile.
 async fn stage_all(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Result<()> {
-    let archive = opts.archive.clone().context("the run has no release archive recorded")?;
+    let archive = opts
+        .archive
+        .clone()
+        .context("the run has no release archive recorded")?;
     let results = futures::future::join_all(ctx.cluster.nodes.iter().map(|node| {
         let archive = archive.clone();
         async move {
             if !ctx.step_done(run, &node.id, "stage")? {
-                ctx.step(run, Some(&node.id), "stage", stage_node(ctx, run, node, &opts.to, &archive)).await?;
+                ctx.step(
+                    run,
+                    Some(&node.id),
+                    "stage",
+                    stage_node(ctx, run, node, &opts.to, &archive),
+                )
+                .await?;
             }
             if !ctx.step_done(run, &node.id, "prepare")? {
                 ctx.step(run, Some(&node.id), "prepare", async {
                     let d = Duration::from_secs(120);
                     let r = agent_op(ctx, node, d, |mut c| {
                         let req = agents::request(
-                            PrepareRequest { operation_id: op_id(run, &node.id, "prepare"), version: opts.to.clone() },
+                            PrepareRequest {
+                                operation_id: op_id(run, &node.id, "prepare"),
+                                version: opts.to.clone(),
+                            },
                             d,
                         );
                         async move { c.prepare(req).await }
                     })
                     .await?;
-                    let carried: Vec<_> = r.carried.iter().map(|c| format!("{} ({})", c.path, c.reason)).collect();
-                    Ok(((), format!("home {}; carried: {}{}", r.bitbucket_home, if carried.is_empty() { "nothing".into() } else { carried.join(", ") },
-                        if r.notes.is_empty() { String::new() } else { format!("; {}", r.notes.join("; ")) })))
+                    let carried: Vec<_> = r
+                        .carried
+                        .iter()
+                        .map(|c| format!("{} ({})", c.path, c.reason))
+                        .collect();
+                    Ok((
+                        (),
+                        format!(
+                            "home {}; carried: {}{}",
+                            r.bitbucket_home,
+                            if carried.is_empty() {
+                                "nothing".into()
+                            } else {
+                                carried.join(", ")
+                            },
+                            if r.notes.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; {}", r.notes.join("; "))
+                            }
+                        ),
+                    ))
                 })
                 .await?;
             }
@@ -142,14 +185,27 @@ async fn stage_all(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Result<()> {
         }
     }))
     .await;
-    let errors: Vec<String> = results.into_iter().filter_map(|r| r.err()).map(|e| format!("{e:#}")).collect();
+    let errors: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err())
+        .map(|e| format!("{e:#}"))
+        .collect();
     if !errors.is_empty() {
-        bail!("staging failed; no node was taken out of service: {}", errors.join("; "));
+        bail!(
+            "staging failed; no node was taken out of service: {}",
+            errors.join("; ")
+        );
     }
     Ok(())
 }
 
-async fn stage_node(ctx: &Ctx, run: RunId, node: &Node, version: &str, archive: &ArchiveSource) -> Result<((), String)> {
+async fn stage_node(
+    ctx: &Ctx,
+    run: RunId,
+    node: &Node,
+    version: &str,
+    archive: &ArchiveSource,
+) -> Result<((), String)> {
     let info = ctx.node_info(node).await?;
     if info.installed.iter().any(|i| i.version == version) {
         return Ok(((), format!("{version} already staged")));
@@ -168,7 +224,11 @@ async fn stage_node(ctx: &Ctx, run: RunId, node: &Node, version: &str, archive: 
                         r.files,
                         r.bytes >> 20,
                         r.install_path,
-                        if r.from_cache { " (from the agent's cache)" } else { "" }
+                        if r.from_cache {
+                            " (from the agent's cache)"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             }
@@ -207,7 +267,11 @@ async fn stage_attempt(
                 ))
                 .await
         }
-        ArchiveSource::File { path, sha256, size_bytes } => {
+        ArchiveSource::File {
+            path,
+            sha256,
+            size_bytes,
+        } => {
             let header = StageUploadMessage {
                 msg: Some(stage_upload_message::Msg::Header(StageHeader {
                     operation_id: id.to_string(),
@@ -222,7 +286,9 @@ async fn stage_attempt(
                 if tx.send(header).await.is_err() {
                     return;
                 }
-                let Ok(mut f) = tokio::fs::File::open(&path).await else { return };
+                let Ok(mut f) = tokio::fs::File::open(&path).await else {
+                    return;
+                };
                 use tokio::io::AsyncReadExt;
                 loop {
                     let mut buf = vec![0u8; UPLOAD_CHUNK_BYTES];
@@ -231,30 +297,47 @@ async fn stage_attempt(
                         Ok(n) => n,
                     };
                     buf.truncate(n);
-                    let msg = StageUploadMessage { msg: Some(stage_upload_message::Msg::Chunk(buf)) };
+                    let msg = StageUploadMessage {
+                        msg: Some(stage_upload_message::Msg::Chunk(buf)),
+                    };
                     if tx.send(msg).await.is_err() {
                         break;
                     }
                 }
             });
             client
-                .stage_upload(agents::request(tokio_stream::wrappers::ReceiverStream::new(rx), deadline))
+                .stage_upload(agents::request(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                    deadline,
+                ))
                 .await
         }
     };
-    let retryable = |s: &tonic::Status| matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Aborted | tonic::Code::Cancelled);
+    let retryable = |s: &tonic::Status| {
+        matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Aborted
+                | tonic::Code::Cancelled
+        )
+    };
     let mut stream = response
         .map_err(|s| (retryable(&s), anyhow!(agents::status_text(&node.id, &s))))?
         .into_inner();
     let mut result = None;
     while let Some(ev) = stream.next().await {
         match ev {
-            Ok(StageEvent { event: Some(stage_event::Event::Progress(p)) }) => {
+            Ok(StageEvent {
+                event: Some(stage_event::Event::Progress(p)),
+            }) => {
                 if let Some(b) = &bar {
                     b.set_position(p.bytes);
                 }
             }
-            Ok(StageEvent { event: Some(stage_event::Event::Result(r)) }) => result = Some(r),
+            Ok(StageEvent {
+                event: Some(stage_event::Event::Result(r)),
+            }) => result = Some(r),
             Ok(_) => {}
             Err(s) => return Err((retryable(&s), anyhow!(agents::status_text(&node.id, &s)))),
         }
@@ -262,7 +345,15 @@ async fn stage_attempt(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    result.ok_or_else(|| (true, anyhow!("node '{}': the staging stream ended without a result", node.id)))
+    result.ok_or_else(|| {
+        (
+            true,
+            anyhow!(
+                "node '{}': the staging stream ended without a result",
+                node.id
+            ),
+        )
+    })
 }
 
 /// Picks the next node: the one a previous coordinator left mid-way, else the least busy.
@@ -280,7 +371,13 @@ async fn next_node<'a>(
             .is_some_and(|s| s.outcome.is_none())
     });
     if let Some(n) = open {
-        return Ok((n, format!("{}: was out of service when the previous coordinator stopped; finished first", n.id)));
+        return Ok((
+            n,
+            format!(
+                "{}: was out of service when the previous coordinator stopped; finished first",
+                n.id
+            ),
+        ));
     }
     let view = ctx.cluster_view().await?;
     let mut busy = Vec::new();
@@ -295,14 +392,20 @@ async fn next_node<'a>(
     }
     let ranked = plan::rank_least_busy(busy);
     let first = ranked.first().context("no node left to pick")?;
-    let node = remaining.iter().find(|n| n.id == first.id).context("ranked an unknown node")?;
+    let node = remaining
+        .iter()
+        .find(|n| n.id == first.id)
+        .context("ranked an unknown node")?;
     let why = format!(
         "{}: least busy of {} ({})",
         node.id,
         ranked.len(),
         ranked
             .iter()
-            .map(|b| format!("{} tasks={} users={} cpu={:.0}%", b.id, b.tasks_total, b.active_user_count, b.cpu_percent))
+            .map(|b| format!(
+                "{} tasks={} users={} cpu={:.0}%",
+                b.id, b.tasks_total, b.active_user_count, b.cpu_percent
+            ))
             .collect::<Vec<_>>()
             .join("; ")
     );
@@ -310,17 +413,36 @@ async fn next_node<'a>(
 }
 
 /// One node, out and back: returns the time it was out of service.
-async fn upgrade_node(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions) -> Result<Duration, NodeFailure> {
+async fn upgrade_node(
+    ctx: &Ctx,
+    run: RunId,
+    node: &Node,
+    opts: &RunOptions,
+) -> Result<Duration, NodeFailure> {
     let t = &opts.timeouts;
-    let fail = |error: anyhow::Error, stopped: bool| NodeFailure { node: node.id.clone(), error, stopped };
+    let fail = |error: anyhow::Error, stopped: bool| NodeFailure {
+        node: node.id.clone(),
+        error,
+        stopped,
+    };
     let out_since = Instant::now();
     let id = node.id.as_str();
     let done = |step: &str| ctx.step_done(run, id, step).unwrap_or(false);
 
     if !done("drain") {
         ctx.step(run, Some(id), "drain", async {
-            let r = ctx.lb.drain(&node.lb_server, Duration::from_secs(t.drain_secs)).await?;
-            Ok(((), format!("{} sessions drained in {:.1}s", r.sessions_at_start, r.waited.as_secs_f64())))
+            let r = ctx
+                .lb
+                .drain(&node.lb_server, Duration::from_secs(t.drain_secs))
+                .await?;
+            Ok((
+                (),
+                format!(
+                    "{} sessions drained in {:.1}s",
+                    r.sessions_at_start,
+                    r.waited.as_secs_f64()
+                ),
+            ))
         })
         .await
         .map_err(|e| fail(e, false))?;
@@ -330,20 +452,37 @@ async fn upgrade_node(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions) -> 
             let d = Duration::from_secs(t.stop_secs);
             let r = agent_op(ctx, node, d, |mut c| {
                 let req = agents::request(
-                    StopRequest { operation_id: op_id(run, id, "stop"), timeout_secs: t.stop_secs as u32, kill_after_timeout: false },
+                    StopRequest {
+                        operation_id: op_id(run, id, "stop"),
+                        timeout_secs: t.stop_secs as u32,
+                        kill_after_timeout: false,
+                    },
                     d,
                 );
                 async move { c.stop(req).await }
             })
             .await?;
-            Ok(((), format!("was_running={} in {} ms", r.was_running, r.duration_ms)))
+            Ok((
+                (),
+                format!("was_running={} in {} ms", r.was_running, r.duration_ms),
+            ))
         })
         .await
         .map_err(|e| fail(e, false))?;
     }
     if !done("wait_offline") {
         ctx.step(run, Some(id), "wait_offline", async {
-            Ok(((), wait_zdu(ctx, node, NodeState::Offline, None, Duration::from_secs(t.stop_secs)).await?))
+            Ok((
+                (),
+                wait_zdu(
+                    ctx,
+                    node,
+                    NodeState::Offline,
+                    None,
+                    Duration::from_secs(t.stop_secs),
+                )
+                .await?,
+            ))
         })
         .await
         .map_err(|e| fail(e, true))?;
@@ -353,14 +492,28 @@ async fn upgrade_node(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions) -> 
             let d = Duration::from_secs(120);
             let r = agent_op(ctx, node, d, |mut c| {
                 let req = agents::request(
-                    ActivateRequest { operation_id: op_id(run, id, "activate"), version: opts.to.clone() },
+                    ActivateRequest {
+                        operation_id: op_id(run, id, "activate"),
+                        version: opts.to.clone(),
+                    },
                     d,
                 );
                 async move { c.activate(req).await }
             })
             .await?;
-            Ok(((), format!("{} (was {}){}", r.install_path, r.previous_install,
-                if r.notes.is_empty() { String::new() } else { format!("; {}", r.notes.join("; ")) })))
+            Ok((
+                (),
+                format!(
+                    "{} (was {}){}",
+                    r.install_path,
+                    r.previous_install,
+                    if r.notes.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", r.notes.join("; "))
+                    }
+                ),
+            ))
         })
         .await
         .map_err(|e| fail(e, true))?;
@@ -369,21 +522,40 @@ async fn upgrade_node(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions) -> 
         ctx.step(run, Some(id), "start", async {
             let d = Duration::from_secs(t.start_secs);
             let r = agent_op(ctx, node, d, |mut c| {
-                let req = agents::request(StartRequest { operation_id: op_id(run, id, "start"), timeout_secs: t.start_secs as u32 }, d);
+                let req = agents::request(
+                    StartRequest {
+                        operation_id: op_id(run, id, "start"),
+                        timeout_secs: t.start_secs as u32,
+                    },
+                    d,
+                );
                 async move { c.start(req).await }
             })
             .await?;
             if let Some(why) = plan::start_failure(&r.state) {
                 bail!("node '{id}': {why}");
             }
-            Ok(((), format!("{} on {} after {} ms", r.state, r.version, r.duration_ms)))
+            Ok((
+                (),
+                format!("{} on {} after {} ms", r.state, r.version, r.duration_ms),
+            ))
         })
         .await
         .map_err(|e| fail(e, true))?;
     }
     if !done("wait_active") {
         ctx.step(run, Some(id), "wait_active", async {
-            Ok(((), wait_zdu(ctx, node, NodeState::Active, Some(&opts.to), Duration::from_secs(t.active_secs)).await?))
+            Ok((
+                (),
+                wait_zdu(
+                    ctx,
+                    node,
+                    NodeState::Active,
+                    Some(&opts.to),
+                    Duration::from_secs(t.active_secs),
+                )
+                .await?,
+            ))
         })
         .await
         .map_err(|e| fail(e, true))?;
@@ -412,12 +584,23 @@ async fn upgrade_node(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions) -> 
 async fn soak(ctx: &Ctx, node: &Node, version: &str, dur: Duration) -> Result<()> {
     let until = Instant::now() + dur;
     while Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(500).min(until.saturating_duration_since(Instant::now()))).await;
+        tokio::time::sleep(
+            Duration::from_millis(500).min(until.saturating_duration_since(Instant::now())),
+        )
+        .await;
         if let Ok(view) = ctx.zdu.cluster().await {
             match plan::zdu_node(&view, &node.bitbucket_name) {
                 Some(z) if z.state == NodeState::Active && z.version == version => {}
-                Some(z) => bail!("node '{}' left ACTIVE while soaking: now {} on {}", node.id, z.state, z.version),
-                None => bail!("node '{}' vanished from the cluster view while soaking", node.id),
+                Some(z) => bail!(
+                    "node '{}' left ACTIVE while soaking: now {} on {}",
+                    node.id,
+                    z.state,
+                    z.version
+                ),
+                None => bail!(
+                    "node '{}' vanished from the cluster view while soaking",
+                    node.id
+                ),
             }
         }
     }
@@ -428,13 +611,20 @@ async fn soak(ctx: &Ctx, node: &Node, version: &str, dur: Duration) -> Result<()
 /// mode when no node runs the new version. Returns notes for the report.
 async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOptions) -> Vec<String> {
     let mut notes = Vec::new();
-    let Ok(node) = ctx.cluster.node(&f.node) else { return notes };
+    let Ok(node) = ctx.cluster.node(&f.node) else {
+        return notes;
+    };
     let id = node.id.as_str();
     if f.stopped || ctx.step_done(run, id, "stop").unwrap_or(false) {
         // Out of the load balancer (it may have rejoined before failing) and stopped gracefully.
         let _ = ctx
             .step(run, Some(id), "disable", async {
-                ctx.lb.drain(&node.lb_server, Duration::from_secs(opts.timeouts.drain_secs)).await?;
+                ctx.lb
+                    .drain(
+                        &node.lb_server,
+                        Duration::from_secs(opts.timeouts.drain_secs),
+                    )
+                    .await?;
                 Ok(((), "kept out of the load balancer".to_string()))
             })
             .await;
@@ -443,21 +633,33 @@ async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOption
             .step(run, Some(id), "stop_failed", async {
                 let r = agent_op(ctx, node, d, |mut c| {
                     let req = agents::request(
-                        StopRequest { operation_id: op_id(run, id, "stop-failed"), timeout_secs: opts.timeouts.stop_secs as u32, kill_after_timeout: false },
+                        StopRequest {
+                            operation_id: op_id(run, id, "stop-failed"),
+                            timeout_secs: opts.timeouts.stop_secs as u32,
+                            kill_after_timeout: false,
+                        },
                         d,
                     );
                     async move { c.stop(req).await }
                 })
                 .await?;
-                Ok(((), format!("stopped gracefully (was_running={})", r.was_running)))
+                Ok((
+                    (),
+                    format!("stopped gracefully (was_running={})", r.was_running),
+                ))
             })
             .await;
         if let Err(e) = stopped {
-            notes.push(format!("node '{id}' could not be stopped after its failure: {e:#}"));
+            notes.push(format!(
+                "node '{id}' could not be stopped after its failure: {e:#}"
+            ));
         }
         if opts.auto_rollback {
             match rollback_node(ctx, run, node, &opts.from, opts).await {
-                Ok(_) => notes.push(format!("node '{id}' was rolled back to {} and is serving", opts.from)),
+                Ok(_) => notes.push(format!(
+                    "node '{id}' was rolled back to {} and is serving",
+                    opts.from
+                )),
                 Err(e) => notes.push(format!("rolling node '{id}' back failed: {e:#}")),
             }
         } else {
@@ -468,21 +670,35 @@ async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOption
     } else {
         // Never stopped: put it back as it was.
         match ctx.lb.enable(&node.lb_server).await {
-            Ok(()) => notes.push(format!("node '{id}' was not stopped and is back in the load balancer")),
-            Err(e) => notes.push(format!("node '{id}' was not stopped but could not be put back in the load balancer: {e}")),
+            Ok(()) => notes.push(format!(
+                "node '{id}' was not stopped and is back in the load balancer"
+            )),
+            Err(e) => notes.push(format!(
+                "node '{id}' was not stopped but could not be put back in the load balancer: {e}"
+            )),
         }
     }
     cancel_if_nothing_upgraded(ctx, run, &opts.to, &mut notes).await;
     notes
 }
 
-async fn cancel_if_nothing_upgraded(ctx: &Ctx, run: RunId, new_version: &str, notes: &mut Vec<String>) {
-    let Ok(view) = ctx.zdu.cluster().await else { return };
+async fn cancel_if_nothing_upgraded(
+    ctx: &Ctx,
+    run: RunId,
+    new_version: &str,
+    notes: &mut Vec<String>,
+) {
+    let Ok(view) = ctx.zdu.cluster().await else {
+        return;
+    };
     if view.upgrade_mode_enabled && !view.nodes.iter().any(|n| n.version == new_version) {
         let r = ctx
             .step(run, None, "cancel_upgrade_mode", async {
                 ctx.zdu.cancel().await?;
-                Ok(((), "no node runs the new version; upgrade mode cancelled".to_string()))
+                Ok((
+                    (),
+                    "no node runs the new version; upgrade mode cancelled".to_string(),
+                ))
             })
             .await;
         match r {
@@ -493,12 +709,21 @@ async fn cancel_if_nothing_upgraded(ctx: &Ctx, run: RunId, new_version: &str, no
 }
 
 /// Returns one node to `version` with the same discipline: out, roll back, ACTIVE, back in.
-async fn rollback_node(ctx: &Ctx, run: RunId, node: &Node, version: &str, opts: &RunOptions) -> Result<Duration> {
+async fn rollback_node(
+    ctx: &Ctx,
+    run: RunId,
+    node: &Node,
+    version: &str,
+    opts: &RunOptions,
+) -> Result<Duration> {
     let t = &opts.timeouts;
     let id = node.id.as_str();
     let since = Instant::now();
     ctx.step(run, Some(id), "drain", async {
-        let r = ctx.lb.drain(&node.lb_server, Duration::from_secs(t.drain_secs)).await?;
+        let r = ctx
+            .lb
+            .drain(&node.lb_server, Duration::from_secs(t.drain_secs))
+            .await?;
         Ok(((), format!("{} sessions drained", r.sessions_at_start)))
     })
     .await?;
@@ -517,11 +742,24 @@ async fn rollback_node(ctx: &Ctx, run: RunId, node: &Node, version: &str, opts: 
             async move { c.rollback(req).await }
         })
         .await?;
-        Ok(((), format!("{} {} at {}", r.state, r.version, r.install_path)))
+        Ok((
+            (),
+            format!("{} {} at {}", r.state, r.version, r.install_path),
+        ))
     })
     .await?;
     ctx.step(run, Some(id), "wait_active", async {
-        Ok(((), wait_zdu(ctx, node, NodeState::Active, Some(version), Duration::from_secs(t.active_secs)).await?))
+        Ok((
+            (),
+            wait_zdu(
+                ctx,
+                node,
+                NodeState::Active,
+                Some(version),
+                Duration::from_secs(t.active_secs),
+            )
+            .await?,
+        ))
     })
     .await?;
     ctx.step(run, Some(id), "enable", async {
@@ -552,7 +790,14 @@ async fn versions_now(ctx: &Ctx) -> HashMap<String, String> {
     out
 }
 
-fn finish(ctx: &Ctx, run: RunId, mut s: Summary, before: &HashMap<String, String>, after: &HashMap<String, String>, oos: &HashMap<String, u64>) -> Summary {
+fn finish(
+    ctx: &Ctx,
+    run: RunId,
+    mut s: Summary,
+    before: &HashMap<String, String>,
+    after: &HashMap<String, String>,
+    oos: &HashMap<String, u64>,
+) -> Summary {
     s.nodes = ctx
         .cluster
         .nodes
@@ -572,7 +817,9 @@ fn finish(ctx: &Ctx, run: RunId, mut s: Summary, before: &HashMap<String, String
         _ => RunResult::Halted,
     };
     if let Err(e) = ctx.journal.finish_run(run, result, s.error.as_deref()) {
-        s.notes.push(format!("could not record the run's end in the journal: {e}"));
+        s.notes.push(format!(
+            "could not record the run's end in the journal: {e}"
+        ));
     }
     s
 }
@@ -589,13 +836,24 @@ pub async fn drive(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
             s.error = Some(format!("node '{}' failed: {:#}", f.node, f.error));
             s.notes.extend(handle_failure(ctx, run, &f, opts).await);
             let view = ctx.zdu.cluster().await.ok();
-            let any_new = view.as_ref().is_some_and(|v| v.nodes.iter().any(|n| n.version == opts.to));
-            s.result = if opts.auto_rollback && !any_new { "rolled_back".into() } else { "halted".into() };
+            let any_new = view
+                .as_ref()
+                .is_some_and(|v| v.nodes.iter().any(|n| n.version == opts.to));
+            s.result = if opts.auto_rollback && !any_new {
+                "rolled_back".into()
+            } else {
+                "halted".into()
+            };
         }
         Err(DriveError::Other(e)) => {
             s.error = Some(format!("{e:#}"));
             s.result = "halted".into();
-            if !ctx.journal.steps(run).map(|st| st.iter().any(|x| x.step == "stop")).unwrap_or(true) {
+            if !ctx
+                .journal
+                .steps(run)
+                .map(|st| st.iter().any(|x| x.step == "stop"))
+                .unwrap_or(true)
+            {
                 cancel_if_nothing_upgraded(ctx, run, &opts.to, &mut s.notes).await;
             }
         }
@@ -629,7 +887,9 @@ async fn drive_inner(
     oos: &mut HashMap<String, u64>,
 ) -> Result<(), DriveError> {
     let view = ctx.cluster_view().await?;
-    let finalized = view.state == ClusterState::Stable && !view.upgrade_mode_enabled && view.nodes.iter().all(|n| n.version == opts.to);
+    let finalized = view.state == ClusterState::Stable
+        && !view.upgrade_mode_enabled
+        && view.nodes.iter().all(|n| n.version == opts.to);
     if !finalized {
         stage_all(ctx, run, opts).await?;
         if !view.upgrade_mode_enabled {
@@ -641,7 +901,8 @@ async fn drive_inner(
         }
         // Previously finished nodes keep their order in the report.
         for st in ctx.journal.steps(run)? {
-            if st.step == "node" && st.outcome == Some(StepOutcome::Ok)
+            if st.step == "node"
+                && st.outcome == Some(StepOutcome::Ok)
                 && let Some(n) = st.node
                 && !s.order.contains(&n)
             {
@@ -654,7 +915,11 @@ async fn drive_inner(
             let mut remaining = Vec::new();
             for n in &ctx.cluster.nodes {
                 let agent_version = ctx.node_info(n).await.map(|i| i.active_version).ok();
-                let upgraded = plan::node_upgraded(agent_version.as_deref(), plan::zdu_node(&view, &n.bitbucket_name), &opts.to);
+                let upgraded = plan::node_upgraded(
+                    agent_version.as_deref(),
+                    plan::zdu_node(&view, &n.bitbucket_name),
+                    &opts.to,
+                );
                 // A node whose latest "node" step is open was out of service when a coordinator
                 // stopped: it is finished (back into the load balancer) even if already upgraded.
                 let open = steps
@@ -672,15 +937,28 @@ async fn drive_inner(
             let (node, why) = next_node(ctx, run, &remaining).await?;
             s.order_reasons.push(why.clone());
             ctx.reporter.step(Some(&node.id), "pick", "info", &why);
-            let node_step = ctx.journal.begin_step(run, Some(&node.id), "node", &format!("upgrade to {}", opts.to))?;
+            let node_step = ctx.journal.begin_step(
+                run,
+                Some(&node.id),
+                "node",
+                &format!("upgrade to {}", opts.to),
+            )?;
             match upgrade_node(ctx, run, node, opts).await {
                 Ok(d) => {
-                    ctx.journal.end_step(node_step, StepOutcome::Ok, &format!("out of service {} ms", d.as_millis()))?;
+                    ctx.journal.end_step(
+                        node_step,
+                        StepOutcome::Ok,
+                        &format!("out of service {} ms", d.as_millis()),
+                    )?;
                     oos.insert(node.id.clone(), d.as_millis() as u64);
                     s.order.push(node.id.clone());
                 }
                 Err(f) => {
-                    ctx.journal.end_step(node_step, StepOutcome::Failed(format!("{:#}", f.error)), "")?;
+                    ctx.journal.end_step(
+                        node_step,
+                        StepOutcome::Failed(format!("{:#}", f.error)),
+                        "",
+                    )?;
                     s.order.push(node.id.clone());
                     return Err(DriveError::Node(f));
                 }

@@ -8,6 +8,7 @@
 //! `load` (a load generator: many users' sessions, pages and clones, through the load balancer).
 
 pub mod archive;
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod load;

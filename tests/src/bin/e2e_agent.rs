@@ -1,1 +1,4 @@
-fn main() {}
+//! `bbupgrade-agent`, built inside the test package so integration tests find it via CARGO_BIN_EXE_*.
+fn main() -> std::process::ExitCode {
+    bbupgrade_agent::cli::main()
+}

@@ -1,0 +1,299 @@
+//! `bitbucket-sim`: builds simulated Bitbucket release archives, runs a simulated node (as the
+//! release's scripts launch it), and runs a local simulated cluster.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cluster::{ClusterOptions, SimCluster};
+use crate::{archive, load};
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "bitbucket-sim",
+    about = "A Bitbucket Data Center node simulator and release-archive builder"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a release archive, atlassian-bitbucket-X.Y.Z.tar.gz.
+    Archive {
+        #[arg(long)]
+        version: String,
+        /// The file to write (or a directory to write atlassian-bitbucket-X.Y.Z.tar.gz into).
+        #[arg(long)]
+        out: PathBuf,
+        /// Size of the incompressible WEB-INF/lib payload, in MiB.
+        #[arg(long, default_value_t = 0)]
+        payload_mib: u64,
+    },
+    /// Run one node (what bin/_start-webapp.sh launches); takes JVM-style -D arguments.
+    Node {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the bundled-search stand-in (what bin/_start-search.sh launches) until stopped.
+    Search {
+        #[arg(long)]
+        home: Option<PathBuf>,
+        #[arg(long)]
+        install: Option<PathBuf>,
+    },
+    /// Start a local cluster through the release scripts and keep it until Ctrl-C / SIGTERM.
+    Cluster {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// First node port (then +1, +2, ...); free ports on 127.0.0.1 by default.
+        #[arg(long)]
+        base_port: Option<u16>,
+        #[arg(long, default_value_t = 3_000)]
+        startup_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        payload_mib: u64,
+        /// The sysadmin token to write in the shared bitbucket.properties.
+        #[arg(
+            long,
+            env = "BITBUCKET_SIM_ADMIN_TOKEN",
+            default_value = "sim-admin-token",
+            hide_env_values = true
+        )]
+        admin_token: String,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Send load through URL (many users with sessions, pages and clones) and report; exit code 1
+    /// if any request failed.
+    Load {
+        /// Where to send it, e.g. the load balancer: http://127.0.0.1:7990
+        #[arg(long)]
+        url: String,
+        /// Concurrent virtual users, each with its own session.
+        #[arg(long, default_value_t = 10)]
+        users: usize,
+        /// How long to run; until Ctrl-C / SIGTERM without it.
+        #[arg(long)]
+        duration_secs: Option<u64>,
+        /// Every Nth request of a user is a Git clone (0 = none).
+        #[arg(long, default_value_t = 10)]
+        clone_every: u32,
+        /// Pause between a user's requests, in ms.
+        #[arg(long, default_value_t = 200)]
+        think_ms: u64,
+        /// Longest one request (or whole clone) may take, in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+}
+
+/// The `bitbucket-sim` entry point.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Archive {
+            version,
+            out,
+            payload_mib,
+        } => run_archive(&version, out, payload_mib),
+        Cmd::Node { args } => crate::node::run(&args),
+        Cmd::Search { .. } => wait_for_stop(),
+        Cmd::Cluster {
+            nodes,
+            version,
+            dir,
+            base_port,
+            startup_ms,
+            payload_mib,
+            admin_token,
+            output,
+        } => {
+            let opts = ClusterOptions {
+                nodes,
+                version,
+                program: match std::env::current_exe() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("error: finding this program: {e}");
+                        return std::process::ExitCode::FAILURE;
+                    }
+                },
+                startup_ms,
+                admin_token,
+                payload_mib,
+                run_as_user: None,
+            };
+            run_cluster(&dir, opts, base_port, output)
+        }
+        Cmd::Load {
+            url,
+            users,
+            duration_secs,
+            clone_every,
+            think_ms,
+            timeout_secs,
+            output,
+        } => {
+            let opts = load::LoadOptions {
+                base_url: url,
+                users,
+                clone_every,
+                think_ms,
+                duration: duration_secs.map(Duration::from_secs),
+                request_timeout: Duration::from_secs(timeout_secs),
+            };
+            run_load(opts, output)
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_archive(version: &str, out: PathBuf, payload_mib: u64) -> anyhow::Result<()> {
+    let info = archive::write_archive(version, &out, payload_mib)
+        .with_context(|| format!("writing the {version} archive to {}", out.display()))?;
+    println!(
+        "{}  {}  ({} bytes)",
+        info.sha256,
+        info.path.display(),
+        info.size_bytes
+    );
+    Ok(())
+}
+
+fn wait_for_stop() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
+}
+
+fn run_cluster(
+    dir: &std::path::Path,
+    opts: ClusterOptions,
+    base_port: Option<u16>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(opts.startup_ms + 30_000);
+    let cluster = SimCluster::create_with_ports(dir, opts, base_port)?;
+    cluster.start_all(true)?;
+    cluster.wait_running(timeout)?;
+    let properties = cluster.shared_dir().join("bitbucket.properties");
+    if output == Output::Json {
+        let doc = serde_json::json!({
+            "dir": cluster.dir(),
+            "archive": {"path": cluster.archive().path, "sha256": cluster.archive().sha256, "size_bytes": cluster.archive().size_bytes},
+            "shared_properties": properties,
+            "nodes": cluster.nodes().iter().map(|n| serde_json::json!({
+                "name": n.name, "port": n.port, "base_url": n.base_url,
+                "install_dir": n.install_dir, "install_root": n.install_root, "home": n.home,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{doc}");
+    } else {
+        println!(
+            "Cluster of {} nodes running (admin token in {}):",
+            cluster.nodes().len(),
+            properties.display()
+        );
+        for n in cluster.nodes() {
+            println!(
+                "  {:<8} {:<24} install {}  home {}",
+                n.name,
+                n.base_url,
+                n.install_dir.display(),
+                n.home.display()
+            );
+        }
+        println!("Press Ctrl-C to stop.");
+    }
+    let waited = wait_for_stop();
+    let stopped = cluster.stop_all();
+    waited.and(stopped)
+}
+
+fn run_load(opts: load::LoadOptions, output: Output) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(&opts.base_url)
+        .with_context(|| format!("--url {} is not a URL", opts.base_url))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        anyhow::bail!("--url {url} must be http:// or https://");
+    }
+    if opts.users == 0 {
+        anyhow::bail!("--users must be at least 1");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let duration = opts.duration;
+        let handle = load::start(opts);
+        let elapsed = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = elapsed => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        anyhow::Ok(handle.stop().await)
+    })?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.summary_line());
+        for failure in &report.failures {
+            println!("  {failure}");
+        }
+        if report.failed > report.failures.len() as u64 {
+            println!(
+                "  ... and {} more failures",
+                report.failed - report.failures.len() as u64
+            );
+        }
+    }
+    if report.failed > 0 {
+        anyhow::bail!(
+            "{} of {} requests failed through {url}",
+            report.failed,
+            report.total
+        );
+    }
+    Ok(())
+}
