@@ -1,1 +1,159 @@
-//! placeholder
+//! Shared pieces of the end-to-end tests: where the binaries are, a sandbox cluster with real agents
+//! and (optionally) a real HAProxy, and running the `bbupgrade` CLI as a process.
+//!
+//! Integration tests get the binary paths with [`bins!`], because `CARGO_BIN_EXE_*` is only set
+//! while compiling the test package's integration tests.
+
+use anyhow::{Context, Result};
+use bbupgrade::sandbox::{Sandbox, SandboxLb, SandboxOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Paths of the three programs, built by cargo before the integration tests run.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub bbupgrade: PathBuf,
+    pub agent: PathBuf,
+    pub sim: PathBuf,
+}
+
+/// `Bins` for the calling integration test.
+#[macro_export]
+macro_rules! bins {
+    () => {
+        $crate::Bins {
+            bbupgrade: env!("CARGO_BIN_EXE_e2e-bbupgrade").into(),
+            agent: env!("CARGO_BIN_EXE_e2e-agent").into(),
+            sim: env!("CARGO_BIN_EXE_e2e-sim").into(),
+        }
+    };
+}
+
+/// Fails (not skips) when a load balancer a test needs is missing, unless told to skip.
+pub fn require_program(name: &str) -> bool {
+    let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(name).is_file());
+    if found {
+        return true;
+    }
+    if std::env::var("BBUPGRADE_SKIP_LB_TESTS").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: {name} is not installed and BBUPGRADE_SKIP_LB_TESTS=1");
+        return false;
+    }
+    panic!(
+        "{name} is not installed: apt-get install -y {name} (or set BBUPGRADE_SKIP_LB_TESTS=1 to skip)"
+    );
+}
+
+/// Options for a small, fast sandbox.
+pub fn sandbox_options(bins: &Bins, nodes: usize, lb: SandboxLb) -> SandboxOptions {
+    SandboxOptions {
+        nodes,
+        from: "8.19.3".into(),
+        to: "8.19.6".into(),
+        payload_mib: 1,
+        startup_ms: 800,
+        lb,
+        user_when_root: "nobody".into(),
+        agent_bin: bins.agent.clone(),
+        sim_bin: bins.sim.clone(),
+    }
+}
+
+/// Creates a sandbox in `dir`, waits for its agents, and starts its nodes through them.
+pub async fn start_sandbox(dir: &Path, opts: SandboxOptions) -> Result<Sandbox> {
+    let dir = dir.to_path_buf();
+    let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox> {
+        let s = Sandbox::create(&dir, opts)?;
+        s.wait_agents()?;
+        Ok(s)
+    })
+    .await??;
+    sandbox
+        .start_nodes()
+        .await
+        .context("starting the nodes through their agents")?;
+    Ok(sandbox)
+}
+
+/// A temporary directory other users can traverse (the Bitbucket user is `nobody` under root).
+pub fn temp_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("bbupgrade-e2e-")
+        .tempdir()
+        .expect("temp dir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    d
+}
+
+/// Runs `bbupgrade` with arguments; returns its output (never panics on a non-zero exit).
+pub fn bbupgrade(bins: &Bins, args: &[&str]) -> Output {
+    Command::new(&bins.bbupgrade)
+        .args(args)
+        .env("BBUPGRADE_AGENT_BIN", &bins.agent)
+        .env("BITBUCKET_SIM_BIN", &bins.sim)
+        .output()
+        .expect("running bbupgrade")
+}
+
+/// The `bbupgrade` arguments that target a sandbox's cluster.
+pub fn cluster_args(s: &Sandbox) -> Vec<String> {
+    vec![
+        "--inventory".into(),
+        s.inventory.display().to_string(),
+        "--cluster".into(),
+        s.cluster_name.clone(),
+    ]
+}
+
+/// The final summary document in `--output json` output (the last `{"event":"summary"}` line).
+pub fn summary_of(stdout: &[u8]) -> Option<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "summary")
+        .map(|v| v["summary"].clone())
+        .next_back()
+}
+
+/// A readable dump of a process's output for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The version a node's `/status`-serving process reports, via the simulator's info page.
+pub async fn node_version(base_url: &str) -> Result<String> {
+    let v: serde_json::Value = reqwest::get(format!("{base_url}/sim/info"))
+        .await?
+        .json()
+        .await?;
+    Ok(v["version"].as_str().unwrap_or_default().to_string())
+}
+
+/// Reads a file, for assertions.
+pub fn read(path: impl AsRef<Path>) -> String {
+    std::fs::read_to_string(path.as_ref())
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.as_ref().display()))
+}
+
+/// The real-world fixtures (`../shared/fixtures/real-world`), or `None` (with a message) in a
+/// clone without them.
+pub fn fixtures_dir() -> Option<PathBuf> {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/real-world");
+    if d.is_dir() {
+        Some(d)
+    } else {
+        eprintln!(
+            "SKIPPED: the real-world fixtures are not at {}",
+            d.display()
+        );
+        None
+    }
+}
