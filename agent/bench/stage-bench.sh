@@ -13,51 +13,13 @@ trap 'chmod -R u+w "$WORK" 2>/dev/null; rm -rf "$WORK"' EXIT
 ARCHIVE=$WORK/atlassian-bitbucket-$VERSION.tar.gz
 
 echo "== building release binaries" >&2
-cargo build --release -p bbupgrade-agent -p bbupgrade-sim >&2 || echo "(full build failed; falling back where needed)" >&2
+cargo build --release -p bbupgrade-agent -p bbupgrade-sim >&2
 
 echo "== making a ${PAYLOAD_MIB} MiB archive" >&2
-if [ -x target/release/bitbucket-sim ] &&
-    target/release/bitbucket-sim archive --version "$VERSION" --out "$ARCHIVE" --payload-mib "$PAYLOAD_MIB" >&2; then
-    echo "(archive from bitbucket-sim)" >&2
-else
-    echo "(bitbucket-sim not ready: random-data jars from python3, then tar czf)" >&2
-    python3 - "$WORK/src/atlassian-bitbucket-$VERSION" "$PAYLOAD_MIB" <<'PY'
-import os, sys
-top, mib = sys.argv[1], int(sys.argv[2])
-for d in ("bin", "conf", "app/WEB-INF/lib", "app/WEB-INF/classes", "lib"):
-    os.makedirs(os.path.join(top, d), exist_ok=True)
-for i in range(40):
-    with open(os.path.join(top, "bin", f"script-{i}.sh"), "w") as f:
-        f.write("#!/bin/sh\n" + "echo bitbucket\n" * 50)
-    os.chmod(os.path.join(top, "bin", f"script-{i}.sh"), 0o755)
-for i in range(20):
-    with open(os.path.join(top, "conf", f"conf-{i}.xml"), "w") as f:
-        f.write("<Server>\n" + "  <Connector port='7990'/>\n" * 100 + "</Server>\n")
-for i in range(2000):  # small class files, compressible
-    with open(os.path.join(top, "app/WEB-INF/classes", f"C{i}.class"), "wb") as f:
-        f.write((b"\xca\xfe\xba\xbe" + bytes(range(256))) * 8)
-left, i = mib << 20, 0
-while left > 0:  # jars: already compressed, so random bytes; sizes from 64 KiB to 64 MiB
-    size = min(left, [64 << 10, 1 << 20, 8 << 20, 64 << 20][i % 4])
-    with open(os.path.join(top, "app/WEB-INF/lib", f"lib-{i}.jar"), "wb") as f:
-        f.write(os.urandom(size))
-    left -= size
-    i += 1
-PY
-    tar -C "$WORK/src" -czf "$ARCHIVE" "atlassian-bitbucket-$VERSION"
-    rm -rf "$WORK/src"
-fi
+target/release/bitbucket-sim archive --version "$VERSION" --out "$ARCHIVE" --payload-mib "$PAYLOAD_MIB" >&2
 SHA=$(sha256sum "$ARCHIVE" | cut -d' ' -f1)
 ls -l "$ARCHIVE" >&2
-
-if [ -x target/release/bbupgrade-agent ] && target/release/bbupgrade-agent stage --help >/dev/null 2>&1; then
-    STAGE=(target/release/bbupgrade-agent stage --archive "$ARCHIVE" --sha256 "$SHA" --version "$VERSION" --install-root)
-    echo "(using bbupgrade-agent stage)" >&2
-else
-    cargo build --release -p bbupgrade-agent --example stage_file >&2
-    STAGE=(target/release/examples/stage_file "$ARCHIVE" "$SHA" "$VERSION")
-    echo "(CLI not ready: using the stage_file example)" >&2
-fi
+STAGE=(target/release/bbupgrade-agent stage --archive "$ARCHIVE" --sha256 "$SHA" --version "$VERSION" --install-root)
 
 now() { date +%s.%N; }
 
