@@ -506,6 +506,59 @@ pub fn prepare(input: &PrepareInput) -> Result<PrepareOutcome, PrepareError> {
 }
 
 /// The JVM setting names an old `_start-webapp.sh` sets actively (used to report a re-run).
+/// The `BITBUCKET_HOME` a systemd unit sets through `Environment=` (quoted or not), if any; the
+/// last assignment wins, as in systemd.
+pub fn unit_home(unit: &str) -> Option<String> {
+    let mut found = None;
+    for line in unit.lines() {
+        let Some(rest) = line.trim().strip_prefix("Environment=") else {
+            continue;
+        };
+        for word in split_unit_words(rest) {
+            if let Some(v) = word.strip_prefix("BITBUCKET_HOME=") {
+                found = Some(v.to_string());
+            }
+        }
+    }
+    found
+}
+
+/// Splits an `Environment=` value into assignments: whitespace-separated, with double or single
+/// quotes around a whole assignment.
+fn split_unit_words(value: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    for c in value.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '"' | '\'') => quote = Some(c),
+            (None, c) if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            (None, c) => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    words
+}
+
+/// Refuses a unit whose `Environment=BITBUCKET_HOME` disagrees with the home the agent prepares for.
+pub fn check_unit_home(unit: &str, home: &Path) -> Result<(), String> {
+    match unit_home(unit) {
+        Some(h) if Path::new(h.trim_end_matches('/')) != home => Err(format!(
+            "the service sets BITBUCKET_HOME={h}, but the agent config says the home is {}; make them agree before upgrading",
+            home.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn jvm_names_set(old: &str) -> Vec<String> {
     let mut names: Vec<String> = JVM_SETTINGS
         .iter()

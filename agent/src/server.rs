@@ -670,6 +670,12 @@ impl Agent for AgentService {
                 } else {
                     state.active_install.clone()
                 };
+                if let ServiceSettings::Systemd { unit_path, .. } = &s.service {
+                    let unit = std::fs::read_to_string(unit_path)
+                        .map_err(|e| internal(&format!("reading {}", unit_path.display()), e))?;
+                    prepare::check_unit_home(&unit, &s.home)
+                        .map_err(Status::failed_precondition)?;
+                }
                 let input = prepare::PrepareInput {
                     current_install: current,
                     new_install: new_install.clone(),

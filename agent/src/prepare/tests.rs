@@ -355,3 +355,14 @@ fn extra_files_must_stay_inside_the_install() {
         ));
     }
 }
+
+#[test]
+fn unit_home_is_read_from_environment_lines() {
+    let unit = "[Service]\nEnvironment=JAVA_HOME=/opt/java \"BITBUCKET_HOME=/var/bb home\"\nEnvironment='BITBUCKET_HOME=/srv/bb'\n";
+    assert_eq!(super::unit_home(unit).as_deref(), Some("/srv/bb"));
+    assert_eq!(super::unit_home("[Service]\nExecStart=/x\n"), None);
+    assert!(super::check_unit_home(unit, std::path::Path::new("/srv/bb")).is_ok());
+    let err =
+        super::check_unit_home(unit, std::path::Path::new("/var/atlassian/bitbucket")).unwrap_err();
+    assert!(err.contains("BITBUCKET_HOME=/srv/bb"), "{err}");
+}
