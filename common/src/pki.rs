@@ -80,7 +80,14 @@ impl Ca {
         let key = KeyPair::generate().context("generating the CA key")?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "bbupgrade private CA");
+        // A name of its own per CA: verifiers pick a certificate's issuer by name, so two CAs both
+        // called "bbupgrade private CA" turn a certificate of the other one into a "bad signature"
+        // instead of the "unknown issuer" it is.
+        let id: String = key.public_key_raw()[1..9]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        dn.push(DnType::CommonName, format!("bbupgrade private CA {id}"));
         dn.push(DnType::OrganizationName, "bbupgrade");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));

@@ -229,7 +229,8 @@ pub async fn connect_agent(
         async move {
             let tcp = TcpStream::connect(&target).await?;
             tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name, tcp).await?;
+            let mut tls = connector.connect(server_name, tcp).await?;
+            await_server_verdict(&mut tls).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     }));
@@ -241,6 +242,53 @@ pub async fn connect_agent(
         .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
         .with_context(|| format!("connecting to the agent of node '{expected_node}' at {addr}"))?;
     Ok(channel)
+}
+
+/// How long to wait after the handshake for the agent's verdict on our certificate.
+const VERDICT_WAIT_MS: u64 = 2000;
+
+/// In TLS 1.3 the client's handshake is over before the server has checked the client's
+/// certificate; a refusal (expired, unknown CA) arrives as an alert after it, and whether the caller
+/// then sees that alert or a bare "broken pipe" depends on timing. So read what the agent sends
+/// first (its session tickets, or the alert) into the connection's own buffers, where HTTP/2 finds
+/// it later, and fail with the alert. Gives up waiting after [`VERDICT_WAIT_MS`].
+async fn await_server_verdict(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+) -> std::io::Result<()> {
+    struct TryRead<'a>(&'a TcpStream);
+    impl std::io::Read for TryRead<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.try_read(buf)
+        }
+    }
+    let (tcp, conn) = tls.get_mut();
+    if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return Ok(());
+    }
+    let wait = async {
+        loop {
+            tcp.readable().await?;
+            match conn.read_tls(&mut TryRead(tcp)) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the agent closed the connection right after the handshake",
+                    ));
+                }
+                Ok(_) => {
+                    conn.process_new_packets()
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_millis(VERDICT_WAIT_MS), wait).await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
+    }
 }
 
 /// An error with its sources, one line: TLS and transport errors hide the reason deep in the chain.

@@ -4,6 +4,8 @@
 //! Integration tests get the binary paths with [`bins!`], because `CARGO_BIN_EXE_*` is only set
 //! while compiling the test package's integration tests.
 
+pub mod faultproxy;
+
 use anyhow::{Context, Result};
 use bbupgrade::sandbox::{Sandbox, SandboxLb, SandboxOptions};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,275 @@
+//! `bbupgrade status` against real agent processes, and `bbupgrade pki` through the command line:
+//! what they print, how fast an unreachable agent is reported, and their exit codes.
+
+use bbupgrade::sandbox::{Sandbox, SandboxLb};
+use bbupgrade_tests::{bbupgrade, bins, cluster_args, describe, sandbox_options, temp_dir};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A sandbox of three agents; the nodes themselves are not started (status needs only the agents).
+fn sandbox(dir: &Path) -> Sandbox {
+    let bins = bins!();
+    let s = Sandbox::create(dir, sandbox_options(&bins, 3, SandboxLb::None)).expect("sandbox");
+    s.wait_agents().expect("agents up");
+    s
+}
+
+fn status(s: &Sandbox, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["status".to_string()];
+    args.extend(cluster_args(s));
+    args.extend(extra.iter().map(|a| a.to_string()));
+    bbupgrade(
+        &bins!(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --output json is not JSON ({e}):\n{}", describe(out)))
+}
+
+#[test]
+fn status_reports_every_agent_then_one_that_is_down() {
+    let dir = temp_dir();
+    let mut s = sandbox(dir.path());
+
+    let out = status(&s, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (i, node) in ["node1", "node2", "node3"].iter().enumerate() {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(node))
+            .unwrap_or_else(|| panic!("no row for {node}:\n{text}"));
+        assert!(line.contains(&s.agent_addrs[i]), "{line}");
+        assert!(line.contains("yes") && line.contains("8.19.3"), "{line}");
+    }
+
+    let out = status(&s, &["--output", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let doc = json(&out);
+    assert_eq!(doc["cluster"], "sandbox");
+    let nodes = doc["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3);
+    for (i, n) in nodes.iter().enumerate() {
+        let id = format!("node{}", i + 1);
+        assert_eq!(n["id"], id.as_str(), "{n}");
+        assert_eq!(n["reachable"], true, "{n}");
+        assert_eq!(n["version"], "8.19.3", "{n}");
+        assert_eq!(n["identity"], format!("agent/{id}").as_str(), "{n}");
+        assert_eq!(n["service_kind"], "scripts", "{n}");
+        assert!(
+            n["active_install"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("atlassian-bitbucket-8.19.3")),
+            "{n}"
+        );
+        assert!(n["error"].is_null(), "{n}");
+        assert!(n["load"]["memory_total_bytes"].as_u64() > Some(0), "{n}");
+    }
+
+    s.kill_agent(1);
+    let started = Instant::now();
+    let out = status(&s, &["--output", "json"]);
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "status took {elapsed:?} with one agent down"
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 of 3 agents unreachable"),
+        "{}",
+        describe(&out)
+    );
+    let doc = json(&out);
+    let nodes = doc["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes[0]["reachable"], true);
+    assert_eq!(nodes[2]["reachable"], true);
+    let down = &nodes[1];
+    assert_eq!(down["reachable"], false, "{down}");
+    let reason = down["error"].as_str().expect("a reason for node2");
+    assert!(
+        reason.contains("node2") && reason.contains(&s.agent_addrs[1]),
+        "the reason should name the node and its agent: {reason}"
+    );
+    assert!(
+        reason.to_lowercase().contains("refused"),
+        "the reason should say the connection was refused: {reason}"
+    );
+
+    // Human output says it too, with the reason on the node's row.
+    let out = status(&s, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("node2"))
+        .unwrap_or_else(|| panic!("no row for node2:\n{text}"));
+    assert!(
+        row.contains("NO") && row.contains(&s.agent_addrs[1]),
+        "{row}"
+    );
+}
+
+#[test]
+fn status_with_an_unknown_cluster_or_no_inventory_is_bad_input() {
+    let bins = bins!();
+    let dir = temp_dir();
+    let inv = dir.path().join("inventory.toml");
+    let pki = dir.path().join("pki");
+    let ca = bbupgrade_common::pki::Ca::generate().unwrap();
+    ca.save(&pki).unwrap();
+    std::fs::write(
+        &inv,
+        format!(
+            "tls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\n\n\
+[[clusters]]\nname = \"prod\"\nbitbucket_url = \"http://127.0.0.1:1\"\ntoken_env = \"BB_TOKEN\"\nload_balancer = {{ kind = \"none\" }}\n\
+[[clusters.nodes]]\nid = \"node1\"\nagent = \"127.0.0.1:1\"\n\n\
+[[clusters]]\nname = \"staging\"\nbitbucket_url = \"http://127.0.0.1:1\"\ntoken_env = \"BB_TOKEN\"\nload_balancer = {{ kind = \"none\" }}\n\
+[[clusters.nodes]]\nid = \"node1\"\nagent = \"127.0.0.1:1\"\n",
+            pki.join("ca.pem"),
+            pki.join("coordinator-admin.pem"),
+            pki.join("coordinator-admin.key"),
+        ),
+    )
+    .unwrap();
+    let inv_arg = inv.display().to_string();
+
+    let out = bbupgrade(
+        &bins,
+        &["status", "--inventory", &inv_arg, "--cluster", "nope"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'nope'") && err.contains("prod") && err.contains("staging"),
+        "the error should name the unknown cluster and the known ones: {err}"
+    );
+
+    let missing = dir.path().join("no-such-inventory.toml");
+    let out = bbupgrade(
+        &bins,
+        &[
+            "status",
+            "--inventory",
+            &missing.display().to_string(),
+            "--cluster",
+            "prod",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-inventory.toml"),
+        "the error should name the missing file: {}",
+        describe(&out)
+    );
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn pki_init_and_issue_through_the_cli() {
+    let bins = bins!();
+    let dir = temp_dir();
+    let pki = dir.path().join("pki");
+    let d = pki.display().to_string();
+
+    let out = bbupgrade(&bins, &["pki", "init", "--dir", &d]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(mode(&pki.join("ca.key")), 0o600);
+    assert!(pki.join("ca.pem").is_file());
+
+    let out = bbupgrade(
+        &bins,
+        &[
+            "pki",
+            "issue",
+            "--dir",
+            &d,
+            "--role",
+            "agent",
+            "--name",
+            "node1",
+            "--san",
+            "127.0.0.1",
+            "--san",
+            "node1.example",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("spiffe://bbupgrade/agent/node1"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(mode(&pki.join("agent-node1.key")), 0o600);
+    let files = bbupgrade_common::tls::TlsFiles::in_pki_dir(
+        &pki,
+        bbupgrade_common::identity::Role::Agent,
+        "node1",
+    );
+    let identity = files.load().unwrap().own_identity().unwrap();
+    assert_eq!(identity.to_string(), "agent 'node1'");
+
+    let out = bbupgrade(
+        &bins,
+        &[
+            "pki",
+            "issue",
+            "--dir",
+            &d,
+            "--role",
+            "coordinator",
+            "--name",
+            "admin",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(mode(&pki.join("coordinator-admin.key")), 0o600);
+
+    let out = bbupgrade(
+        &bins,
+        &[
+            "pki",
+            "issue",
+            "--dir",
+            &d,
+            "--role",
+            "agent",
+            "--name",
+            "node2",
+            "--san",
+            "notadomain!",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("notadomain!"),
+        "the error should name the bad SAN: {}",
+        describe(&out)
+    );
+    assert!(!pki.join("agent-node2.key").exists());
+
+    let ca_before = std::fs::read(pki.join("ca.key")).unwrap();
+    let out = bbupgrade(&bins, &["pki", "init", "--dir", &d]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(
+        std::fs::read(pki.join("ca.key")).unwrap(),
+        ca_before,
+        "the CA must be left alone"
+    );
+}

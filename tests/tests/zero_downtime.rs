@@ -1,0 +1,69 @@
+//! The product's promise, measured: a rolling upgrade of three nodes behind a real HAProxy under
+//! steady load (many users with sessions, short requests and long Git clones) fails no request.
+
+use bbupgrade::sandbox::SandboxLb;
+use bbupgrade_sim::load::{LoadOptions, start};
+use bbupgrade_tests::{bins, cluster_args, describe, require_program, sandbox_options, start_sandbox, summary_of, temp_dir};
+use std::time::{Duration, Instant};
+
+/// Requests the test must see during the upgrade for the zero to mean something.
+const MIN_REQUESTS: u64 = 2000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_upgrade_under_load_fails_no_request() {
+    if !require_program("haproxy") {
+        return;
+    }
+    let bins = bins!();
+    let dir = temp_dir();
+    let sandbox = start_sandbox(dir.path(), sandbox_options(&bins, 3, SandboxLb::Haproxy)).await.expect("sandbox");
+    // Clones of about a second each keep drains honest without stretching the test.
+    sandbox.sim.set_shared_property("sim.scm.clone.ms", "800").expect("clone time");
+
+    let load = start(LoadOptions {
+        base_url: sandbox.traffic_url(),
+        users: 24,
+        clone_every: 20,
+        think_ms: 2,
+        duration: None,
+        request_timeout: Duration::from_secs(30),
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = Instant::now();
+    let mut args = vec!["upgrade".to_string()];
+    args.extend(cluster_args(&sandbox));
+    let archive = sandbox.to_archive.path.display().to_string();
+    args.extend(["--to", "8.19.6", "--archive", &archive, "--output", "json"].map(String::from));
+    let bbupgrade = bins.bbupgrade.clone();
+    let out = tokio::task::spawn_blocking(move || std::process::Command::new(bbupgrade).args(&args).output())
+        .await
+        .expect("join")
+        .expect("run bbupgrade");
+    let upgrade_ms = started.elapsed().as_millis();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.stop().await;
+
+    assert!(out.status.success(), "{}", describe(&out));
+    let summary = summary_of(&out.stdout).expect("a summary");
+    assert_eq!(summary["result"], "upgraded", "{summary}");
+    let out_of_service: Vec<String> = summary["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| format!("{}={}ms", n["id"].as_str().unwrap_or("?"), n["out_of_service_ms"]))
+        .collect();
+    eprintln!(
+        "zero-downtime run: {} requests ({} clones) during a {} ms upgrade, {} failed; out of service: {}; {}",
+        report.total,
+        report.clones,
+        upgrade_ms,
+        report.failed,
+        out_of_service.join(" "),
+        report.summary_line()
+    );
+    assert_eq!(report.failed, 0, "failed requests: {:#?}", report.failures);
+    assert_eq!(report.connection_errors + report.interrupted_transfers, 0);
+    assert!(report.total >= MIN_REQUESTS, "only {} requests during the upgrade", report.total);
+    assert!(report.by_version.contains_key("8.19.6") && report.by_version.contains_key("8.19.3"));
+}
