@@ -252,7 +252,9 @@ impl Systemd {
 
     async fn systemctl(&self, args: &[&str]) -> Result<String, ServiceError> {
         let mut cmd = Command::new(&self.systemctl);
-        cmd.args(args);
+        // The agent's own notification socket is not for its children: systemd logs every
+        // message from another PID as a protocol violation.
+        cmd.args(args).env_remove("NOTIFY_SOCKET");
         run_piped(cmd, self.timeout).await
     }
 }
