@@ -21,10 +21,15 @@ pub async fn connect(node: &Node, tls: &TlsMaterial, connect_timeout: Duration) 
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// Added to the grpc-timeout of a request: the agent's own deadline (given in the request) must
+/// answer first with its reason ("still STARTING after 4 s"), and a hung agent is caught by the
+/// caller's timeout (`deadline` + 2 s), so the transport's bare "Timeout expired" is a backstop.
+pub const REQUEST_GRACE_SECS: u64 = 5;
+
 /// A request with a deadline the agent also sees (grpc-timeout).
 pub fn request<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    req.set_timeout(deadline);
+    req.set_timeout(deadline + Duration::from_secs(REQUEST_GRACE_SECS));
     req
 }
 
@@ -32,6 +37,9 @@ pub fn request<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
 pub fn status_text(node: &str, s: &tonic::Status) -> String {
     let msg = s.message();
     match s.code() {
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled if msg == "Timeout expired" => {
+            format!("node '{node}': the agent did not answer in time; it may be hung")
+        }
         tonic::Code::DeadlineExceeded => {
             format!("node '{node}': the agent did not answer in time ({msg})")
         }

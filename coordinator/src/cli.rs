@@ -51,6 +51,8 @@ pub enum Command {
     Rollback(UpgradeArgs),
     /// A local sandbox cluster of simulated nodes with real agents, upgraded end to end.
     Demo(crate::demo::DemoArgs),
+    /// Upgrade many clusters in waves (canary, concurrency, failure budget, windows); `fleet status`.
+    Fleet(crate::fleet::FleetArgs),
 }
 
 #[derive(Subcommand)]
@@ -159,6 +161,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Resume(args) => crate::run::resume_command(args).await,
         Command::Rollback(args) => crate::run::rollback_command(args).await,
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Fleet(args) => crate::fleet::command(args).await,
     }
 }
 

@@ -67,6 +67,9 @@ pub struct RawCluster {
     pub token_env: Option<String>,
     #[serde(default)]
     pub labels: Vec<String>,
+    /// When a fleet run may upgrade this cluster, e.g. `Sat-Sun 01:00-05:00 Europe/Berlin`.
+    #[serde(default)]
+    pub window: Option<String>,
     pub load_balancer: Option<LbConfig>,
     pub timeouts: Option<Timeouts>,
     pub nodes: Vec<RawNode>,
@@ -105,6 +108,8 @@ pub struct Cluster {
     pub bitbucket_node_urls: Vec<String>,
     pub token: TokenSource,
     pub labels: Vec<String>,
+    /// The maintenance window fleet runs respect (none: any time).
+    pub window: Option<crate::fleet::window::Window>,
     pub load_balancer: LbConfig,
     pub timeouts: Timeouts,
     pub nodes: Vec<Node>,
@@ -202,6 +207,12 @@ impl Inventory {
                     agent: n.agent,
                 });
             }
+            let window = c
+                .window
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .with_context(|| format!("cluster '{}'", c.name))?;
             clusters.push(Cluster {
                 name: c.name,
                 bitbucket_url: c.bitbucket_url.trim_end_matches('/').to_string(),
@@ -212,6 +223,7 @@ impl Inventory {
                     .collect(),
                 token,
                 labels: c.labels,
+                window,
                 load_balancer: c.load_balancer.unwrap_or(LbConfig::None {}),
                 timeouts: c.timeouts.unwrap_or_else(|| raw.timeouts.clone()),
                 nodes,
@@ -289,6 +301,16 @@ lb_server = "bb2"
         assert_eq!(c.nodes[0].lb_server, "n1");
         assert_eq!(c.nodes[1].lb_server, "bb2");
         assert_eq!(c.timeouts, Timeouts::default());
+        assert!(c.window.is_none());
+        let windowed = parse(&GOOD.replace(
+            "token_file",
+            "window = \"Mon-Fri 22:00-02:00 UTC\"\ntoken_file",
+        ))
+        .unwrap();
+        assert_eq!(
+            windowed.clusters[0].window.as_ref().map(|w| w.to_string()),
+            Some("Mon-Fri 22:00-02:00 UTC".to_string())
+        );
         let err = inv.cluster("test").unwrap_err().to_string();
         assert!(err.contains("known clusters: prod"), "{err}");
         assert!(c.node("n9").is_err());
@@ -310,6 +332,13 @@ lb_server = "bb2"
             (
                 GOOD.replace("name = \"prod\"", "name = \"pr od\""),
                 "cluster name",
+            ),
+            (
+                GOOD.replace(
+                    "token_file",
+                    "window = \"Sat 01:00-05:00 Mars/X\"\ntoken_file",
+                ),
+                "cluster 'prod': maintenance window",
             ),
         ] {
             let err = format!("{:#}", parse(&bad).unwrap_err());

@@ -15,7 +15,8 @@ pub const LOCK_HEARTBEAT_SECS: u64 = 10;
 const BUSY_TIMEOUT_SECS: u64 = 5;
 
 /// Schema migrations; entry `i` takes `PRAGMA user_version` from `i` to `i + 1`. Append, never edit.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE runs (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     cluster      TEXT    NOT NULL,
@@ -62,7 +63,33 @@ CREATE TABLE locks (
     acquired_ms  INTEGER NOT NULL,
     heartbeat_ms INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE fleet_runs (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    to_version   TEXT    NOT NULL,
+    options_json TEXT    NOT NULL,
+    actor        TEXT    NOT NULL,
+    started_ms   INTEGER NOT NULL,
+    ended_ms     INTEGER,
+    result       TEXT    CHECK (result IN ('upgraded', 'incomplete', 'halted')),
+    error        TEXT
+);
+
+CREATE TABLE fleet_clusters (
+    fleet_run      INTEGER NOT NULL REFERENCES fleet_runs (id),
+    cluster        TEXT    NOT NULL,
+    position       INTEGER NOT NULL,
+    state          TEXT    NOT NULL
+                   CHECK (state IN ('pending', 'running', 'upgraded', 'failed', 'skipped')),
+    reason         TEXT,
+    cluster_run_id INTEGER REFERENCES runs (id),
+    started_ms     INTEGER,
+    ended_ms       INTEGER,
+    PRIMARY KEY (fleet_run, cluster)
+);
+"#,
+];
 
 /// What went wrong with the journal; callers branch on `Locked` and `LockLost`.
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +354,27 @@ impl Journal {
             conn: Arc::new(Mutex::new(conn)),
             location,
         })
+    }
+
+    /// Commits without waiting for the disk (SQLite `synchronous = NORMAL` in WAL mode): a commit
+    /// still survives the coordinator's crash or kill, which is what a resume needs; only a power
+    /// cut or kernel crash may lose the last commits, and repeating those steps is harmless (agent
+    /// operations carry ids). Fleet runs use it: thousands of journaled steps, one fsync each, would
+    /// otherwise be the bottleneck.
+    pub fn commit_without_fsync(&self) -> Result<(), JournalError> {
+        self.conn()
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(self.sql("setting synchronous = NORMAL"))
+    }
+
+    /// Runs `f` on the connection, for tables another module owns (the fleet's). Short work only,
+    /// never across an await: the connection is shared behind a mutex.
+    pub(crate) fn with_conn<T>(
+        &self,
+        what: impl Into<String>,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, JournalError> {
+        f(&mut self.conn()).map_err(self.sql(what))
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {

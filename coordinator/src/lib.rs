@@ -5,11 +5,13 @@
 //! to agents over mutual TLS; `zdu` is Bitbucket's rolling-upgrade API; `loadbalancer` drains and
 //! restores nodes; `plan` decides (preflight, least-busy order) without I/O; `upgrade` carries a run
 //! out; `run` wires commands to it; `journal` records every step in SQLite; `report` prints;
-//! `status` and `demo` (with `sandbox`) are the other commands.
+//! `status` and `demo` (with `sandbox`) are the other commands; `fleet` upgrades many clusters in
+//! waves.
 
 pub mod agents;
 pub mod cli;
 pub mod demo;
+pub mod fleet;
 pub mod inventory;
 pub mod journal;
 pub mod loadbalancer;

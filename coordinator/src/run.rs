@@ -246,7 +246,7 @@ fn actor() -> String {
 }
 
 /// Hashes an archive file once, before anything changes (the agents verify it again as they extract).
-async fn archive_source(args: &UpgradeArgs) -> Result<Option<ArchiveSource>> {
+pub async fn archive_source(args: &UpgradeArgs) -> Result<Option<ArchiveSource>> {
     if let Some(path) = &args.archive {
         let path = path.clone();
         let (sha, size) = tokio::task::spawn_blocking(move || -> Result<(String, u64, PathBuf)> {
@@ -343,7 +343,7 @@ pub struct PlanReport {
     pub load_balancer: String,
 }
 
-async fn make_plan(ctx: &Ctx, to: &str, archive_bytes: u64) -> PlanReport {
+pub async fn make_plan(ctx: &Ctx, to: &str, archive_bytes: u64) -> PlanReport {
     let observed = ctx.observe().await;
     let (view, zdu_err) = match ctx.cluster_view().await {
         Ok(v) => (Some(v), None),
@@ -458,7 +458,7 @@ fn exit_for(summary: &Summary) -> ExitCode {
 }
 
 /// The run `resume` continues: an open one (a coordinator died), or the latest if it halted.
-fn resumable_run(ctx: &Ctx) -> Result<Option<crate::journal::RunRecord>> {
+pub fn resumable_run(ctx: &Ctx) -> Result<Option<crate::journal::RunRecord>> {
     if let Some(r) = ctx.journal.open_run(&ctx.cluster.name)? {
         return Ok(Some(r));
     }
@@ -469,7 +469,7 @@ fn resumable_run(ctx: &Ctx) -> Result<Option<crate::journal::RunRecord>> {
 }
 
 /// Takes the cluster's lock and keeps it fresh while the run lasts.
-fn lock_cluster(
+pub fn lock_cluster(
     ctx: &Ctx,
 ) -> Result<(
     Arc<std::sync::Mutex<ClusterLock>>,

@@ -5,6 +5,7 @@
 //! while compiling the test package's integration tests.
 
 pub mod faultproxy;
+pub mod fleet_standin;
 pub mod systemd_harness;
 
 use anyhow::{Context, Result};

@@ -1,0 +1,347 @@
+//! `bbupgrade fleet`: rolling upgrades across many clusters in waves — canaries first, a concurrency
+//! limit (a number or a percentage), an optional soak between waves, a failure budget that halts
+//! the fleet, clusters chosen by name or label, and per-cluster maintenance windows. Each cluster
+//! still goes one node at a time through the cluster driver; the fleet run is journaled beside the
+//! cluster runs and resumes after the coordinator dies.
+//!
+//! Layout: `plan` decides selection, order, waves and the budget (pure); `window` parses and checks
+//! maintenance windows (pure); `journal` holds the fleet's tables; `cluster` takes one cluster's
+//! turn; `waves` carries the run out; `report` prints events, the summary and `fleet status`.
+
+pub mod cluster;
+pub mod journal;
+pub mod plan;
+pub mod report;
+pub mod waves;
+pub mod window;
+
+use crate::cli::{BadInput, ClusterArgs, Output, UpgradeArgs, load_inventory};
+use crate::journal::{ClusterLock, Journal, this_process_holder};
+use crate::run::{ArchiveSource, open_journal};
+use anyhow::{Result, anyhow};
+use clap::{Args, Subcommand};
+use journal::{ClusterState, FleetResult, FleetRunId};
+use plan::Concurrency;
+use report::{FleetReport, FleetReporter};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the fleet run's lock is refreshed (it is stale after `journal::LOCK_STALE_SECS`).
+const FLEET_LOCK_HEARTBEAT_SECS: u64 = 5;
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct FleetArgs {
+    #[command(subcommand)]
+    pub command: Option<FleetCommand>,
+    #[command(flatten)]
+    pub run: FleetRunArgs,
+}
+
+#[derive(Subcommand)]
+pub enum FleetCommand {
+    /// Clusters of the latest (or a given) fleet run by state, failures and skips with reasons.
+    Status(FleetStatusArgs),
+    /// Continue the latest unfinished fleet run (same as `fleet --resume`).
+    Resume(FleetResumeArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct FleetRunArgs {
+    #[arg(long, required = true)]
+    pub inventory: Option<PathBuf>,
+    /// The bug-fix release every selected cluster goes to, e.g. 8.19.6.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Clusters upgraded first, in their own wave(s); a failed canary halts the fleet.
+    #[arg(long, value_delimiter = ',')]
+    pub canary: Vec<String>,
+    /// Clusters at once: a number (10) or a percentage of the selected clusters (25%).
+    #[arg(long, default_value = "1")]
+    pub concurrency: Concurrency,
+    /// Pause between waves, in seconds.
+    #[arg(long, default_value_t = 0)]
+    pub wave_soak_secs: u64,
+    /// Failed clusters tolerated; one more halts the fleet (no further cluster is started).
+    #[arg(long, default_value_t = 0)]
+    pub max_failed_clusters: u32,
+    /// Only these clusters (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    pub clusters: Vec<String>,
+    /// Only clusters carrying this label (repeatable: every label must match).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// The release archive, streamed by the coordinator to every agent.
+    #[arg(long, conflicts_with = "archive_url")]
+    pub archive: Option<PathBuf>,
+    /// A URL every agent downloads the release from itself (with --sha256); agents keep a cache.
+    #[arg(long, requires = "sha256")]
+    pub archive_url: Option<String>,
+    #[arg(long)]
+    pub sha256: Option<String>,
+    /// The journal: `sqlite:PATH` or a path (default: from the inventory, else ./bbupgrade-journal.db).
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+    /// Roll a failed node back to the original version and put it back in service.
+    #[arg(long)]
+    pub auto_rollback: bool,
+    /// Healthy time after each node rejoins (overrides the inventory).
+    #[arg(long)]
+    pub soak_secs: Option<u64>,
+    /// Continue the latest unfinished fleet run instead of starting one.
+    #[arg(long)]
+    pub resume: bool,
+    /// With --resume: give failed clusters another turn (their cluster runs are resumed).
+    #[arg(long, requires = "resume")]
+    pub retry_failed: bool,
+}
+
+#[derive(Args, Clone)]
+pub struct FleetStatusArgs {
+    #[arg(long)]
+    pub inventory: PathBuf,
+    #[arg(long)]
+    pub state: Option<String>,
+    /// A fleet run id (default: the latest).
+    #[arg(long)]
+    pub run: Option<i64>,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+}
+
+#[derive(Args, Clone)]
+pub struct FleetResumeArgs {
+    #[arg(long)]
+    pub inventory: PathBuf,
+    #[arg(long)]
+    pub state: Option<String>,
+    /// A fleet run id (default: the latest unfinished one).
+    #[arg(long)]
+    pub run: Option<i64>,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+    /// Give failed clusters another turn (their cluster runs are resumed).
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// A new failure budget for the rest of the run.
+    #[arg(long)]
+    pub max_failed_clusters: Option<u32>,
+}
+
+/// The options of a fleet run, kept in the journal so a resume goes on the same way.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetOptions {
+    pub to: String,
+    pub archive: ArchiveSource,
+    pub canary: Vec<String>,
+    pub concurrency: Concurrency,
+    pub wave_soak_secs: u64,
+    pub max_failed_clusters: u32,
+    pub clusters: Vec<String>,
+    pub labels: Vec<String>,
+    pub auto_rollback: bool,
+    pub soak_secs: Option<u64>,
+}
+
+pub async fn command(args: FleetArgs) -> Result<ExitCode> {
+    match args.command {
+        Some(FleetCommand::Status(a)) => status(a),
+        Some(FleetCommand::Resume(a)) => resume(a).await,
+        None if args.run.resume => {
+            let r = args.run;
+            resume(FleetResumeArgs {
+                inventory: r.inventory.unwrap_or_default(),
+                state: r.state,
+                run: None,
+                output: r.output,
+                retry_failed: r.retry_failed,
+                max_failed_clusters: None,
+            })
+            .await
+        }
+        None => start(args.run).await,
+    }
+}
+
+fn bad(msg: impl Into<String>) -> anyhow::Error {
+    BadInput(msg.into()).into()
+}
+
+async fn start(args: FleetRunArgs) -> Result<ExitCode> {
+    let inventory = args.inventory.clone().unwrap_or_default();
+    let inv = load_inventory(&inventory)?;
+    let to = args
+        .to
+        .clone()
+        .ok_or_else(|| bad("give the target version with --to, e.g. --to 8.19.6"))?;
+    to.parse::<bbupgrade_common::version::Version>()
+        .map_err(|e| bad(e.to_string()))?;
+    let candidates: Vec<plan::Candidate> = inv
+        .clusters
+        .iter()
+        .map(|c| plan::Candidate {
+            name: &c.name,
+            labels: &c.labels,
+        })
+        .collect();
+    let selected =
+        plan::select(&candidates, &args.clusters, &args.labels, &args.canary).map_err(bad)?;
+    let archive = crate::run::archive_source(&UpgradeArgs {
+        target: ClusterArgs {
+            inventory: inventory.clone(),
+            cluster: String::new(),
+            output: args.output,
+        },
+        to: Some(to.clone()),
+        archive: args.archive.clone(),
+        archive_url: args.archive_url.clone(),
+        sha256: args.sha256.clone(),
+        state: args.state.clone(),
+        auto_rollback: args.auto_rollback,
+        soak_secs: args.soak_secs,
+    })
+    .await?
+    .ok_or_else(|| bad("give the release with --archive-url URL --sha256 HEX (agents download it) or --archive FILE (streamed)"))?;
+    let opts = FleetOptions {
+        to: to.clone(),
+        archive,
+        canary: args.canary.clone(),
+        concurrency: args.concurrency,
+        wave_soak_secs: args.wave_soak_secs,
+        max_failed_clusters: args.max_failed_clusters,
+        clusters: args.clusters.clone(),
+        labels: args.labels.clone(),
+        auto_rollback: args.auto_rollback,
+        soak_secs: args.soak_secs,
+    };
+    let journal = Arc::new(open_journal(args.state.as_deref(), inv.state.as_deref())?);
+    if let Some(open) = journal::latest(&journal, true)?.filter(|r| r.result.is_none()) {
+        return Err(bad(format!(
+            "fleet run #{} (to {}, by {}) is unfinished; continue it with `bbupgrade fleet resume` (see `bbupgrade fleet status`)",
+            open.id, open.to_version, open.actor
+        )));
+    }
+    let ordered = plan::order(&selected, &opts.canary);
+    let id = journal::create(
+        &journal,
+        &to,
+        &serde_json::to_string(&opts)?,
+        &this_process_holder(),
+        &ordered,
+    )?;
+    drive(inv, journal, id, opts, args.output).await
+}
+
+async fn resume(args: FleetResumeArgs) -> Result<ExitCode> {
+    let inv = load_inventory(&args.inventory)?;
+    let journal = Arc::new(open_journal(args.state.as_deref(), inv.state.as_deref())?);
+    let record = match args.run {
+        Some(id) => journal::run(&journal, FleetRunId(id))?
+            .ok_or_else(|| bad(format!("the journal has no fleet run #{id}")))?,
+        None => journal::latest(&journal, true)?
+            .ok_or_else(|| bad("the journal has no unfinished fleet run to resume"))?,
+    };
+    if record.result == Some(FleetResult::Upgraded) {
+        return Err(bad(format!(
+            "fleet run #{} upgraded every cluster; nothing to resume",
+            record.id
+        )));
+    }
+    let mut opts: FleetOptions = serde_json::from_str(&record.options_json)
+        .map_err(|e| anyhow!("reading the options of fleet run #{}: {e}", record.id))?;
+    if let Some(m) = args.max_failed_clusters {
+        opts.max_failed_clusters = m;
+    }
+    for c in journal::clusters(&journal, record.id)? {
+        let again = match c.state {
+            ClusterState::Skipped => true,
+            ClusterState::Failed => args.retry_failed,
+            _ => false,
+        };
+        if again {
+            journal::set_state(&journal, record.id, &c.cluster, ClusterState::Pending, None)?;
+        }
+    }
+    drive(inv, journal, record.id, opts, args.output).await
+}
+
+/// Takes the fleet run's lock, runs its waves, prints the summary.
+async fn drive(
+    inv: crate::inventory::Inventory,
+    journal: Arc<Journal>,
+    id: FleetRunId,
+    opts: FleetOptions,
+    output: Output,
+) -> Result<ExitCode> {
+    let tls = inv
+        .tls
+        .load()
+        .map_err(|e| bad(format!("coordinator TLS files: {e:#}")))?;
+    journal.commit_without_fsync()?;
+    let lock = journal
+        .acquire_lock(&format!("fleet-run/{id}"), &this_process_holder())
+        .map_err(|e| anyhow!("{e}"))?;
+    let beat = heartbeat(lock);
+    journal::reopen(&journal, id, &this_process_holder())?;
+    let reporter = FleetReporter::new(output);
+    reporter.event(
+        None,
+        None,
+        "info",
+        &format!(
+            "fleet run #{id} to {}: concurrency {}, canary [{}], failure budget {}, wave soak {}s",
+            opts.to,
+            opts.concurrency,
+            opts.canary.join(", "),
+            opts.max_failed_clusters,
+            opts.wave_soak_secs
+        ),
+    );
+    let shared = Arc::new(cluster::Shared {
+        tls,
+        journal,
+        fleet: id,
+        opts,
+    });
+    let result = waves::drive(shared, &inv, &reporter).await;
+    beat.abort();
+    let report = result?;
+    reporter.summary(&report);
+    Ok(if report.result == FleetResult::Upgraded.as_str() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn heartbeat(lock: ClusterLock) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(FLEET_LOCK_HEARTBEAT_SECS)).await;
+            if let Err(e) = lock.heartbeat() {
+                tracing::warn!(error = %e, "could not refresh the fleet run's lock");
+            }
+        }
+    })
+}
+
+fn status(args: FleetStatusArgs) -> Result<ExitCode> {
+    let inv = load_inventory(&args.inventory)?;
+    let journal = open_journal(args.state.as_deref(), inv.state.as_deref())?;
+    let record = match args.run {
+        Some(id) => journal::run(&journal, FleetRunId(id))?,
+        None => journal::latest(&journal, false)?,
+    }
+    .ok_or_else(|| bad("the journal has no fleet run"))?;
+    let report = FleetReport::new(&record, &journal::clusters(&journal, record.id)?);
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Human => print!("{}", report::render_human(&report)),
+    }
+    Ok(ExitCode::SUCCESS)
+}

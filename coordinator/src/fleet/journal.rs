@@ -1,0 +1,337 @@
+//! The fleet's tables in the journal: a fleet run with its options, and the state of each of its
+//! clusters (pending, running, upgraded, failed, skipped) with the reason and the cluster run.
+
+use crate::journal::{Journal, JournalError, RunId, now_ms};
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+use std::fmt;
+
+/// A fleet run's id in the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct FleetRunId(pub i64);
+
+impl fmt::Display for FleetRunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Where one cluster of a fleet run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterState {
+    Pending,
+    Running,
+    Upgraded,
+    Failed,
+    Skipped,
+}
+
+impl ClusterState {
+    pub const ALL: [ClusterState; 5] = [
+        ClusterState::Upgraded,
+        ClusterState::Running,
+        ClusterState::Pending,
+        ClusterState::Skipped,
+        ClusterState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClusterState::Pending => "pending",
+            ClusterState::Running => "running",
+            ClusterState::Upgraded => "upgraded",
+            ClusterState::Failed => "failed",
+            ClusterState::Skipped => "skipped",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// How a fleet run ended; `None` while it is open (running, or its coordinator died).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FleetResult {
+    /// Every selected cluster is upgraded.
+    Upgraded,
+    /// No budget was exceeded, but clusters were skipped (windows) or failed within the budget.
+    Incomplete,
+    /// The failure budget was exceeded or a canary failed: clusters were left pending.
+    Halted,
+}
+
+impl FleetResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FleetResult::Upgraded => "upgraded",
+            FleetResult::Incomplete => "incomplete",
+            FleetResult::Halted => "halted",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Upgraded, Self::Incomplete, Self::Halted]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetRunRecord {
+    pub id: FleetRunId,
+    pub to_version: String,
+    pub options_json: String,
+    pub actor: String,
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    pub result: Option<FleetResult>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FleetClusterRecord {
+    pub cluster: String,
+    pub state: ClusterState,
+    pub reason: Option<String>,
+    pub cluster_run_id: Option<i64>,
+    pub started_ms: Option<i64>,
+    pub ended_ms: Option<i64>,
+}
+
+fn bad(column: &'static str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("unexpected value {value:?} in {column}").into(),
+    )
+}
+
+const RUN_COLUMNS: &str =
+    "id, to_version, options_json, actor, started_ms, ended_ms, result, error";
+
+fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FleetRunRecord> {
+    let result: Option<String> = r.get(6)?;
+    Ok(FleetRunRecord {
+        id: FleetRunId(r.get(0)?),
+        to_version: r.get(1)?,
+        options_json: r.get(2)?,
+        actor: r.get(3)?,
+        started_ms: r.get(4)?,
+        ended_ms: r.get(5)?,
+        result: match result {
+            None => None,
+            Some(s) => Some(FleetResult::parse(&s).ok_or_else(|| bad("fleet_runs.result", &s))?),
+        },
+        error: r.get(7)?,
+    })
+}
+
+/// Creates a fleet run with its clusters (in order), all pending.
+pub fn create(
+    j: &Journal,
+    to: &str,
+    options_json: &str,
+    actor: &str,
+    clusters: &[String],
+) -> Result<FleetRunId, JournalError> {
+    j.with_conn("recording a new fleet run", |c| {
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO fleet_runs (to_version, options_json, actor, started_ms) \
+             VALUES (?1, ?2, ?3, ?4)",
+            params![to, options_json, actor, now_ms()],
+        )?;
+        let id = tx.last_insert_rowid();
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO fleet_clusters (fleet_run, cluster, position, state) \
+                 VALUES (?1, ?2, ?3, 'pending')",
+            )?;
+            for (i, name) in clusters.iter().enumerate() {
+                stmt.execute(params![id, name, i as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(FleetRunId(id))
+    })
+}
+
+pub fn run(j: &Journal, id: FleetRunId) -> Result<Option<FleetRunRecord>, JournalError> {
+    j.with_conn(format!("reading fleet run {id}"), |c| {
+        c.query_row(
+            &format!("SELECT {RUN_COLUMNS} FROM fleet_runs WHERE id = ?1"),
+            [id.0],
+            run_from_row,
+        )
+        .optional()
+    })
+}
+
+/// The latest fleet run; with `unfinished`, the latest not fully upgraded (open, halted or
+/// incomplete), the one `fleet resume` continues.
+pub fn latest(j: &Journal, unfinished: bool) -> Result<Option<FleetRunRecord>, JournalError> {
+    let filter = if unfinished {
+        "WHERE result IS NULL OR result != 'upgraded'"
+    } else {
+        ""
+    };
+    j.with_conn("looking for the latest fleet run", |c| {
+        c.query_row(
+            &format!("SELECT {RUN_COLUMNS} FROM fleet_runs {filter} ORDER BY id DESC LIMIT 1"),
+            [],
+            run_from_row,
+        )
+        .optional()
+    })
+}
+
+/// The clusters of a fleet run in their order.
+pub fn clusters(j: &Journal, id: FleetRunId) -> Result<Vec<FleetClusterRecord>, JournalError> {
+    j.with_conn(format!("reading the clusters of fleet run {id}"), |c| {
+        let mut stmt = c.prepare(
+            "SELECT cluster, state, reason, cluster_run_id, started_ms, ended_ms \
+             FROM fleet_clusters WHERE fleet_run = ?1 ORDER BY position",
+        )?;
+        let rows = stmt.query_map([id.0], |r| {
+            let state: String = r.get(1)?;
+            Ok(FleetClusterRecord {
+                cluster: r.get(0)?,
+                state: ClusterState::parse(&state)
+                    .ok_or_else(|| bad("fleet_clusters.state", &state))?,
+                reason: r.get(2)?,
+                cluster_run_id: r.get(3)?,
+                started_ms: r.get(4)?,
+                ended_ms: r.get(5)?,
+            })
+        })?;
+        rows.collect()
+    })
+}
+
+/// Records a cluster's new state; `running` stamps its start, the others its end.
+pub fn set_state(
+    j: &Journal,
+    id: FleetRunId,
+    cluster: &str,
+    state: ClusterState,
+    reason: Option<&str>,
+) -> Result<(), JournalError> {
+    let (id, now) = (id.0, now_ms());
+    let word = state.as_str();
+    j.with_conn(format!("recording cluster {cluster} as {word}"), |c| {
+        match state {
+            ClusterState::Running => c.execute(
+                "UPDATE fleet_clusters SET state = ?3, reason = ?4, started_ms = ?5, \
+                 ended_ms = NULL WHERE fleet_run = ?1 AND cluster = ?2",
+                params![id, cluster, word, reason, now],
+            ),
+            ClusterState::Pending => c.execute(
+                "UPDATE fleet_clusters SET state = ?3, reason = ?4, ended_ms = NULL \
+                 WHERE fleet_run = ?1 AND cluster = ?2",
+                params![id, cluster, word, reason],
+            ),
+            _ => c.execute(
+                "UPDATE fleet_clusters SET state = ?3, reason = ?4, ended_ms = ?5 \
+                 WHERE fleet_run = ?1 AND cluster = ?2",
+                params![id, cluster, word, reason, now],
+            ),
+        }
+        .map(|_| ())
+    })
+}
+
+/// Links a cluster to the cluster run that upgrades it (so a resume continues that run).
+pub fn set_cluster_run(
+    j: &Journal,
+    id: FleetRunId,
+    cluster: &str,
+    run: RunId,
+) -> Result<(), JournalError> {
+    j.with_conn(format!("linking cluster {cluster} to run {run}"), |c| {
+        c.execute(
+            "UPDATE fleet_clusters SET cluster_run_id = ?3 WHERE fleet_run = ?1 AND cluster = ?2",
+            params![id.0, cluster, run.0],
+        )
+        .map(|_| ())
+    })
+}
+
+pub fn finish(
+    j: &Journal,
+    id: FleetRunId,
+    result: FleetResult,
+    error: Option<&str>,
+) -> Result<(), JournalError> {
+    j.with_conn(format!("recording the end of fleet run {id}"), |c| {
+        c.execute(
+            "UPDATE fleet_runs SET ended_ms = ?2, result = ?3, error = ?4 WHERE id = ?1",
+            params![id.0, now_ms(), result.as_str(), error],
+        )
+        .map(|_| ())
+    })
+}
+
+/// Reopens a fleet run for a resume (it is open again until it ends).
+pub fn reopen(j: &Journal, id: FleetRunId, actor: &str) -> Result<(), JournalError> {
+    j.with_conn(format!("reopening fleet run {id}"), |c| {
+        c.execute(
+            "UPDATE fleet_runs SET ended_ms = NULL, result = NULL, error = NULL, actor = ?2 \
+             WHERE id = ?1",
+            params![id.0, actor],
+        )
+        .map(|_| ())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fleet_run_round_trip() {
+        let j = Journal::open_in_memory().unwrap();
+        let names: Vec<String> = ["b", "a", "c"].iter().map(|s| s.to_string()).collect();
+        let id = create(&j, "8.19.6", "{}", "me@h:1", &names).unwrap();
+        let rec = run(&j, id).unwrap().unwrap();
+        assert_eq!(rec.to_version, "8.19.6");
+        assert_eq!(rec.result, None);
+        assert_eq!(latest(&j, true).unwrap().unwrap().id, id);
+        let cs = clusters(&j, id).unwrap();
+        assert_eq!(
+            cs.iter().map(|c| c.cluster.as_str()).collect::<Vec<_>>(),
+            ["b", "a", "c"]
+        );
+        assert!(cs.iter().all(|c| c.state == ClusterState::Pending));
+
+        set_state(&j, id, "a", ClusterState::Running, None).unwrap();
+        set_state(
+            &j,
+            id,
+            "b",
+            ClusterState::Skipped,
+            Some("outside its window"),
+        )
+        .unwrap();
+        let cs = clusters(&j, id).unwrap();
+        assert_eq!(cs[1].state, ClusterState::Running);
+        assert!(cs[1].started_ms.is_some() && cs[1].ended_ms.is_none());
+        assert_eq!(cs[0].reason.as_deref(), Some("outside its window"));
+
+        finish(&j, id, FleetResult::Incomplete, None).unwrap();
+        assert_eq!(
+            latest(&j, true).unwrap().unwrap().result,
+            Some(FleetResult::Incomplete)
+        );
+        reopen(&j, id, "you@h:2").unwrap();
+        let rec = run(&j, id).unwrap().unwrap();
+        assert_eq!((rec.result, rec.actor.as_str()), (None, "you@h:2"));
+        finish(&j, id, FleetResult::Upgraded, None).unwrap();
+        assert!(latest(&j, true).unwrap().is_none());
+        assert_eq!(latest(&j, false).unwrap().unwrap().id, id);
+        assert!(run(&j, FleetRunId(99)).unwrap().is_none());
+    }
+}
