@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cluster::{ClusterOptions, SimCluster};
-use crate::{archive, load};
+use crate::{archive, balancer, load};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -76,6 +76,21 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
+    /// A stand-in for HAProxy, for the demo where HAProxy is not installed: round robin over
+    /// healthy `ready` servers, with HAProxy's runtime API (the subset bbupgrade uses) on --socket.
+    Balancer {
+        /// Where clients connect, e.g. 127.0.0.1:7990.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The runtime-API unix socket (HAProxy's `stats socket ... level admin`).
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long, default_value = "bitbucket")]
+        backend: String,
+        /// A server, NAME=IP:PORT (repeat for each node), e.g. node1=127.0.0.1:7991.
+        #[arg(long = "server", required = true)]
+        servers: Vec<String>,
+    },
     /// Send load through URL (many users with sessions, pages and clones) and report; exit code 1
     /// if any request failed.
     Load {
@@ -140,6 +155,12 @@ pub fn main() -> std::process::ExitCode {
             };
             run_cluster(&dir, opts, base_port, output)
         }
+        Cmd::Balancer {
+            listen,
+            socket,
+            backend,
+            servers,
+        } => run_balancer(listen, socket, &backend, &servers),
         Cmd::Load {
             url,
             users,
@@ -239,6 +260,48 @@ fn run_cluster(
     let waited = wait_for_stop();
     let stopped = cluster.stop_all();
     waited.and(stopped)
+}
+
+fn run_balancer(
+    listen: std::net::SocketAddr,
+    socket: PathBuf,
+    backend: &str,
+    servers: &[String],
+) -> anyhow::Result<()> {
+    let servers = servers
+        .iter()
+        .map(|s| balancer::ServerSpec::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = balancer::BalancerOptions::new(listen, socket, backend, servers);
+    // State changes (drain, maint, a server going down) to stderr, as HAProxy logs them.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init()
+        .ok();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let handle = balancer::start(opts).await?;
+        eprintln!(
+            "bitbucket-sim balancer: a STAND-IN for HAProxy (HAProxy is not installed), for the demo \
+             only; listening on {}, runtime API on {}",
+            handle.addr(),
+            handle.socket().display()
+        );
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        handle.shutdown().await;
+        anyhow::Ok(())
+    })
 }
 
 fn run_load(opts: load::LoadOptions, output: Output) -> anyhow::Result<()> {

@@ -5,9 +5,11 @@
 //! Layout: `version` (release versions, the bug-fix rule), `zdu` (the rolling-upgrade state machine,
 //! pure), `membership` (the cluster record in the shared home, under `flock`), `node` (the HTTP node),
 //! `properties` (`.properties` files), `client` (a tiny blocking HTTP client for probes and tests),
-//! `load` (a load generator: many users' sessions, pages and clones, through the load balancer).
+//! `load` (a load generator: many users' sessions, pages and clones, through the load balancer),
+//! `balancer` (a stand-in for HAProxy, for the demo where HAProxy is not installed).
 
 pub mod archive;
+pub mod balancer;
 pub mod cli;
 pub mod client;
 pub mod cluster;
