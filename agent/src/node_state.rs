@@ -10,6 +10,7 @@ pub struct NodeState {
     pub previous_install: Option<PathBuf>,
 }
 
+#[derive(Clone)]
 pub struct StateFile {
     path: PathBuf,
 }

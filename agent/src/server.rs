@@ -25,11 +25,13 @@ type LoadStream = Pin<Box<dyn Stream<Item = Result<LoadSample, Status>> + Send>>
 const UPLOAD_CHANNEL_CHUNKS: usize = 16;
 const MIN_WATCH_INTERVAL_MS: u32 = 200;
 
+/// Cheap to clone (shared parts behind `Arc`), so an operation can run on its own task.
+#[derive(Clone)]
 pub struct AgentService {
     settings: Arc<Settings>,
     journal: Arc<OpJournal>,
     state_file: StateFile,
-    state: Mutex<NodeState>,
+    state: Arc<Mutex<NodeState>>,
     active_install: Arc<RwLock<PathBuf>>,
     service: Arc<dyn service::ServiceManager>,
     metrics: Arc<Metrics>,
@@ -77,6 +79,18 @@ fn stage_status(e: stage::StageError) -> Status {
     }
 }
 
+/// Runs an operation on its own task, so it ends (and is journaled) even when the caller goes away
+/// mid-call, e.g. a coordinator killed while the node stops. Run inside the request, it would be
+/// dropped half-done with its id left "running" until the agent restarts, and the caller's retry
+/// refused; detached, the retry gets the recorded result and nothing is done twice.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Status::internal(format!("the operation's task failed: {e}")))?
+}
+
 fn check_version(v: &str) -> Result<Version, Status> {
     v.parse::<Version>()
         .map_err(|e| Status::invalid_argument(e.to_string()))
@@ -113,7 +127,7 @@ impl AgentService {
         Ok(Self {
             journal: Arc::new(journal),
             state_file,
-            state: Mutex::new(state),
+            state: Arc::new(Mutex::new(state)),
             active_install,
             service,
             metrics: Arc::new(Metrics::new()),
@@ -703,14 +717,17 @@ impl Agent for AgentService {
 
     async fn stop(&self, req: Request<StopRequest>) -> Result<Response<StopResponse>, Status> {
         let r = req.into_inner();
-        let resp = self
-            .journal
-            .run(&r.operation_id, "stop", async {
-                self.stop_bitbucket(r.timeout_secs, r.kill_after_timeout)
-                    .await
-                    .map(StopRecord::from)
-            })
-            .await?;
+        let this = self.clone();
+        let resp = detached(async move {
+            this.journal
+                .run(&r.operation_id, "stop", async {
+                    this.stop_bitbucket(r.timeout_secs, r.kill_after_timeout)
+                        .await
+                        .map(StopRecord::from)
+                })
+                .await
+        })
+        .await?;
         Ok(Response::new(resp.into()))
     }
 
@@ -741,14 +758,17 @@ impl Agent for AgentService {
 
     async fn start(&self, req: Request<StartRequest>) -> Result<Response<StartResponse>, Status> {
         let r = req.into_inner();
-        let resp = self
-            .journal
-            .run(&r.operation_id, "start", async {
-                self.start_bitbucket(r.timeout_secs)
-                    .await
-                    .map(StartRecord::from)
-            })
-            .await?;
+        let this = self.clone();
+        let resp = detached(async move {
+            this.journal
+                .run(&r.operation_id, "start", async {
+                    this.start_bitbucket(r.timeout_secs)
+                        .await
+                        .map(StartRecord::from)
+                })
+                .await
+        })
+        .await?;
         Ok(Response::new(resp.into()))
     }
 
@@ -757,45 +777,48 @@ impl Agent for AgentService {
         req: Request<RollbackRequest>,
     ) -> Result<Response<RollbackResponse>, Status> {
         let r = req.into_inner();
-        let resp = self
-            .journal
-            .run(&r.operation_id, "rollback", async {
-                let state = self.node_state();
-                let Some(previous) = state.previous_install.clone() else {
-                    return Err(Status::failed_precondition(
-                        "there is no previous install to roll back to on this node",
-                    ));
-                };
-                self.stop_bitbucket(r.stop_timeout_secs, false).await?;
-                let def = self.service_def();
-                let link = self.settings.current_link.clone();
-                let (from, to) = (state.active_install.clone(), previous.clone());
-                tokio::task::spawn_blocking(move || {
-                    activate::restore(&def, link.as_deref(), &to, &from)
+        let this = self.clone();
+        let resp = detached(async move {
+            this.journal
+                .run(&r.operation_id, "rollback", async {
+                    let state = this.node_state();
+                    let Some(previous) = state.previous_install.clone() else {
+                        return Err(Status::failed_precondition(
+                            "there is no previous install to roll back to on this node",
+                        ));
+                    };
+                    this.stop_bitbucket(r.stop_timeout_secs, false).await?;
+                    let def = this.service_def();
+                    let link = this.settings.current_link.clone();
+                    let (from, to) = (state.active_install.clone(), previous.clone());
+                    tokio::task::spawn_blocking(move || {
+                        activate::restore(&def, link.as_deref(), &to, &from)
+                    })
+                    .await
+                    .map_err(blocking_join)?
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                    this.service
+                        .daemon_reload()
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    this.set_node_state(NodeState {
+                        active_install: previous.clone(),
+                        previous_install: Some(state.active_install.clone()),
+                    })?;
+                    let state_text = if r.no_start {
+                        "STOPPED".to_string()
+                    } else {
+                        this.start_bitbucket(r.start_timeout_secs).await?.state
+                    };
+                    Ok(RollbackRecord {
+                        install_path: previous.display().to_string(),
+                        version: install_version(&previous).unwrap_or_default(),
+                        state: state_text,
+                    })
                 })
                 .await
-                .map_err(blocking_join)?
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
-                self.service
-                    .daemon_reload()
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                self.set_node_state(NodeState {
-                    active_install: previous.clone(),
-                    previous_install: Some(state.active_install.clone()),
-                })?;
-                let state_text = if r.no_start {
-                    "STOPPED".to_string()
-                } else {
-                    self.start_bitbucket(r.start_timeout_secs).await?.state
-                };
-                Ok(RollbackRecord {
-                    install_path: previous.display().to_string(),
-                    version: install_version(&previous).unwrap_or_default(),
-                    state: state_text,
-                })
-            })
-            .await?;
+        })
+        .await?;
         Ok(Response::new(resp.into()))
     }
 
