@@ -1,5 +1,5 @@
 //! `bbupgrade demo`: builds a sandbox cluster (simulated nodes, real agents over mutual TLS, HAProxy
-//! in front when installed), upgrades it end to end while sending traffic through the load balancer,
+//! in front when installed, or NGINX / Apache httpd with `--lb nginx|apache`), upgrades it end to end while sending traffic through the load balancer,
 //! and reports versions, the order chosen and why, time out of service, and requests served/failed.
 
 use crate::cli::{BadInput, Output, UpgradeArgs};
@@ -21,7 +21,8 @@ pub struct DemoArgs {
     pub from: String,
     #[arg(long, default_value = "8.19.6")]
     pub to: String,
-    /// Load balancer in front of the nodes (default: haproxy when installed, else none).
+    /// Load balancer in front of the nodes (default: haproxy; without it installed, the simulator's
+    /// stand-in for it).
     #[arg(long, value_enum)]
     pub lb: Option<SandboxLb>,
     /// Keep the sandbox's files here (inventory.toml, pki/, homes, installs) after the demo exits.
@@ -68,13 +69,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     let (from, to) =
         crate::plan::check_target(&args.from, &args.to).map_err(|e| BadInput(e.to_string()))?;
-    let lb = args.lb.unwrap_or_else(|| {
-        if which_haproxy() {
-            SandboxLb::Haproxy
-        } else {
-            SandboxLb::None
-        }
-    });
+    // HAProxy by default: the real one when installed, else the simulator's stand-in (said loudly).
+    let lb = args.lb.unwrap_or(SandboxLb::Haproxy);
     if lb == SandboxLb::None {
         say(
             args.output,
@@ -109,6 +105,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         user_when_root: args.user.clone(),
         agent_bin: sibling_binary("BBUPGRADE_AGENT_BIN", "bbupgrade-agent")?,
         sim_bin: sibling_binary("BITBUCKET_SIM_BIN", "bitbucket-sim")?,
+        lb_standin: true,
     };
     let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox> {
         let s = Sandbox::create(&dir, opts)?;
@@ -177,7 +174,12 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         },
         load: report.clone(),
         sandbox_dir: args.dir.as_ref().map(|d| d.display().to_string()),
-        load_balancer: format!("{lb:?}").to_lowercase(),
+        load_balancer: match lb {
+            SandboxLb::Haproxy if crate::sandbox::which("haproxy").is_none() => {
+                "haproxy stand-in (bitbucket-sim balancer)".to_string()
+            }
+            other => format!("{other:?}").to_lowercase(),
+        },
         summary,
     };
     match args.output {
@@ -200,11 +202,4 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     drop(sandbox);
     Ok(code)
-}
-
-fn which_haproxy() -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("haproxy").is_file()))
-        .unwrap_or(false)
-        || std::path::Path::new("/usr/sbin/haproxy").is_file()
 }

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod report;
 pub mod run;
 pub mod sandbox;
+pub mod skew;
 pub mod status;
 pub mod upgrade;
 pub mod zdu;

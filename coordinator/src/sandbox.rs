@@ -1,6 +1,7 @@
 //! A local cluster for the demo and the end-to-end tests: a private CA, simulated Bitbucket nodes
-//! (`bitbucket-sim`), a real agent process per node over mutual TLS, optionally a real HAProxy in
-//! front, and the inventory that ties them together. Everything it starts is stopped on drop.
+//! (`bitbucket-sim`), a real agent process per node over mutual TLS, optionally a real HAProxy,
+//! NGINX or Apache httpd in front, and the inventory that ties them together. Everything it starts
+//! is stopped on drop.
 
 use anyhow::{Context, Result, bail};
 use bbupgrade_common::identity::Role;
@@ -20,8 +21,15 @@ pub const AGENT_READY_TIMEOUT_SECS: u64 = 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SandboxLb {
     Haproxy,
+    Nginx,
+    Apache,
     None,
 }
+
+/// Where Debian's apache2 keeps its modules.
+pub const APACHE_MODULES_DIR: &str = "/usr/lib/apache2/modules";
+/// How long NGINX or Apache get to stop on SIGTERM before SIGKILL.
+pub const LB_STOP_GRACE_MS: u64 = 5000;
 
 #[derive(Clone, Debug)]
 pub struct SandboxOptions {
@@ -35,6 +43,9 @@ pub struct SandboxOptions {
     pub user_when_root: String,
     pub agent_bin: PathBuf,
     pub sim_bin: PathBuf,
+    /// Without HAProxy installed, front the nodes with the simulator's stand-in (the demo) instead
+    /// of failing (the tests, which need the real one).
+    pub lb_standin: bool,
 }
 
 /// A running sandbox; dropping it stops agents, nodes and the load balancer.
@@ -50,9 +61,15 @@ pub struct Sandbox {
     pub agent_configs: Vec<PathBuf>,
     pub lb_url: Option<String>,
     pub haproxy_socket: Option<PathBuf>,
+    /// The inventory's load balancer for NGINX or Apache (HAProxy is `haproxy_socket`).
+    pub lb_config: Option<crate::loadbalancer::LbConfig>,
+    /// Each node's server in the load balancer, when it is not the node's name.
+    pub lb_servers: Vec<String>,
     pub run_user: Option<String>,
     agents: Vec<Option<Child>>,
     haproxy: Option<Child>,
+    /// NGINX or Apache, in a process group of its own (its workers die with it).
+    lb_process: Option<Child>,
     opts: SandboxOptions,
 }
 
@@ -103,11 +120,21 @@ fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<()> {
 /// The recommended HAProxy configuration for Bitbucket behind a rolling upgrade: health checks on
 /// `/status`, retries with redispatch, an admin socket for the coordinator.
 pub fn haproxy_config(socket: &Path, bind_port: u16, servers: &[(String, u16)]) -> String {
+    haproxy_config_with_balance(socket, bind_port, servers, "roundrobin")
+}
+
+/// [`haproxy_config`] with another balancing algorithm (e.g. `first`, to skew traffic on purpose).
+pub fn haproxy_config_with_balance(
+    socket: &Path,
+    bind_port: u16,
+    servers: &[(String, u16)],
+    balance: &str,
+) -> String {
     let mut cfg = format!(
         "global\n    stats socket {} mode 600 level admin\n    stats timeout 2m\n\n\
 defaults\n    mode http\n    timeout connect 2s\n    timeout client 120s\n    timeout server 120s\n    timeout queue 30s\n    retries 3\n    option redispatch 1\n    retry-on conn-failure empty-response response-timeout 503\n\n\
 frontend bitbucket\n    bind 127.0.0.1:{bind_port}\n    default_backend bitbucket\n\n\
-backend bitbucket\n    balance roundrobin\n    option httpchk GET /status\n    http-check expect status 200\n",
+backend bitbucket\n    balance {balance}\n    option httpchk GET /status\n    http-check expect status 200\n",
         socket.display()
     );
     for (name, port) in servers {
@@ -115,6 +142,59 @@ backend bitbucket\n    balance roundrobin\n    option httpchk GET /status\n    h
             "    server {name} 127.0.0.1:{port} check inter 500ms fall 2 rise 2\n"
         ));
     }
+    cfg
+}
+
+/// NGINX's main configuration for the sandbox: everything under `dir`, the upstream in an included
+/// file (what the coordinator edits), retries on errors and 502/503 to the next server.
+///
+/// Client keep-alive is off: on a reload, old workers close their idle keep-alive connections,
+/// which races with a client sending its next request on one (a reset), and a `git-upload-pack`
+/// POST is not retried by clients. Without keep-alive every request has its own connection.
+pub fn nginx_config(dir: &Path, upstream_file: &Path, bind_port: u16) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\nevents {{\n    worker_connections 1024;\n}}\n\n\
+http {{\n    access_log off;\n    keepalive_timeout 0;\n    client_body_temp_path {d}/tmp/body;\n    proxy_temp_path {d}/tmp/proxy;\n    fastcgi_temp_path {d}/tmp/fastcgi;\n    uwsgi_temp_path {d}/tmp/uwsgi;\n    scgi_temp_path {d}/tmp/scgi;\n    client_max_body_size 0;\n\n    include {};\n\n\
+    server {{\n        listen 127.0.0.1:{bind_port};\n        location / {{\n            proxy_pass http://bitbucket;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_set_header Host $http_host;\n            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            proxy_connect_timeout 2s;\n            proxy_read_timeout 120s;\n            proxy_buffering off;\n            proxy_request_buffering off;\n            proxy_next_upstream error timeout http_502 http_503 non_idempotent;\n            proxy_next_upstream_tries 3;\n        }}\n    }}\n}}\n",
+        upstream_file.display()
+    )
+}
+
+/// The included upstream file: one `server` line per node.
+pub fn nginx_upstream(servers: &[u16]) -> String {
+    let mut cfg = "# The Bitbucket nodes; bbupgrade marks a node `down` while it is upgraded.\nupstream bitbucket {\n".to_string();
+    for port in servers {
+        cfg.push_str(&format!(
+            "    server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;\n"
+        ));
+    }
+    cfg.push_str("    keepalive 16;\n}\n");
+    cfg
+}
+
+/// Apache httpd's configuration for the sandbox: `mod_proxy_balancer` with its balancer-manager.
+pub fn apache_config(dir: &Path, bind_port: u16, servers: &[u16]) -> String {
+    let m = APACHE_MODULES_DIR;
+    let d = dir.display();
+    let user = if nix::unistd::geteuid().is_root() {
+        "User nobody\nGroup nogroup\n"
+    } else {
+        ""
+    };
+    let mut cfg = format!(
+        "ServerRoot {d}\nServerName 127.0.0.1\nListen 127.0.0.1:{bind_port}\nPidFile {d}/httpd.pid\nErrorLog {d}/error.log\nLogLevel warn\n{user}DefaultRuntimeDir {d}\nMutex file:{d} default\n\
+LoadModule mpm_event_module {m}/mod_mpm_event.so\nLoadModule authz_core_module {m}/mod_authz_core.so\nLoadModule authz_host_module {m}/mod_authz_host.so\nLoadModule proxy_module {m}/mod_proxy.so\nLoadModule proxy_http_module {m}/mod_proxy_http.so\nLoadModule proxy_balancer_module {m}/mod_proxy_balancer.so\nLoadModule lbmethod_byrequests_module {m}/mod_lbmethod_byrequests.so\nLoadModule slotmem_shm_module {m}/mod_slotmem_shm.so\n\
+Timeout 120\nKeepAlive On\nProxyTimeout 120\n\n<Proxy balancer://bitbucket>\n"
+    );
+    for port in servers {
+        cfg.push_str(&format!(
+            "    BalancerMember http://127.0.0.1:{port} retry=2 connectiontimeout=2\n"
+        ));
+    }
+    cfg.push_str(
+        "    ProxySet lbmethod=byrequests failonstatus=502,503\n</Proxy>\n\n<Location /balancer-manager>\n    SetHandler balancer-manager\n    Require ip 127.0.0.1\n</Location>\nProxyPass /balancer-manager !\nProxyPass / balancer://bitbucket/\nProxyPassReverse / balancer://bitbucket/\n",
+    );
     cfg
 }
 
@@ -221,9 +301,12 @@ impl Sandbox {
             agent_configs,
             lb_url: None,
             haproxy_socket: None,
+            lb_config: None,
+            lb_servers: Vec::new(),
             run_user,
             agents: Vec::new(),
             haproxy: None,
+            lb_process: None,
             dir: dir.clone(),
             opts: opts.clone(),
         };
@@ -231,8 +314,11 @@ impl Sandbox {
             let child = sandbox.spawn_agent(i)?;
             sandbox.agents.push(Some(child));
         }
-        if opts.lb == SandboxLb::Haproxy {
-            sandbox.start_haproxy(ports[opts.nodes])?;
+        match opts.lb {
+            SandboxLb::Haproxy => sandbox.start_haproxy(ports[opts.nodes], "roundrobin")?,
+            SandboxLb::Nginx => sandbox.start_nginx(ports[opts.nodes])?,
+            SandboxLb::Apache => sandbox.start_apache(ports[opts.nodes])?,
+            SandboxLb::None => {}
         }
         sandbox.write_inventory()?;
         Ok(sandbox)
@@ -291,10 +377,32 @@ impl Sandbox {
         self.wait_agents()
     }
 
-    fn start_haproxy(&mut self, port: u16) -> Result<()> {
-        let haproxy = which("haproxy").context(
-            "haproxy is not installed (apt-get install -y haproxy), or run the sandbox with --lb none",
-        )?;
+    /// Restarts HAProxy with another balancing algorithm on the same port (before traffic starts).
+    pub fn set_haproxy_balance(&mut self, balance: &str) -> Result<()> {
+        let port = self
+            .lb_url
+            .as_deref()
+            .and_then(|u| u.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .filter(|_| self.haproxy.is_some())
+            .context("the sandbox has no HAProxy")?;
+        if let Some(mut h) = self.haproxy.take() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+        if let Some(s) = &self.haproxy_socket {
+            let _ = std::fs::remove_file(s);
+        }
+        self.start_haproxy(port, balance)
+    }
+
+    fn start_haproxy(&mut self, port: u16, balance: &str) -> Result<()> {
+        let Some(haproxy) = which("haproxy") else {
+            if self.opts.lb_standin {
+                return self.start_lb_standin(port);
+            }
+            bail!("haproxy is not installed (apt-get install -y haproxy), or run the sandbox with --lb none");
+        };
         let socket = self.dir.join("haproxy.sock");
         let servers: Vec<(String, u16)> = self
             .sim
@@ -303,7 +411,10 @@ impl Sandbox {
             .map(|n| (n.name.clone(), n.port))
             .collect();
         let cfg_path = self.dir.join("haproxy.cfg");
-        std::fs::write(&cfg_path, haproxy_config(&socket, port, &servers))?;
+        std::fs::write(
+            &cfg_path,
+            haproxy_config_with_balance(&socket, port, &servers, balance),
+        )?;
         let log = std::fs::File::create(self.dir.join("haproxy.log"))?;
         let child = Command::new(haproxy)
             .arg("-f")
@@ -330,18 +441,184 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The simulator's stand-in for HAProxy (same runtime API subset), for a demo on a machine
+    /// without HAProxy. Said loudly: it is not a load balancer to run Bitbucket behind.
+    fn start_lb_standin(&mut self, port: u16) -> Result<()> {
+        eprintln!(
+            "NOTE: haproxy is not installed; the sandbox uses bitbucket-sim's stand-in balancer (HAProxy's runtime API, health checks, retries). Install haproxy (apt-get install haproxy) for the real thing."
+        );
+        let socket = self.dir.join("haproxy.sock");
+        let mut cmd = Command::new(&self.opts.sim_bin);
+        cmd.arg("balancer")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--backend")
+            .arg("bitbucket");
+        for n in self.sim.nodes() {
+            cmd.arg("--server").arg(format!("{}=127.0.0.1:{}", n.name, n.port));
+        }
+        let log = std::fs::File::create(self.dir.join("haproxy.log"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the stand-in balancer")?;
+        self.haproxy = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("the stand-in balancer did not start; see {}/haproxy.log", self.dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.lb_url = Some(format!("http://127.0.0.1:{port}"));
+        self.haproxy_socket = Some(socket);
+        Ok(())
+    }
+
+    /// Starts a load balancer in a process group of its own and waits for its port.
+    fn spawn_lb(&mut self, name: &str, mut cmd: Command, port: u16, log: &Path) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        let out = std::fs::File::create(log)?;
+        let child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.lb_process = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = self
+                .lb_process
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                bail!(
+                    "{name} did not start ({}); see {}",
+                    exited.map_or("no port".to_string(), |s| s.to_string()),
+                    log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.lb_url = Some(format!("http://127.0.0.1:{port}"));
+        Ok(())
+    }
+
+    fn start_nginx(&mut self, port: u16) -> Result<()> {
+        let nginx = which("nginx").context(
+            "nginx is not installed (apt-get install -y nginx), or run the sandbox with another --lb",
+        )?;
+        let dir = self.dir.join("nginx");
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let ports: Vec<u16> = self.sim.nodes().iter().map(|n| n.port).collect();
+        let upstream = dir.join("upstream.conf");
+        let main = dir.join("nginx.conf");
+        std::fs::write(&upstream, nginx_upstream(&ports))?;
+        std::fs::write(&main, nginx_config(&dir, &upstream, port))?;
+        let mut cmd = Command::new(&nginx);
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&main)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-g")
+            .arg("daemon off;");
+        self.spawn_lb("nginx", cmd, port, &dir.join("nginx.log"))?;
+        self.lb_servers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        self.lb_config = Some(crate::loadbalancer::LbConfig::Nginx {
+            config: upstream,
+            upstream: "bitbucket".into(),
+            mode: Default::default(),
+            main_config: Some(main),
+            prefix: Some(dir.clone()),
+            nginx: Some(nginx),
+            pid_file: Some(dir.join("nginx.pid")),
+            reload_command: None,
+        });
+        Ok(())
+    }
+
+    fn start_apache(&mut self, port: u16) -> Result<()> {
+        let apache = which("apache2").context(
+            "apache2 is not installed (apt-get install -y apache2), or run the sandbox with another --lb",
+        )?;
+        let dir = self.dir.join("apache");
+        std::fs::create_dir_all(&dir)?;
+        let ports: Vec<u16> = self.sim.nodes().iter().map(|n| n.port).collect();
+        let conf = dir.join("httpd.conf");
+        std::fs::write(&conf, apache_config(&dir, port, &ports))?;
+        let mut cmd = Command::new(&apache);
+        cmd.arg("-f").arg(&conf).arg("-DFOREGROUND");
+        self.spawn_lb("apache2", cmd, port, &dir.join("apache.log"))?;
+        self.lb_servers = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        self.lb_config = Some(crate::loadbalancer::LbConfig::Apache {
+            manager_url: format!("http://127.0.0.1:{port}/balancer-manager"),
+            balancer: "bitbucket".into(),
+        });
+        Ok(())
+    }
+
+    /// The inventory's `load_balancer = {...}` line.
+    fn inventory_lb(&self) -> String {
+        use crate::loadbalancer::LbConfig;
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        };
+        match (&self.haproxy_socket, &self.lb_config) {
+            (Some(s), _) => format!(
+                "load_balancer = {{ kind = \"haproxy\", socket = {:?}, backend = \"bitbucket\" }}\n",
+                format!("unix:{}", s.display())
+            ),
+            (
+                None,
+                Some(LbConfig::Nginx {
+                    config,
+                    upstream,
+                    main_config,
+                    prefix,
+                    nginx,
+                    pid_file,
+                    ..
+                }),
+            ) => format!(
+                "load_balancer = {{ kind = \"nginx\", config = {:?}, upstream = {upstream:?}, main_config = {:?}, prefix = {:?}, nginx = {:?}, pid_file = {:?} }}\n",
+                config.display().to_string(),
+                path(main_config),
+                path(prefix),
+                path(nginx),
+                path(pid_file),
+            ),
+            (
+                None,
+                Some(LbConfig::Apache {
+                    manager_url,
+                    balancer,
+                }),
+            ) => format!(
+                "load_balancer = {{ kind = \"apache\", manager_url = {manager_url:?}, balancer = {balancer:?} }}\n"
+            ),
+            _ => "load_balancer = { kind = \"none\" }\n".to_string(),
+        }
+    }
+
     fn write_inventory(&self) -> Result<()> {
         let tls = TlsFiles::in_pki_dir(&self.pki, Role::Coordinator, "sandbox-admin");
         let token = self.dir.join("admin.token");
         std::fs::write(&token, format!("{ADMIN_TOKEN}\n"))?;
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
-        let lb = match &self.haproxy_socket {
-            Some(s) => format!(
-                "load_balancer = {{ kind = \"haproxy\", socket = {:?}, backend = \"bitbucket\" }}\n",
-                format!("unix:{}", s.display())
-            ),
-            None => "load_balancer = { kind = \"none\" }\n".to_string(),
-        };
+        let lb = self.inventory_lb();
         let mut inv = format!(
             "# Written by the bbupgrade sandbox.\ntls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\nstate = {:?}\n\n[timeouts]\ndrain_secs = 60\nstop_secs = 60\nstart_secs = 120\nactive_secs = 60\nsoak_secs = 1\nagent_connect_ms = 3000\n\n[[clusters]]\nname = \"{}\"\nbitbucket_url = {:?}\nbitbucket_node_urls = {:?}\ntoken_file = {:?}\n{lb}",
             tls.ca,
@@ -359,11 +636,14 @@ impl Sandbox {
                 .collect::<Vec<_>>(),
             token,
         );
-        for (node, addr) in self.sim.nodes().iter().zip(&self.agent_addrs) {
+        for (i, (node, addr)) in self.sim.nodes().iter().zip(&self.agent_addrs).enumerate() {
             inv.push_str(&format!(
                 "\n[[clusters.nodes]]\nid = {:?}\nagent = {:?}\n",
                 node.name, addr
             ));
+            if let Some(server) = self.lb_servers.get(i) {
+                inv.push_str(&format!("lb_server = {server:?}\n"));
+            }
         }
         std::fs::write(&self.inventory, inv)?;
         Ok(())
@@ -402,7 +682,7 @@ impl Sandbox {
     /// Waits until the load balancer's health checks see every node up.
     pub async fn wait_lb_up(&self, timeout: Duration) -> Result<()> {
         let Some(socket) = &self.haproxy_socket else {
-            return Ok(());
+            return self.wait_proxy_serves(timeout).await;
         };
         let lb = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
             socket: format!("unix:{}", socket.display()),
@@ -428,6 +708,32 @@ impl Sandbox {
         Ok(())
     }
 
+    /// NGINX and Apache have no health view of their own: wait until `/status` answers through
+    /// them twice as many times in a row as there are nodes.
+    async fn wait_proxy_serves(&self, timeout: Duration) -> Result<()> {
+        let (Some(_), Some(url)) = (&self.lb_process, &self.lb_url) else {
+            return Ok(());
+        };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + timeout;
+        let mut in_a_row = 0;
+        while in_a_row < self.sim.nodes().len() * 2 {
+            let ok = http
+                .get(format!("{url}/status"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            in_a_row = if ok { in_a_row + 1 } else { 0 };
+            if Instant::now() > deadline {
+                bail!("the load balancer at {url} does not serve /status yet");
+            }
+            if !ok {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Where traffic goes: the load balancer, else the first node.
     pub fn traffic_url(&self) -> String {
         self.lb_url
@@ -436,7 +742,24 @@ impl Sandbox {
     }
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+/// Stops a process started in its own group, workers included: SIGTERM, then SIGKILL after a grace.
+fn stop_group(child: &mut Child) {
+    use nix::sys::signal::{Signal, killpg};
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = killpg(group, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_millis(LB_STOP_GRACE_MS);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = killpg(group, Signal::SIGKILL);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
@@ -452,6 +775,9 @@ impl Drop for Sandbox {
         if let Some(mut h) = self.haproxy.take() {
             let _ = h.kill();
             let _ = h.wait();
+        }
+        if let Some(mut p) = self.lb_process.take() {
+            stop_group(&mut p);
         }
         let _ = self.sim.stop_all();
         self.sim.kill_all();

@@ -368,13 +368,15 @@ async fn next_node<'a>(
             .iter()
             .rev()
             .find(|s| s.step == "node" && s.node.as_deref() == Some(n.id.as_str()))
-            .is_some_and(|s| s.outcome.is_none())
+            // Open (a coordinator died) or failed (the run halted on it): that node may be out of
+            // service, so it goes first and no second node is taken out meanwhile.
+            .is_some_and(|s| s.outcome != Some(StepOutcome::Ok))
     });
     if let Some(n) = open {
         return Ok((
             n,
             format!(
-                "{}: was out of service when the previous coordinator stopped; finished first",
+                "{}: the previous coordinator stopped or halted on it; finished first",
                 n.id
             ),
         ));
@@ -468,7 +470,8 @@ async fn upgrade_node(
             ))
         })
         .await
-        .map_err(|e| fail(e, false))?;
+        // A stop that failed or went unanswered may still be under way: keep the node out.
+        .map_err(|e| fail(e, true))?;
     }
     if !done("wait_offline") {
         ctx.step(run, Some(id), "wait_offline", async {
@@ -615,7 +618,8 @@ async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOption
         return notes;
     };
     let id = node.id.as_str();
-    if f.stopped || ctx.step_done(run, id, "stop").unwrap_or(false) {
+    let stop_done = ctx.step_done(run, id, "stop").unwrap_or(false);
+    if f.stopped || stop_done {
         // Out of the load balancer (it may have rejoined before failing) and stopped gracefully.
         let _ = ctx
             .step(run, Some(id), "disable", async {
@@ -629,8 +633,13 @@ async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOption
             })
             .await;
         let d = Duration::from_secs(opts.timeouts.stop_secs);
-        let stopped = ctx
-            .step(run, Some(id), "stop_failed", async {
+        // When its own stop is what failed, asking again would only wait out the same deadline.
+        let stopped = if !stop_done {
+            Err(anyhow!(
+                "its stop did not complete, so it may still be going down"
+            ))
+        } else {
+            ctx.step(run, Some(id), "stop_failed", async {
                 let r = agent_op(ctx, node, d, |mut c| {
                     let req = agents::request(
                         StopRequest {
@@ -648,8 +657,9 @@ async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOption
                     format!("stopped gracefully (was_running={})", r.was_running),
                 ))
             })
-            .await;
-        if let Err(e) = stopped {
+            .await
+        };
+        if let Err(e) = &stopped {
             notes.push(format!(
                 "node '{id}' could not be stopped after its failure: {e:#}"
             ));
@@ -664,12 +674,23 @@ async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOption
             }
         } else {
             notes.push(format!(
-                "node '{id}' is stopped and out of the load balancer; fix it and run `bbupgrade resume`, or run `bbupgrade rollback`"
+                "node '{id}' is {} the load balancer; fix it and run `bbupgrade resume`, or run `bbupgrade rollback`",
+                if stopped.is_ok() {
+                    "stopped and out of"
+                } else {
+                    "kept out of"
+                }
             ));
         }
     } else {
-        // Never stopped: put it back as it was.
-        match ctx.lb.enable(&node.lb_server).await {
+        // Never stopped: put it back as it was (journaled, so the journal shows it back in).
+        let enabled = ctx
+            .step(run, Some(id), "enable", async {
+                ctx.lb.enable(&node.lb_server).await?;
+                Ok(((), "put back: it was never stopped".to_string()))
+            })
+            .await;
+        match enabled {
             Ok(()) => notes.push(format!(
                 "node '{id}' was not stopped and is back in the load balancer"
             )),
@@ -952,6 +973,9 @@ async fn drive_inner(
                     )?;
                     oos.insert(node.id.clone(), d.as_millis() as u64);
                     s.order.push(node.id.clone());
+                    if let Some(note) = crate::skew::after_rejoin(ctx, run, node, opts).await {
+                        s.notes.push(note);
+                    }
                 }
                 Err(f) => {
                     ctx.journal.end_step(

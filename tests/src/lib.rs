@@ -62,6 +62,7 @@ pub fn sandbox_options(bins: &Bins, nodes: usize, lb: SandboxLb) -> SandboxOptio
         user_when_root: "nobody".into(),
         agent_bin: bins.agent.clone(),
         sim_bin: bins.sim.clone(),
+        lb_standin: false,
     }
 }
 

@@ -1,12 +1,16 @@
 //! Load-balancer drivers: take a node's server out of rotation before it stops and put it back after.
 //!
-//! Each kind (HAProxy now; NGINX, Apache, Azure later) is one module implementing [`LoadBalancer`],
-//! selected by one [`LbConfig`] variant in [`from_config`].
+//! Each kind (HAProxy, NGINX, Apache httpd, Azure Application Gateway, none) is one module
+//! implementing [`LoadBalancer`], selected by one [`LbConfig`] variant in [`from_config`].
 
+pub mod apache;
+pub mod azure;
 pub mod haproxy;
+pub mod nginx;
 pub mod none;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -150,6 +154,43 @@ pub enum LbConfig {
         socket: String,
         backend: String,
     },
+    /// Open-source NGINX, edited on this host: the coordinator (an agent with an `lb` role later)
+    /// must run where the NGINX configuration lives.
+    Nginx {
+        /// The file holding the `upstream` block (the main file or one it includes).
+        config: PathBuf,
+        upstream: String,
+        /// `down` (default) marks the server down; `remove` comments its line out.
+        #[serde(default)]
+        mode: nginx::NginxMode,
+        /// What `nginx -t -c` checks (default `/etc/nginx/nginx.conf`).
+        main_config: Option<PathBuf>,
+        /// NGINX's `-p` prefix, when it runs with one.
+        prefix: Option<PathBuf>,
+        /// The program (default `/usr/sbin/nginx`).
+        nginx: Option<PathBuf>,
+        /// The master's pid file (default `/run/nginx.pid`): reload by SIGHUP, old workers found.
+        pid_file: Option<PathBuf>,
+        /// Reload with this command instead of SIGHUP, e.g. `["systemctl", "reload", "nginx"]`.
+        reload_command: Option<Vec<String>>,
+    },
+    /// Apache httpd `mod_proxy_balancer` through its `balancer-manager` page.
+    Apache {
+        /// e.g. `http://127.0.0.1:8080/balancer-manager`.
+        manager_url: String,
+        /// The balancer's name without `balancer://`.
+        balancer: String,
+    },
+    /// Azure Application Gateway: the node's address leaves and rejoins a backend pool via `az`.
+    Azure {
+        resource_group: String,
+        gateway: String,
+        pool: String,
+        /// The `az` program (default: `az` on the PATH).
+        az: Option<PathBuf>,
+        /// The gateway's connection-draining timeout, waited after removal (default 60).
+        drain_secs: Option<u64>,
+    },
     None {},
 }
 
@@ -157,6 +198,42 @@ pub enum LbConfig {
 pub fn from_config(cfg: &LbConfig) -> Result<Box<dyn LoadBalancer>, LbError> {
     Ok(match cfg {
         LbConfig::Haproxy { socket, backend } => Box::new(haproxy::Haproxy::new(socket, backend)?),
+        LbConfig::Nginx {
+            config,
+            upstream,
+            mode,
+            main_config,
+            prefix,
+            nginx,
+            pid_file,
+            reload_command,
+        } => Box::new(nginx::Nginx::new(&nginx::NginxSettings {
+            config: config.clone(),
+            upstream: upstream.clone(),
+            mode: *mode,
+            main_config: main_config.clone(),
+            prefix: prefix.clone(),
+            nginx: nginx.clone(),
+            pid_file: pid_file.clone(),
+            reload_command: reload_command.clone(),
+        })?),
+        LbConfig::Apache {
+            manager_url,
+            balancer,
+        } => Box::new(apache::Apache::new(manager_url, balancer)?),
+        LbConfig::Azure {
+            resource_group,
+            gateway,
+            pool,
+            az,
+            drain_secs,
+        } => Box::new(azure::Azure::new(&azure::AzureSettings {
+            resource_group: resource_group.clone(),
+            gateway: gateway.clone(),
+            pool: pool.clone(),
+            az: az.clone(),
+            drain_secs: drain_secs.unwrap_or(azure::DEFAULT_DRAIN_SECS),
+        })?),
         LbConfig::None {} => Box::new(none::NoLoadBalancer),
     })
 }
@@ -185,6 +262,54 @@ mod tests {
                 .contains("NOT drained")
         );
         assert!(serde_json::from_str::<LbConfig>(r#"{"kind":"f5"}"#).is_err());
+    }
+
+    #[test]
+    fn new_kinds_parse_from_toml() {
+        let cfg: LbConfig = toml::from_str(
+            "kind = \"nginx\"\nconfig = \"/etc/nginx/conf.d/bitbucket.conf\"\nupstream = \"bitbucket\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            &cfg,
+            LbConfig::Nginx {
+                mode: nginx::NginxMode::Down,
+                pid_file: None,
+                ..
+            }
+        ));
+        assert_eq!(
+            from_config(&cfg).unwrap().describe(),
+            "nginx upstream bitbucket in /etc/nginx/conf.d/bitbucket.conf"
+        );
+        let cfg: LbConfig = toml::from_str(
+            "kind = \"nginx\"\nconfig = \"/etc/nginx/u.conf\"\nupstream = \"b\"\nmode = \"remove\"\nreload_command = [\"systemctl\", \"reload\", \"nginx\"]\n",
+        )
+        .unwrap();
+        assert!(
+            matches!(&cfg, LbConfig::Nginx { mode: nginx::NginxMode::Remove, reload_command: Some(c), .. } if c.len() == 3)
+        );
+        assert!(
+            toml::from_str::<LbConfig>(
+                "kind = \"nginx\"\nconfig = \"/x\"\nupstream = \"b\"\nmode = \"drain\"\n"
+            )
+            .is_err()
+        );
+        let cfg: LbConfig = toml::from_str(
+            "kind = \"apache\"\nmanager_url = \"http://127.0.0.1:8080/balancer-manager\"\nbalancer = \"bitbucket\"\n",
+        )
+        .unwrap();
+        assert!(
+            from_config(&cfg)
+                .unwrap()
+                .describe()
+                .contains("balancer://bitbucket")
+        );
+        let cfg: LbConfig = toml::from_str(
+            "kind = \"azure\"\nresource_group = \"rg\"\ngateway = \"agw\"\npool = \"bitbucket\"\ndrain_secs = 30\n",
+        )
+        .unwrap();
+        assert!(from_config(&cfg).unwrap().describe().contains("agw"));
     }
 
     #[test]
