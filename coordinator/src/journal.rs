@@ -1,95 +1,20 @@
-//! The coordinator's journal in SQLite: runs, their steps before and after each runs, resume facts, and the per-cluster lock.
+//! The coordinator's journal: runs, their steps before and after each runs, resume facts, and the
+//! per-cluster lock, behind one interface with two backends: an embedded SQLite file (the default,
+//! `sqlite.rs`) and a shared PostgreSQL database (`postgres.rs`) several coordinators can use at once.
+
+mod postgres;
+mod sqlite;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+pub use postgres::redact_url;
 
 /// A lock whose heartbeat is older than this is abandoned and may be taken over.
 pub const LOCK_STALE_SECS: u64 = 30;
 /// How often a lock holder should call [`ClusterLock::heartbeat`].
 pub const LOCK_HEARTBEAT_SECS: u64 = 10;
-/// How long a write waits for another process holding the database.
-const BUSY_TIMEOUT_SECS: u64 = 5;
-
-/// Schema migrations; entry `i` takes `PRAGMA user_version` from `i` to `i + 1`. Append, never edit.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE runs (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    cluster      TEXT    NOT NULL,
-    kind         TEXT    NOT NULL CHECK (kind IN ('upgrade', 'rollback')),
-    from_version TEXT    NOT NULL,
-    to_version   TEXT    NOT NULL,
-    plan_json    TEXT    NOT NULL,
-    options_json TEXT    NOT NULL,
-    actor        TEXT    NOT NULL,
-    started_ms   INTEGER NOT NULL,
-    ended_ms     INTEGER,
-    result       TEXT    CHECK (result IN ('upgraded', 'rolled_back', 'halted', 'refused')),
-    error        TEXT
-);
-CREATE INDEX runs_by_cluster ON runs (cluster, id);
-
-CREATE TABLE steps (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id     INTEGER NOT NULL REFERENCES runs (id),
-    node       TEXT,
-    step       TEXT    NOT NULL,
-    started_ms INTEGER NOT NULL,
-    ended_ms   INTEGER,
-    outcome    TEXT    CHECK (outcome IN ('ok', 'failed')),
-    error      TEXT,
-    detail     TEXT    NOT NULL,
-    end_detail TEXT,
-    actor      TEXT    NOT NULL
-);
-CREATE INDEX steps_by_run ON steps (run_id, id);
-
-CREATE TABLE run_state (
-    run_id     INTEGER NOT NULL REFERENCES runs (id),
-    key        TEXT    NOT NULL,
-    value      TEXT    NOT NULL,
-    updated_ms INTEGER NOT NULL,
-    PRIMARY KEY (run_id, key)
-);
-
-CREATE TABLE locks (
-    cluster      TEXT    PRIMARY KEY,
-    holder       TEXT    NOT NULL,
-    token        TEXT    NOT NULL,
-    acquired_ms  INTEGER NOT NULL,
-    heartbeat_ms INTEGER NOT NULL
-);
-"#,
-    r#"
-CREATE TABLE fleet_runs (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    to_version   TEXT    NOT NULL,
-    options_json TEXT    NOT NULL,
-    actor        TEXT    NOT NULL,
-    started_ms   INTEGER NOT NULL,
-    ended_ms     INTEGER,
-    result       TEXT    CHECK (result IN ('upgraded', 'incomplete', 'halted')),
-    error        TEXT
-);
-
-CREATE TABLE fleet_clusters (
-    fleet_run      INTEGER NOT NULL REFERENCES fleet_runs (id),
-    cluster        TEXT    NOT NULL,
-    position       INTEGER NOT NULL,
-    state          TEXT    NOT NULL
-                   CHECK (state IN ('pending', 'running', 'upgraded', 'failed', 'skipped')),
-    reason         TEXT,
-    cluster_run_id INTEGER REFERENCES runs (id),
-    started_ms     INTEGER,
-    ended_ms       INTEGER,
-    PRIMARY KEY (fleet_run, cluster)
-);
-"#,
-];
 
 /// What went wrong with the journal; callers branch on `Locked` and `LockLost`.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +26,16 @@ pub enum JournalError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("journal {location}: {what}: {source}")]
+    Postgres {
+        location: String,
+        what: String,
+        #[source]
+        source: ::postgres::Error,
+    },
+    /// A PostgreSQL URL or password source that cannot be used; says what to fix.
+    #[error("journal {location}: {what}")]
+    Setup { location: String, what: String },
     #[error(
         "journal {location} has schema version {found}, newer than this bbupgrade knows ({known}); use a newer bbupgrade"
     )]
@@ -260,244 +195,111 @@ pub struct StepRecord {
     pub actor: String,
 }
 
-/// The journal; share it behind an `Arc`. Calls block briefly on SQLite: from async code, prefer
-/// `spawn_blocking` for anything in a loop.
+/// The journal; share it behind an `Arc`. Calls block briefly (SQLite's disk, or a round trip to
+/// PostgreSQL on the journal's own thread): from async code, prefer `spawn_blocking` for anything
+/// in a loop.
 pub struct Journal {
-    conn: Arc<Mutex<Connection>>,
-    location: String,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(sqlite::Db),
+    Postgres(postgres::Db),
 }
 
 impl fmt::Debug for Journal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Journal")
-            .field("location", &self.location)
+            .field("location", &self.location())
             .finish()
     }
 }
 
-const RUN_COLUMNS: &str = "id, cluster, kind, from_version, to_version, plan_json, options_json, \
-                           actor, started_ms, ended_ms, result, error";
-const STEP_COLUMNS: &str =
-    "id, run_id, node, step, started_ms, ended_ms, outcome, error, detail, end_detail, actor";
+/// Forwards a call to whichever backend holds the journal.
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match &$self.backend {
+            Backend::Sqlite(db) => db.$method($($arg),*),
+            Backend::Postgres(db) => db.$method($($arg),*),
+        }
+    };
+}
 
 impl Journal {
     /// Opens (creating if needed) a journal file and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Self, JournalError> {
-        let location = path.display().to_string();
-        let conn = Connection::open(path).map_err(|source| JournalError::Sqlite {
-            location: location.clone(),
-            what: "cannot open the database file; check the directory exists and is writable"
-                .into(),
-            source,
-        })?;
-        Self::setup(conn, location)
+        Ok(Self {
+            backend: Backend::Sqlite(sqlite::Db::open(path)?),
+        })
     }
 
     /// A journal that lives only as long as this value; for tests and `--state :memory:`.
     pub fn open_in_memory() -> Result<Self, JournalError> {
-        let location = ":memory:".to_string();
-        let conn = Connection::open_in_memory().map_err(|source| JournalError::Sqlite {
-            location: location.clone(),
-            what: "cannot open an in-memory database".into(),
-            source,
-        })?;
-        Self::setup(conn, location)
-    }
-
-    /// Where the journal lives, for messages.
-    pub fn location(&self) -> &str {
-        &self.location
-    }
-
-    fn setup(mut conn: Connection, location: String) -> Result<Self, JournalError> {
-        let err = |what: &str| {
-            let location = location.clone();
-            let what = what.to_string();
-            move |source| JournalError::Sqlite {
-                location,
-                what,
-                source,
-            }
-        };
-        conn.busy_timeout(Duration::from_secs(BUSY_TIMEOUT_SECS))
-            .map_err(err("setting the busy timeout"))?;
-        // WAL lets a reader (`bbupgrade status`) look while a run writes; in memory it stays "memory".
-        let _mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(err("switching to WAL mode"))?;
-        conn.pragma_update(None, "foreign_keys", true)
-            .map_err(err("enabling foreign keys"))?;
-
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(err("starting the schema migration"))?;
-        let version: i64 = tx
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(err("reading the schema version"))?;
-        let known = MIGRATIONS.len() as i64;
-        if version > known {
-            return Err(JournalError::NewerSchema {
-                location,
-                found: version,
-                known,
-            });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.execute_batch(sql)
-                .map_err(err(&format!("applying schema migration {}", i + 1)))?;
-        }
-        tx.pragma_update(None, "user_version", known)
-            .map_err(err("recording the schema version"))?;
-        tx.commit()
-            .map_err(err("committing the schema migration"))?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-            location,
+            backend: Backend::Sqlite(sqlite::Db::open_in_memory()?),
         })
+    }
+
+    /// Connects to a shared journal in PostgreSQL (`postgres://user@host/db?sslmode=require`) and
+    /// brings its schema up to date; two coordinators may do this at once. The password comes from
+    /// the URL, a `password_file=PATH` parameter, or `PGPASSWORD`; it never appears in messages.
+    pub fn open_postgres(url: &str) -> Result<Self, JournalError> {
+        Ok(Self {
+            backend: Backend::Postgres(postgres::Db::open(url)?),
+        })
+    }
+
+    /// Where the journal lives, for messages (a PostgreSQL URL without its password).
+    pub fn location(&self) -> &str {
+        dispatch!(self.location())
+    }
+
+    /// Whether this journal is shared in PostgreSQL (rather than a local SQLite file).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
     }
 
     /// Commits without waiting for the disk (SQLite `synchronous = NORMAL` in WAL mode): a commit
     /// still survives the coordinator's crash or kill, which is what a resume needs; only a power
     /// cut or kernel crash may lose the last commits, and repeating those steps is harmless (agent
     /// operations carry ids). Fleet runs use it: thousands of journaled steps, one fsync each, would
-    /// otherwise be the bottleneck.
+    /// otherwise be the bottleneck. PostgreSQL: the session's `synchronous_commit = off`, the same
+    /// trade.
     pub fn commit_without_fsync(&self) -> Result<(), JournalError> {
-        self.conn()
-            .pragma_update(None, "synchronous", "NORMAL")
-            .map_err(self.sql("setting synchronous = NORMAL"))
+        dispatch!(self.commit_without_fsync())
     }
 
-    /// Runs `f` on the connection, for tables another module owns (the fleet's). Short work only,
-    /// never across an await: the connection is shared behind a mutex.
-    pub(crate) fn with_conn<T>(
+    /// Runs `sqlite` on the SQLite connection, or `pg` on the PostgreSQL one, for tables another
+    /// module owns (the fleet's). Short work only, never across an await.
+    pub(crate) fn with_backend<T: Send + 'static>(
         &self,
         what: impl Into<String>,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+        sqlite: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
+        pg: impl FnOnce(&mut ::postgres::Client) -> Result<T, ::postgres::Error> + Send + 'static,
     ) -> Result<T, JournalError> {
-        f(&mut self.conn()).map_err(self.sql(what))
-    }
-
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic elsewhere while holding the guard leaves SQLite consistent (transactions roll back).
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn sql(&self, what: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> JournalError + '_ {
-        let what = what.into();
-        move |source| JournalError::Sqlite {
-            location: self.location.clone(),
-            what,
-            source,
-        }
-    }
-
-    fn bad(&self, column: &'static str, value: &str) -> JournalError {
-        JournalError::BadValue {
-            location: self.location.clone(),
-            column,
-            value: value.to_string(),
+        match &self.backend {
+            Backend::Sqlite(db) => db.with_conn(what, sqlite),
+            Backend::Postgres(db) => db.call(what, pg),
         }
     }
 
     /// Records a new open run.
     pub fn create_run(&self, new: &NewRun) -> Result<RunId, JournalError> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO runs (cluster, kind, from_version, to_version, plan_json, options_json, \
-             actor, started_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                new.cluster,
-                new.kind.as_str(),
-                new.from_version,
-                new.to_version,
-                new.plan_json,
-                new.options_json,
-                new.actor,
-                now_ms()
-            ],
-        )
-        .map_err(self.sql(format!("recording a new run on cluster {}", new.cluster)))?;
-        Ok(RunId(conn.last_insert_rowid()))
+        dispatch!(self.create_run(new))
     }
 
     pub fn run(&self, id: RunId) -> Result<RunRecord, JournalError> {
-        let raw = self
-            .conn()
-            .query_row(
-                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
-                [id.0],
-                RawRun::from_row,
-            )
-            .optional()
-            .map_err(self.sql(format!("reading run {id}")))?;
-        match raw {
-            Some(raw) => self.run_record(raw),
-            None => Err(JournalError::NoSuchRun {
-                location: self.location.clone(),
-                run: id,
-            }),
-        }
+        dispatch!(self.run(id))
     }
 
     /// The latest run on `cluster` that has not finished, if any.
     pub fn open_run(&self, cluster: &str) -> Result<Option<RunRecord>, JournalError> {
-        self.one_run(
-            cluster,
-            "AND result IS NULL",
-            format!("looking for an open run on cluster {cluster}"),
-        )
+        dispatch!(self.open_run(cluster))
     }
 
     /// The latest run on `cluster`, finished or not.
     pub fn latest_run(&self, cluster: &str) -> Result<Option<RunRecord>, JournalError> {
-        self.one_run(
-            cluster,
-            "",
-            format!("looking for the latest run on cluster {cluster}"),
-        )
-    }
-
-    fn one_run(
-        &self,
-        cluster: &str,
-        filter: &str,
-        what: String,
-    ) -> Result<Option<RunRecord>, JournalError> {
-        let raw = self
-            .conn()
-            .query_row(
-                &format!(
-                    "SELECT {RUN_COLUMNS} FROM runs WHERE cluster = ?1 {filter} \
-                     ORDER BY id DESC LIMIT 1"
-                ),
-                [cluster],
-                RawRun::from_row,
-            )
-            .optional()
-            .map_err(self.sql(what))?;
-        raw.map(|r| self.run_record(r)).transpose()
-    }
-
-    fn run_record(&self, raw: RawRun) -> Result<RunRecord, JournalError> {
-        let kind = RunKind::parse(&raw.kind).ok_or_else(|| self.bad("runs.kind", &raw.kind))?;
-        let result = match raw.result {
-            None => None,
-            Some(r) => Some(RunResult::parse(&r).ok_or_else(|| self.bad("runs.result", &r))?),
-        };
-        Ok(RunRecord {
-            id: RunId(raw.id),
-            cluster: raw.cluster,
-            kind,
-            from_version: raw.from_version,
-            to_version: raw.to_version,
-            plan_json: raw.plan_json,
-            options_json: raw.options_json,
-            actor: raw.actor,
-            started_ms: raw.started_ms,
-            ended_ms: raw.ended_ms,
-            result,
-            error: raw.error,
-        })
+        dispatch!(self.latest_run(cluster))
     }
 
     /// Records that a step is about to run (`node` is `None` for cluster-wide steps).
@@ -508,21 +310,7 @@ impl Journal {
         step: &str,
         detail: &str,
     ) -> Result<StepId, JournalError> {
-        let conn = self.conn();
-        let inserted = conn
-            .execute(
-                "INSERT INTO steps (run_id, node, step, started_ms, detail, actor) \
-                 SELECT id, ?2, ?3, ?4, ?5, actor FROM runs WHERE id = ?1",
-                params![run.0, node, step, now_ms(), detail],
-            )
-            .map_err(self.sql(format!("recording the start of step {step} of run {run}")))?;
-        if inserted == 0 {
-            return Err(JournalError::NoSuchRun {
-                location: self.location.clone(),
-                run,
-            });
-        }
-        Ok(StepId(conn.last_insert_rowid()))
+        dispatch!(self.begin_step(run, node, step, detail))
     }
 
     /// Records how a step ended.
@@ -532,59 +320,12 @@ impl Journal {
         outcome: StepOutcome,
         detail: &str,
     ) -> Result<(), JournalError> {
-        let (word, error) = match outcome {
-            StepOutcome::Ok => ("ok", None),
-            StepOutcome::Failed(e) => ("failed", Some(e)),
-        };
-        let updated = self
-            .conn()
-            .execute(
-                "UPDATE steps SET ended_ms = ?2, outcome = ?3, error = ?4, end_detail = ?5 \
-                 WHERE id = ?1",
-                params![step.0, now_ms(), word, error, detail],
-            )
-            .map_err(self.sql(format!("recording the end of step {step}")))?;
-        if updated == 0 {
-            return Err(self.bad("steps.id", &step.to_string()));
-        }
-        Ok(())
+        dispatch!(self.end_step(step, outcome, detail))
     }
 
     /// A run's steps in the order they began.
     pub fn steps(&self, run: RunId) -> Result<Vec<StepRecord>, JournalError> {
-        let conn = self.conn();
-        let what = || format!("reading the steps of run {run}");
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 ORDER BY id"
-            ))
-            .map_err(self.sql(what()))?;
-        let rows = stmt
-            .query_map([run.0], RawStep::from_row)
-            .map_err(self.sql(what()))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let raw = row.map_err(self.sql(what()))?;
-            let outcome = match (raw.outcome.as_deref(), raw.error) {
-                (None, _) => None,
-                (Some("ok"), _) => Some(StepOutcome::Ok),
-                (Some("failed"), e) => Some(StepOutcome::Failed(e.unwrap_or_default())),
-                (Some(other), _) => return Err(self.bad("steps.outcome", other)),
-            };
-            out.push(StepRecord {
-                id: StepId(raw.id),
-                run: RunId(raw.run_id),
-                node: raw.node,
-                step: raw.step,
-                started_ms: raw.started_ms,
-                ended_ms: raw.ended_ms,
-                outcome,
-                detail: raw.detail,
-                end_detail: raw.end_detail,
-                actor: raw.actor,
-            });
-        }
-        Ok(out)
+        dispatch!(self.steps(run))
     }
 
     /// Closes a run with its result.
@@ -594,97 +335,156 @@ impl Journal {
         result: RunResult,
         error: Option<&str>,
     ) -> Result<(), JournalError> {
-        let updated = self
-            .conn()
-            .execute(
-                "UPDATE runs SET ended_ms = ?2, result = ?3, error = ?4 WHERE id = ?1",
-                params![run.0, now_ms(), result.as_str(), error],
-            )
-            .map_err(self.sql(format!("recording the end of run {run}")))?;
-        if updated == 0 {
-            return Err(JournalError::NoSuchRun {
-                location: self.location.clone(),
-                run,
-            });
-        }
-        Ok(())
+        dispatch!(self.finish_run(run, result, error))
     }
 
     /// Remembers a small fact a resume needs (e.g. `upgrade_mode_enabled_by_us` = `true`).
     pub fn set_run_state(&self, run: RunId, key: &str, value: &str) -> Result<(), JournalError> {
-        self.conn()
-            .execute(
-                "INSERT INTO run_state (run_id, key, value, updated_ms) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value, \
-                 updated_ms = excluded.updated_ms",
-                params![run.0, key, value, now_ms()],
-            )
-            .map_err(self.sql(format!("recording {key} for run {run}")))?;
-        Ok(())
+        dispatch!(self.set_run_state(run, key, value))
     }
 
     pub fn get_run_state(&self, run: RunId, key: &str) -> Result<Option<String>, JournalError> {
-        self.conn()
-            .query_row(
-                "SELECT value FROM run_state WHERE run_id = ?1 AND key = ?2",
-                params![run.0, key],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.sql(format!("reading {key} of run {run}")))
+        dispatch!(self.get_run_state(run, key))
     }
 
-    /// Takes the cluster's lock for `holder` (`user@host:pid`). A lock held by a dead process on this
-    /// host, or whose heartbeat is older than [`LOCK_STALE_SECS`], is taken over.
+    /// Takes the cluster's lock for `holder` (`user@host:pid`). SQLite: a lock held by a dead
+    /// process on this host, or whose heartbeat is older than [`LOCK_STALE_SECS`], is taken over.
+    /// PostgreSQL: a session-level advisory lock on a connection of its own, freed by the server
+    /// the moment its holder's session ends (process killed, connection lost).
     pub fn acquire_lock(&self, cluster: &str, holder: &str) -> Result<ClusterLock, JournalError> {
-        let token = uuid::Uuid::new_v4().to_string();
-        let this_host = local_hostname();
-        let mut conn = self.conn();
-        let what = || format!("taking the lock on cluster {cluster}");
-        // IMMEDIATE takes SQLite's write lock up front, so two coordinators cannot both see it free.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(self.sql(what()))?;
-        let existing: Option<(String, i64, i64)> = tx
-            .query_row(
-                "SELECT holder, acquired_ms, heartbeat_ms FROM locks WHERE cluster = ?1",
-                [cluster],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(self.sql(what()))?;
-        let now = now_ms();
-        if let Some((current, since_ms, heartbeat_ms)) = existing {
-            match takeover(&current, heartbeat_ms, now, &this_host, pid_alive) {
-                Takeover::Refuse => {
-                    return Err(JournalError::Locked {
-                        cluster: cluster.to_string(),
-                        holder: current,
-                        since_ms,
-                    });
-                }
-                reason => tracing::warn!(
-                    cluster,
-                    previous_holder = %current,
-                    ?reason,
-                    "taking over an abandoned cluster lock"
-                ),
-            }
+        dispatch!(self.acquire_lock(cluster, holder))
+    }
+}
+
+/// The cluster's lock; keep it alive with [`ClusterLock::heartbeat`], released when dropped.
+pub struct ClusterLock {
+    inner: LockInner,
+}
+
+enum LockInner {
+    Sqlite(sqlite::Lock),
+    Postgres(postgres::Lock),
+}
+
+impl fmt::Debug for ClusterLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterLock")
+            .field("cluster", &self.cluster())
+            .finish()
+    }
+}
+
+impl ClusterLock {
+    pub fn cluster(&self) -> &str {
+        match &self.inner {
+            LockInner::Sqlite(l) => l.cluster(),
+            LockInner::Postgres(l) => l.cluster(),
         }
-        tx.execute(
-            "INSERT OR REPLACE INTO locks (cluster, holder, token, acquired_ms, heartbeat_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?4)",
-            params![cluster, holder, token, now],
-        )
-        .map_err(self.sql(what()))?;
-        tx.commit().map_err(self.sql(what()))?;
-        Ok(ClusterLock {
-            conn: Arc::clone(&self.conn),
-            location: self.location.clone(),
-            cluster: cluster.to_string(),
-            token,
-            released: false,
+    }
+
+    /// Proves the holder is alive; call every [`LOCK_HEARTBEAT_SECS`]. `LockLost` if another process
+    /// took the lock over meanwhile, or (PostgreSQL) the session holding it ended: stop working on
+    /// the cluster then.
+    pub fn heartbeat(&self) -> Result<(), JournalError> {
+        match &self.inner {
+            LockInner::Sqlite(l) => l.heartbeat(),
+            LockInner::Postgres(l) => l.heartbeat(),
+        }
+    }
+
+    /// Releases the lock now, reporting failure (dropping releases too, but can only log).
+    pub fn release(self) -> Result<(), JournalError> {
+        match self.inner {
+            LockInner::Sqlite(l) => l.release(),
+            LockInner::Postgres(l) => l.release(),
+        }
+    }
+}
+
+/// A run's row as stored, before its words are checked.
+struct RawRun {
+    id: i64,
+    cluster: String,
+    kind: String,
+    from_version: String,
+    to_version: String,
+    plan_json: String,
+    options_json: String,
+    actor: String,
+    started_ms: i64,
+    ended_ms: Option<i64>,
+    result: Option<String>,
+    error: Option<String>,
+}
+
+impl RawRun {
+    fn into_record(self, location: &str) -> Result<RunRecord, JournalError> {
+        let kind =
+            RunKind::parse(&self.kind).ok_or_else(|| bad(location, "runs.kind", &self.kind))?;
+        let result = match self.result {
+            None => None,
+            Some(r) => Some(RunResult::parse(&r).ok_or_else(|| bad(location, "runs.result", &r))?),
+        };
+        Ok(RunRecord {
+            id: RunId(self.id),
+            cluster: self.cluster,
+            kind,
+            from_version: self.from_version,
+            to_version: self.to_version,
+            plan_json: self.plan_json,
+            options_json: self.options_json,
+            actor: self.actor,
+            started_ms: self.started_ms,
+            ended_ms: self.ended_ms,
+            result,
+            error: self.error,
         })
+    }
+}
+
+/// A step's row as stored, before its words are checked.
+struct RawStep {
+    id: i64,
+    run_id: i64,
+    node: Option<String>,
+    step: String,
+    started_ms: i64,
+    ended_ms: Option<i64>,
+    outcome: Option<String>,
+    error: Option<String>,
+    detail: String,
+    end_detail: Option<String>,
+    actor: String,
+}
+
+impl RawStep {
+    fn into_record(self, location: &str) -> Result<StepRecord, JournalError> {
+        let outcome = match (self.outcome.as_deref(), self.error) {
+            (None, _) => None,
+            (Some("ok"), _) => Some(StepOutcome::Ok),
+            (Some("failed"), e) => Some(StepOutcome::Failed(e.unwrap_or_default())),
+            (Some(other), _) => return Err(bad(location, "steps.outcome", other)),
+        };
+        Ok(StepRecord {
+            id: StepId(self.id),
+            run: RunId(self.run_id),
+            node: self.node,
+            step: self.step,
+            started_ms: self.started_ms,
+            ended_ms: self.ended_ms,
+            outcome,
+            detail: self.detail,
+            end_detail: self.end_detail,
+            actor: self.actor,
+        })
+    }
+}
+
+fn bad(location: &str, column: &'static str, value: &str) -> JournalError {
+    JournalError::BadValue {
+        location: location.to_string(),
+        column,
+        value: value.to_string(),
     }
 }
 
@@ -732,7 +532,7 @@ pub fn this_process_holder() -> String {
     format!("{user}@{}:{}", local_hostname(), std::process::id())
 }
 
-fn local_hostname() -> String {
+pub(crate) fn local_hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its whole length; gethostname writes at most that much.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
@@ -743,154 +543,13 @@ fn local_hostname() -> String {
     }
 }
 
-fn pid_alive(pid: i32) -> bool {
+pub(crate) fn pid_alive(pid: i32) -> bool {
     use nix::errno::Errno;
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
         Ok(()) => true,
         // EPERM: it exists but belongs to someone else.
         Err(Errno::EPERM) => true,
         Err(_) => false,
-    }
-}
-
-/// The cluster's lock; keep it alive with [`ClusterLock::heartbeat`], released when dropped.
-pub struct ClusterLock {
-    conn: Arc<Mutex<Connection>>,
-    location: String,
-    cluster: String,
-    token: String,
-    released: bool,
-}
-
-impl fmt::Debug for ClusterLock {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClusterLock")
-            .field("cluster", &self.cluster)
-            .finish()
-    }
-}
-
-impl ClusterLock {
-    pub fn cluster(&self) -> &str {
-        &self.cluster
-    }
-
-    /// Proves the holder is alive; call every [`LOCK_HEARTBEAT_SECS`]. `LockLost` if another process
-    /// took the lock over meanwhile: stop working on the cluster then.
-    pub fn heartbeat(&self) -> Result<(), JournalError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let updated = conn
-            .execute(
-                "UPDATE locks SET heartbeat_ms = ?3 WHERE cluster = ?1 AND token = ?2",
-                params![self.cluster, self.token, now_ms()],
-            )
-            .map_err(|source| JournalError::Sqlite {
-                location: self.location.clone(),
-                what: format!("refreshing the lock on cluster {}", self.cluster),
-                source,
-            })?;
-        if updated == 0 {
-            return Err(JournalError::LockLost {
-                cluster: self.cluster.clone(),
-            });
-        }
-        Ok(())
-    }
-
-    /// Releases the lock now, reporting failure (dropping releases too, but can only log).
-    pub fn release(mut self) -> Result<(), JournalError> {
-        self.released = true;
-        self.delete()
-    }
-
-    fn delete(&self) -> Result<(), JournalError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.execute(
-            "DELETE FROM locks WHERE cluster = ?1 AND token = ?2",
-            params![self.cluster, self.token],
-        )
-        .map_err(|source| JournalError::Sqlite {
-            location: self.location.clone(),
-            what: format!("releasing the lock on cluster {}", self.cluster),
-            source,
-        })?;
-        Ok(())
-    }
-}
-
-impl Drop for ClusterLock {
-    fn drop(&mut self) {
-        if !self.released
-            && let Err(e) = self.delete()
-        {
-            tracing::warn!(error = %e, "could not release the cluster lock; it frees itself once stale");
-        }
-    }
-}
-
-struct RawRun {
-    id: i64,
-    cluster: String,
-    kind: String,
-    from_version: String,
-    to_version: String,
-    plan_json: String,
-    options_json: String,
-    actor: String,
-    started_ms: i64,
-    ended_ms: Option<i64>,
-    result: Option<String>,
-    error: Option<String>,
-}
-
-impl RawRun {
-    fn from_row(r: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            id: r.get(0)?,
-            cluster: r.get(1)?,
-            kind: r.get(2)?,
-            from_version: r.get(3)?,
-            to_version: r.get(4)?,
-            plan_json: r.get(5)?,
-            options_json: r.get(6)?,
-            actor: r.get(7)?,
-            started_ms: r.get(8)?,
-            ended_ms: r.get(9)?,
-            result: r.get(10)?,
-            error: r.get(11)?,
-        })
-    }
-}
-
-struct RawStep {
-    id: i64,
-    run_id: i64,
-    node: Option<String>,
-    step: String,
-    started_ms: i64,
-    ended_ms: Option<i64>,
-    outcome: Option<String>,
-    error: Option<String>,
-    detail: String,
-    end_detail: Option<String>,
-    actor: String,
-}
-
-impl RawStep {
-    fn from_row(r: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            id: r.get(0)?,
-            run_id: r.get(1)?,
-            node: r.get(2)?,
-            step: r.get(3)?,
-            started_ms: r.get(4)?,
-            ended_ms: r.get(5)?,
-            outcome: r.get(6)?,
-            error: r.get(7)?,
-            detail: r.get(8)?,
-            end_detail: r.get(9)?,
-            actor: r.get(10)?,
-        })
     }
 }
 
@@ -914,7 +573,17 @@ fn format_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::Connection;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::time::Duration;
+
+    fn sqlite_conn(j: &Journal) -> std::sync::MutexGuard<'_, Connection> {
+        match &j.backend {
+            Backend::Sqlite(db) => db.conn(),
+            Backend::Postgres(_) => panic!("not a SQLite journal"),
+        }
+    }
 
     fn new_run(cluster: &str) -> NewRun {
         NewRun {
@@ -1043,11 +712,10 @@ mod tests {
             steps.iter().map(|s| s.step.as_str()).collect::<Vec<_>>(),
             ["stop", "activate"]
         );
-        let version: i64 = j
-            .conn()
+        let version: i64 = sqlite_conn(&j)
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, MIGRATIONS.len() as i64);
+        assert_eq!(version, sqlite::MIGRATIONS.len() as i64);
     }
 
     #[test]
@@ -1110,7 +778,7 @@ mod tests {
         let j = Journal::open_in_memory().unwrap();
         // A live pid on another host: only the heartbeat can tell it is gone.
         let first = j.acquire_lock("prod", "dave@other-host:1").unwrap();
-        j.conn()
+        sqlite_conn(&j)
             .execute(
                 "UPDATE locks SET heartbeat_ms = ?1",
                 [now_ms() - (LOCK_STALE_SECS as i64 + 5) * 1000],

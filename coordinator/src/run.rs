@@ -225,11 +225,10 @@ impl Ctx {
 pub fn open_journal(state: Option<&str>, inventory_state: Option<&str>) -> Result<Journal> {
     let spec = state.or(inventory_state).unwrap_or(DEFAULT_JOURNAL_FILE);
     if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-        return Err(BadInput(
-            "a PostgreSQL journal is not implemented yet; use sqlite:PATH (the default) for now"
-                .into(),
-        )
-        .into());
+        // The password may be in the URL: name the journal only by its redacted form.
+        let location = crate::journal::redact_url(spec);
+        return Journal::open_postgres(spec)
+            .with_context(|| format!("opening the shared journal {location}"));
     }
     let path = Path::new(spec.strip_prefix("sqlite:").unwrap_or(spec));
     Journal::open(path).with_context(|| format!("opening the journal {}", path.display()))

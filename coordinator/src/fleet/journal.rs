@@ -102,6 +102,21 @@ pub struct FleetClusterRecord {
     pub ended_ms: Option<i64>,
 }
 
+fn pg_run_from_row(r: &postgres::Row) -> Result<FleetRunRecord, postgres::Error> {
+    let result: Option<String> = r.try_get(6)?;
+    Ok(FleetRunRecord {
+        id: FleetRunId(r.try_get(0)?),
+        to_version: r.try_get(1)?,
+        options_json: r.try_get(2)?,
+        actor: r.try_get(3)?,
+        started_ms: r.try_get(4)?,
+        ended_ms: r.try_get(5)?,
+        // An unknown word reads as open, as the SQLite side would refuse it: never written by us.
+        result: result.as_deref().and_then(FleetResult::parse),
+        error: r.try_get(7)?,
+    })
+}
+
 fn bad(column: &'static str, value: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
         0,
@@ -138,37 +153,77 @@ pub fn create(
     actor: &str,
     clusters: &[String],
 ) -> Result<FleetRunId, JournalError> {
-    j.with_conn("recording a new fleet run", |c| {
-        let tx = c.transaction()?;
-        tx.execute(
-            "INSERT INTO fleet_runs (to_version, options_json, actor, started_ms) \
+    let pg = (
+        to.to_string(),
+        options_json.to_string(),
+        actor.to_string(),
+        clusters.to_vec(),
+    );
+    j.with_backend(
+        "recording a new fleet run",
+        |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO fleet_runs (to_version, options_json, actor, started_ms) \
              VALUES (?1, ?2, ?3, ?4)",
-            params![to, options_json, actor, now_ms()],
-        )?;
-        let id = tx.last_insert_rowid();
-        {
-            let mut stmt = tx.prepare(
-                "INSERT INTO fleet_clusters (fleet_run, cluster, position, state) \
+                params![to, options_json, actor, now_ms()],
+            )?;
+            let id = tx.last_insert_rowid();
+            {
+                let mut stmt = tx.prepare(
+                    "INSERT INTO fleet_clusters (fleet_run, cluster, position, state) \
                  VALUES (?1, ?2, ?3, 'pending')",
+                )?;
+                for (i, name) in clusters.iter().enumerate() {
+                    stmt.execute(params![id, name, i as i64])?;
+                }
+            }
+            tx.commit()?;
+            Ok(FleetRunId(id))
+        },
+        move |c| {
+            let (to, options_json, actor, clusters) = pg;
+            let mut tx = c.transaction()?;
+            let id: i64 = tx
+                .query_one(
+                    "INSERT INTO fleet_runs (to_version, options_json, actor, started_ms) \
+                 VALUES ($1, $2, $3, $4) RETURNING id",
+                    &[&to, &options_json, &actor, &now_ms()],
+                )?
+                .try_get(0)?;
+            let stmt = tx.prepare(
+                "INSERT INTO fleet_clusters (fleet_run, cluster, position, state) \
+             VALUES ($1, $2, $3, 'pending')",
             )?;
             for (i, name) in clusters.iter().enumerate() {
-                stmt.execute(params![id, name, i as i64])?;
+                tx.execute(&stmt, &[&id, name, &(i as i64)])?;
             }
-        }
-        tx.commit()?;
-        Ok(FleetRunId(id))
-    })
+            tx.commit()?;
+            Ok(FleetRunId(id))
+        },
+    )
 }
 
 pub fn run(j: &Journal, id: FleetRunId) -> Result<Option<FleetRunRecord>, JournalError> {
-    j.with_conn(format!("reading fleet run {id}"), |c| {
-        c.query_row(
-            &format!("SELECT {RUN_COLUMNS} FROM fleet_runs WHERE id = ?1"),
-            [id.0],
-            run_from_row,
-        )
-        .optional()
-    })
+    j.with_backend(
+        format!("reading fleet run {id}"),
+        |c| {
+            c.query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM fleet_runs WHERE id = ?1"),
+                [id.0],
+                run_from_row,
+            )
+            .optional()
+        },
+        move |c| {
+            c.query_opt(
+                &format!("SELECT {RUN_COLUMNS} FROM fleet_runs WHERE id = $1"),
+                &[&id.0],
+            )?
+            .map(|r| pg_run_from_row(&r))
+            .transpose()
+        },
+    )
 }
 
 /// The latest fleet run; with `unfinished`, the latest not fully upgraded (open, halted or
@@ -179,37 +234,64 @@ pub fn latest(j: &Journal, unfinished: bool) -> Result<Option<FleetRunRecord>, J
     } else {
         ""
     };
-    j.with_conn("looking for the latest fleet run", |c| {
-        c.query_row(
-            &format!("SELECT {RUN_COLUMNS} FROM fleet_runs {filter} ORDER BY id DESC LIMIT 1"),
-            [],
-            run_from_row,
-        )
-        .optional()
-    })
+    let sql = format!("SELECT {RUN_COLUMNS} FROM fleet_runs {filter} ORDER BY id DESC LIMIT 1");
+    let pg_sql = sql.clone();
+    j.with_backend(
+        "looking for the latest fleet run",
+        |c| c.query_row(&sql, [], run_from_row).optional(),
+        move |c| {
+            c.query_opt(&pg_sql, &[])?
+                .map(|r| pg_run_from_row(&r))
+                .transpose()
+        },
+    )
 }
 
 /// The clusters of a fleet run in their order.
 pub fn clusters(j: &Journal, id: FleetRunId) -> Result<Vec<FleetClusterRecord>, JournalError> {
-    j.with_conn(format!("reading the clusters of fleet run {id}"), |c| {
-        let mut stmt = c.prepare(
-            "SELECT cluster, state, reason, cluster_run_id, started_ms, ended_ms \
+    const SQL: &str = "SELECT cluster, state, reason, cluster_run_id, started_ms, ended_ms \
+                       FROM fleet_clusters WHERE fleet_run = $1 ORDER BY position";
+    let pg = move |c: &mut postgres::Client| {
+        let mut out = Vec::new();
+        for r in c.query(SQL, &[&id.0])? {
+            let state: String = r.try_get(1)?;
+            let Some(state) = ClusterState::parse(&state) else {
+                continue; // never written by bbupgrade; SQLite refuses it, here it is left out
+            };
+            out.push(FleetClusterRecord {
+                cluster: r.try_get(0)?,
+                state,
+                reason: r.try_get(2)?,
+                cluster_run_id: r.try_get(3)?,
+                started_ms: r.try_get(4)?,
+                ended_ms: r.try_get(5)?,
+            });
+        }
+        Ok(out)
+    };
+    j.with_backend(
+        format!("reading the clusters of fleet run {id}"),
+        |c| {
+            let mut stmt = c.prepare(
+                "SELECT cluster, state, reason, cluster_run_id, started_ms, ended_ms \
              FROM fleet_clusters WHERE fleet_run = ?1 ORDER BY position",
-        )?;
-        let rows = stmt.query_map([id.0], |r| {
-            let state: String = r.get(1)?;
-            Ok(FleetClusterRecord {
-                cluster: r.get(0)?,
-                state: ClusterState::parse(&state)
-                    .ok_or_else(|| bad("fleet_clusters.state", &state))?,
-                reason: r.get(2)?,
-                cluster_run_id: r.get(3)?,
-                started_ms: r.get(4)?,
-                ended_ms: r.get(5)?,
-            })
-        })?;
-        rows.collect()
-    })
+            )?;
+            let rows = stmt.query_map([id.0], |r| {
+                let state: String = r.get(1)?;
+                Ok(FleetClusterRecord {
+                    cluster: r.get(0)?,
+                    state: ClusterState::parse(&state)
+                        .ok_or_else(|| bad("fleet_clusters.state", &state))?,
+                    reason: r.get(2)?,
+                    cluster_run_id: r.get(3)?,
+                    started_ms: r.get(4)?,
+                    ended_ms: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        },
+        pg,
+    )
 }
 
 /// Records a cluster's new state; `running` stamps its start, the others its end.
@@ -222,26 +304,52 @@ pub fn set_state(
 ) -> Result<(), JournalError> {
     let (id, now) = (id.0, now_ms());
     let word = state.as_str();
-    j.with_conn(format!("recording cluster {cluster} as {word}"), |c| {
+    let (pg_cluster, pg_reason) = (cluster.to_string(), reason.map(str::to_string));
+    let pg = move |c: &mut postgres::Client| {
+        let (cluster, reason) = (&pg_cluster, &pg_reason);
         match state {
             ClusterState::Running => c.execute(
-                "UPDATE fleet_clusters SET state = ?3, reason = ?4, started_ms = ?5, \
-                 ended_ms = NULL WHERE fleet_run = ?1 AND cluster = ?2",
-                params![id, cluster, word, reason, now],
+                "UPDATE fleet_clusters SET state = $3, reason = $4, started_ms = $5, \
+                 ended_ms = NULL WHERE fleet_run = $1 AND cluster = $2",
+                &[&id, cluster, &word, reason, &now],
             ),
             ClusterState::Pending => c.execute(
-                "UPDATE fleet_clusters SET state = ?3, reason = ?4, ended_ms = NULL \
-                 WHERE fleet_run = ?1 AND cluster = ?2",
-                params![id, cluster, word, reason],
+                "UPDATE fleet_clusters SET state = $3, reason = $4, ended_ms = NULL \
+                 WHERE fleet_run = $1 AND cluster = $2",
+                &[&id, cluster, &word, reason],
             ),
             _ => c.execute(
-                "UPDATE fleet_clusters SET state = ?3, reason = ?4, ended_ms = ?5 \
-                 WHERE fleet_run = ?1 AND cluster = ?2",
-                params![id, cluster, word, reason, now],
+                "UPDATE fleet_clusters SET state = $3, reason = $4, ended_ms = $5 \
+                 WHERE fleet_run = $1 AND cluster = $2",
+                &[&id, cluster, &word, reason, &now],
             ),
         }
         .map(|_| ())
-    })
+    };
+    j.with_backend(
+        format!("recording cluster {cluster} as {word}"),
+        |c| {
+            match state {
+                ClusterState::Running => c.execute(
+                    "UPDATE fleet_clusters SET state = ?3, reason = ?4, started_ms = ?5, \
+                 ended_ms = NULL WHERE fleet_run = ?1 AND cluster = ?2",
+                    params![id, cluster, word, reason, now],
+                ),
+                ClusterState::Pending => c.execute(
+                    "UPDATE fleet_clusters SET state = ?3, reason = ?4, ended_ms = NULL \
+                 WHERE fleet_run = ?1 AND cluster = ?2",
+                    params![id, cluster, word, reason],
+                ),
+                _ => c.execute(
+                    "UPDATE fleet_clusters SET state = ?3, reason = ?4, ended_ms = ?5 \
+                 WHERE fleet_run = ?1 AND cluster = ?2",
+                    params![id, cluster, word, reason, now],
+                ),
+            }
+            .map(|_| ())
+        },
+        pg,
+    )
 }
 
 /// Links a cluster to the cluster run that upgrades it (so a resume continues that run).
@@ -251,13 +359,24 @@ pub fn set_cluster_run(
     cluster: &str,
     run: RunId,
 ) -> Result<(), JournalError> {
-    j.with_conn(format!("linking cluster {cluster} to run {run}"), |c| {
-        c.execute(
-            "UPDATE fleet_clusters SET cluster_run_id = ?3 WHERE fleet_run = ?1 AND cluster = ?2",
-            params![id.0, cluster, run.0],
-        )
-        .map(|_| ())
-    })
+    let pg_cluster = cluster.to_string();
+    j.with_backend(
+        format!("linking cluster {cluster} to run {run}"),
+        |c| {
+            c.execute(
+                "UPDATE fleet_clusters SET cluster_run_id = ?3 WHERE fleet_run = ?1 AND cluster = ?2",
+                params![id.0, cluster, run.0],
+            )
+            .map(|_| ())
+        },
+        move |c| {
+            c.execute(
+                "UPDATE fleet_clusters SET cluster_run_id = $3 WHERE fleet_run = $1 AND cluster = $2",
+                &[&id.0, &pg_cluster, &run.0],
+            )
+            .map(|_| ())
+        },
+    )
 }
 
 pub fn finish(
@@ -266,25 +385,48 @@ pub fn finish(
     result: FleetResult,
     error: Option<&str>,
 ) -> Result<(), JournalError> {
-    j.with_conn(format!("recording the end of fleet run {id}"), |c| {
-        c.execute(
-            "UPDATE fleet_runs SET ended_ms = ?2, result = ?3, error = ?4 WHERE id = ?1",
-            params![id.0, now_ms(), result.as_str(), error],
-        )
-        .map(|_| ())
-    })
+    let pg_error = error.map(str::to_string);
+    j.with_backend(
+        format!("recording the end of fleet run {id}"),
+        |c| {
+            c.execute(
+                "UPDATE fleet_runs SET ended_ms = ?2, result = ?3, error = ?4 WHERE id = ?1",
+                params![id.0, now_ms(), result.as_str(), error],
+            )
+            .map(|_| ())
+        },
+        move |c| {
+            c.execute(
+                "UPDATE fleet_runs SET ended_ms = $2, result = $3, error = $4 WHERE id = $1",
+                &[&id.0, &now_ms(), &result.as_str(), &pg_error],
+            )
+            .map(|_| ())
+        },
+    )
 }
 
 /// Reopens a fleet run for a resume (it is open again until it ends).
 pub fn reopen(j: &Journal, id: FleetRunId, actor: &str) -> Result<(), JournalError> {
-    j.with_conn(format!("reopening fleet run {id}"), |c| {
-        c.execute(
-            "UPDATE fleet_runs SET ended_ms = NULL, result = NULL, error = NULL, actor = ?2 \
-             WHERE id = ?1",
-            params![id.0, actor],
-        )
-        .map(|_| ())
-    })
+    let pg_actor = actor.to_string();
+    j.with_backend(
+        format!("reopening fleet run {id}"),
+        |c| {
+            c.execute(
+                "UPDATE fleet_runs SET ended_ms = NULL, result = NULL, error = NULL, actor = ?2 \
+                 WHERE id = ?1",
+                params![id.0, actor],
+            )
+            .map(|_| ())
+        },
+        move |c| {
+            c.execute(
+                "UPDATE fleet_runs SET ended_ms = NULL, result = NULL, error = NULL, actor = $2 \
+                 WHERE id = $1",
+                &[&id.0, &pg_actor],
+            )
+            .map(|_| ())
+        },
+    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,319 @@
+//! The shared journal on a real PostgreSQL (the private test instance, see `pg_common`): locks that
+//! die with their holder, dropped connections, concurrent migrations, and coordinators as child
+//! processes against the fleet stand-ins with `--state postgres://...`.
+
+mod pg_common;
+
+use bbupgrade::journal::{Journal, JournalError, RunResult, StepOutcome};
+use bbupgrade_tests::describe;
+use bbupgrade_tests::fleet_standin::{FAKE_SHA256, FleetSpec, StandinFleet};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BBUPGRADE: &str = env!("CARGO_BIN_EXE_e2e-bbupgrade");
+const TO: &str = "8.19.6";
+const CHILD_URL_ENV: &str = "BBUPGRADE_PG_LOCK_CHILD_URL";
+
+/// Not a test on its own: the process `killed_holder_frees_its_lock` starts and kills.
+#[test]
+fn child_holds_a_lock_until_killed() {
+    let Ok(url) = std::env::var(CHILD_URL_ENV) else {
+        return;
+    };
+    let j = Journal::open_postgres(&url).unwrap();
+    let _lock = j
+        .acquire_lock("prod", &format!("child@test:{}", std::process::id()))
+        .unwrap();
+    println!("HOLDING");
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn killed_holder_frees_its_lock() {
+    let Some(url) = pg_common::fresh_database() else {
+        return;
+    };
+    let j = Journal::open_postgres(&url).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_holds_a_lock_until_killed", "--nocapture"])
+        .env(CHILD_URL_ENV, &url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.contains("HOLDING"))),
+        "the child never took the lock"
+    );
+    match j.acquire_lock("prod", "parent@test:1") {
+        Err(JournalError::Locked { holder, .. }) => {
+            assert_eq!(holder, format!("child@test:{}", child.id()))
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match j.acquire_lock("prod", "parent@test:1") {
+            Ok(lock) => {
+                lock.heartbeat().unwrap();
+                break;
+            }
+            Err(JournalError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("the dead holder's lock was not freed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn dropped_connections_lose_the_lock_and_the_journal_reconnects() {
+    let Some(url) = pg_common::fresh_database() else {
+        return;
+    };
+    let j = Journal::open_postgres(&url).unwrap();
+    let run = j.create_run(&new_run("prod")).unwrap();
+    let lock = j.acquire_lock("prod", "me@test:1").unwrap();
+    lock.heartbeat().unwrap();
+    let killed = pg_common::admin_query(
+        &url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'bbupgrade'",
+    );
+    assert_eq!(killed.len(), 2, "the journal's and the lock's sessions");
+    assert!(matches!(
+        lock.heartbeat(),
+        Err(JournalError::LockLost { .. })
+    ));
+    // The call that meets the dead connection fails; the next one reconnects.
+    let step = j
+        .begin_step(run, Some("n1"), "stop", "")
+        .or_else(|_| j.begin_step(run, Some("n1"), "stop", ""))
+        .unwrap();
+    j.end_step(step, StepOutcome::Ok, "stopped").unwrap();
+    assert_eq!(j.steps(run).unwrap().len(), 1);
+    let other = Journal::open_postgres(&url).unwrap();
+    other.acquire_lock("prod", "you@test:2").unwrap();
+}
+
+#[test]
+fn concurrent_first_opens_migrate_once() {
+    let Some(url) = pg_common::fresh_database() else {
+        return;
+    };
+    std::thread::scope(|s| {
+        for _ in 0..6 {
+            s.spawn(|| Journal::open_postgres(&url).unwrap());
+        }
+    });
+    assert_eq!(
+        pg_common::admin_query(&url, "SELECT version FROM schema_version"),
+        ["2"]
+    );
+    pg_common::admin_query(&url, "UPDATE schema_version SET version = 99");
+    let err = Journal::open_postgres(&url).unwrap_err();
+    assert!(
+        matches!(err, JournalError::NewerSchema { found: 99, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn the_password_never_appears_in_messages() {
+    let err =
+        Journal::open_postgres("postgres://bb:SuperSecret123@127.0.0.1:1/journal").unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("SuperSecret123"), "{text}");
+    assert!(
+        text.contains("postgres://bb:***@127.0.0.1:1/journal"),
+        "{text}"
+    );
+}
+
+fn new_run(cluster: &str) -> bbupgrade::journal::NewRun {
+    bbupgrade::journal::NewRun {
+        cluster: cluster.into(),
+        kind: bbupgrade::journal::RunKind::Upgrade,
+        from_version: "8.19.3".into(),
+        to_version: TO.into(),
+        plan_json: "{}".into(),
+        actor: "me@test:1".into(),
+        options_json: "{}".into(),
+    }
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(BBUPGRADE)
+        .args(args)
+        .output()
+        .expect("running bbupgrade")
+}
+
+fn archive_args() -> [&'static str; 6] {
+    [
+        "--to",
+        TO,
+        "--archive-url",
+        "http://127.0.0.1:9/atlassian-bitbucket-8.19.6.tar.gz",
+        "--sha256",
+        FAKE_SHA256,
+    ]
+}
+
+/// Each node of the cluster's latest run stopped exactly once (successfully), whoever drove it.
+fn assert_each_node_stopped_once(j: &Journal, cluster: &str, nodes: usize) {
+    let run = j.latest_run(cluster).unwrap().expect("a run");
+    let steps = j.steps(run.id).unwrap();
+    let mut stopped: Vec<&str> = steps
+        .iter()
+        .filter(|s| s.step == "stop" && s.outcome == Some(StepOutcome::Ok))
+        .filter_map(|s| s.node.as_deref())
+        .collect();
+    let total = stopped.len();
+    stopped.sort();
+    stopped.dedup();
+    assert_eq!(total, stopped.len(), "a node stopped twice: {steps:#?}");
+    assert_eq!(total, nodes, "{steps:#?}");
+    assert!(steps.iter().all(|s| !s.actor.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_the_shared_journal_is_seen_by_fleet_status() {
+    let Some(url) = pg_common::fresh_database() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let fleet = StandinFleet::start(d.path(), &FleetSpec::new(4, 2))
+        .await
+        .unwrap();
+    let inv = fleet.inventory.display().to_string();
+    let (u, i) = (url.clone(), inv.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut args = vec![
+            "fleet",
+            "--inventory",
+            &i,
+            "--state",
+            &u,
+            "--output",
+            "json",
+        ];
+        args.extend(archive_args());
+        cli(&args)
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = tokio::task::spawn_blocking(move || {
+        cli(&[
+            "fleet",
+            "status",
+            "--inventory",
+            &inv,
+            "--state",
+            &url,
+            "--output",
+            "json",
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["result"], "upgraded", "{status:#}");
+    assert!(
+        !std::path::Path::new(&fleet.journal).exists(),
+        "SQLite was used"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_coordinator_is_resumed_by_another_without_repeating_a_stop() {
+    let Some(url) = pg_common::fresh_database() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let mut spec = FleetSpec::new(1, 3);
+    spec.op_delay = Duration::from_millis(300);
+    let fleet = StandinFleet::start(d.path(), &spec).await.unwrap();
+    let cluster = fleet.names[0].clone();
+    let inv = fleet.inventory.display().to_string();
+    let mut args = vec![
+        "upgrade".to_string(),
+        "--inventory".into(),
+        inv.clone(),
+        "--cluster".into(),
+        cluster.clone(),
+        "--state".into(),
+        url.clone(),
+        "--output".into(),
+        "json".into(),
+    ];
+    args.extend(archive_args().map(String::from));
+    let mut first = Command::new(BBUPGRADE)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once the first node's stop is journaled as done, mid-cluster.
+    let (u, c) = (url.clone(), cluster.clone());
+    tokio::task::spawn_blocking(move || {
+        let j = Journal::open_postgres(&u).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(run) = j.latest_run(&c).unwrap()
+                && j.steps(run.id)
+                    .unwrap()
+                    .iter()
+                    .any(|s| s.step == "stop" && s.outcome == Some(StepOutcome::Ok))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the first coordinator never stopped a node"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let (u, i, c) = (url.clone(), inv.clone(), cluster.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut args = vec![
+            "resume",
+            "--inventory",
+            &i,
+            "--cluster",
+            &c,
+            "--state",
+            &u,
+            "--output",
+            "json",
+        ];
+        args.extend(archive_args());
+        cli(&args)
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(fleet.versions(&cluster), [TO, TO, TO]);
+    let (u, c) = (url.clone(), cluster.clone());
+    tokio::task::spawn_blocking(move || {
+        let j = Journal::open_postgres(&u).unwrap();
+        assert_eq!(
+            j.latest_run(&c).unwrap().unwrap().result,
+            Some(RunResult::Upgraded)
+        );
+        assert_each_node_stopped_once(&j, &c, 3);
+    })
+    .await
+    .unwrap();
+}
