@@ -39,8 +39,9 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
-    /// Agent reachability, identity, versions and load of every node of a cluster.
-    Status(ClusterArgs),
+    /// Agent reachability, identity, versions and load of every node of a cluster, and its latest
+    /// runs from the journal (who ran what, when, how it ended); `--steps` for each step.
+    Status(StatusArgs),
     /// Preflight checks and the ordered plan; changes nothing.
     Plan(UpgradeArgs),
     /// Upgrade a cluster node by node without downtime.
@@ -84,6 +85,25 @@ pub struct ClusterArgs {
     pub cluster: String,
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
+}
+
+#[derive(Args, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: ClusterArgs,
+    /// The journal to read runs from: `postgres://...`, `sqlite:PATH` or a path (default: from the
+    /// inventory, else ./bbupgrade-journal.db). A journal file that does not exist shows no runs.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// How many of the cluster's latest runs to list.
+    #[arg(long, default_value_t = crate::status::DEFAULT_RUNS_SHOWN)]
+    pub runs: u32,
+    /// Also list each step of the latest run: node, step, actor, start and end, outcome, detail.
+    #[arg(long)]
+    pub steps: bool,
+    /// List the steps of this run (of this cluster) instead of the latest.
+    #[arg(long)]
+    pub run: Option<i64>,
 }
 
 #[derive(Args, Clone)]
@@ -199,7 +219,14 @@ fn pki(cmd: PkiCommand) -> Result<()> {
     Ok(())
 }
 
-async fn status(args: ClusterArgs) -> Result<ExitCode> {
+async fn status(args: StatusArgs) -> Result<ExitCode> {
+    let StatusArgs {
+        target: args,
+        state,
+        runs,
+        steps,
+        run,
+    } = args;
     let inv = load_inventory(&args.inventory)?;
     let cluster = inv
         .cluster(&args.cluster)
@@ -208,7 +235,26 @@ async fn status(args: ClusterArgs) -> Result<ExitCode> {
         .tls
         .load()
         .map_err(|e| BadInput(format!("coordinator TLS files: {e:#}")))?;
-    let report = crate::status::collect(cluster, &tls).await;
+    let mut report = crate::status::collect(cluster, &tls).await;
+    let steps_of = match (run, steps) {
+        (Some(id), _) => crate::status::StepsOf::Run(crate::journal::RunId(id)),
+        (None, true) => crate::status::StepsOf::Latest,
+        (None, false) => crate::status::StepsOf::None,
+    };
+    let (cluster_name, inv_state) = (cluster.name.clone(), inv.state.clone());
+    let audit = tokio::task::spawn_blocking(move || {
+        crate::status::audit(
+            state.as_deref(),
+            inv_state.as_deref(),
+            &cluster_name,
+            runs,
+            steps_of,
+        )
+    })
+    .await
+    .context("reading the journal")??;
+    report.journal = audit.journal;
+    report.runs = audit.runs;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Human => print!("{}", crate::status::render_human(&report)),

@@ -2,7 +2,9 @@
 //! limit (a number or a percentage), an optional soak between waves, a failure budget that halts
 //! the fleet, clusters chosen by name or label, and per-cluster maintenance windows. Each cluster
 //! still goes one node at a time through the cluster driver; the fleet run is journaled beside the
-//! cluster runs and resumes after the coordinator dies.
+//! cluster runs and resumes after the coordinator dies. On a shared journal (PostgreSQL) several
+//! coordinators started on the same fleet and target join one fleet run and split its clusters:
+//! each is claimed under its lock before it is driven (`cluster`, `waves`).
 //!
 //! Layout: `plan` decides selection, order, waves and the budget (pure); `window` parses and checks
 //! maintenance windows (pure); `journal` holds the fleet's tables; `cluster` takes one cluster's
@@ -16,21 +18,17 @@ pub mod waves;
 pub mod window;
 
 use crate::cli::{BadInput, ClusterArgs, Output, UpgradeArgs, load_inventory};
-use crate::journal::{ClusterLock, Journal, this_process_holder};
+use crate::journal::{Journal, this_process_holder};
 use crate::run::{ArchiveSource, open_journal};
 use anyhow::{Result, anyhow};
 use clap::{Args, Subcommand};
-use journal::{ClusterState, FleetResult, FleetRunId};
+use journal::{ClusterState, CreatedOrOpen, FleetResult, FleetRunId};
 use plan::Concurrency;
 use report::{FleetReport, FleetReporter};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// How often the fleet run's lock is refreshed (it is stale after `journal::LOCK_STALE_SECS`).
-const FLEET_LOCK_HEARTBEAT_SECS: u64 = 5;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -220,21 +218,78 @@ async fn start(args: FleetRunArgs) -> Result<ExitCode> {
         soak_secs: args.soak_secs,
     };
     let journal = Arc::new(open_journal(args.state.as_deref(), inv.state.as_deref())?);
-    if let Some(open) = journal::latest(&journal, true)?.filter(|r| r.result.is_none()) {
-        return Err(bad(format!(
-            "fleet run #{} (to {}, by {}) is unfinished; continue it with `bbupgrade fleet resume` (see `bbupgrade fleet status`)",
-            open.id, open.to_version, open.actor
-        )));
-    }
     let ordered = plan::order(&selected, &opts.canary);
-    let id = journal::create(
+    let reporter = FleetReporter::new(args.output);
+    match journal::create_unless_open(
         &journal,
         &to,
         &serde_json::to_string(&opts)?,
         &this_process_holder(),
         &ordered,
-    )?;
-    drive(inv, journal, id, opts, args.output).await
+    )? {
+        CreatedOrOpen::Created(id) => drive(inv, journal, id, opts, reporter).await,
+        CreatedOrOpen::Open(open) => {
+            let theirs: Vec<String> = journal::clusters(&journal, open.id)?
+                .into_iter()
+                .map(|c| c.cluster)
+                .collect();
+            let stored: FleetOptions = serde_json::from_str(&open.options_json)
+                .map_err(|e| anyhow!("reading the options of fleet run #{}: {e}", open.id))?;
+            let joined = join_options(&open, &theirs, stored, &ordered, opts).map_err(bad)?;
+            reporter.event(
+                None,
+                None,
+                "info",
+                &format!(
+                    "joining fleet run #{} to {} started by {}: clusters are shared, each driven by one coordinator",
+                    open.id, open.to_version, open.actor
+                ),
+            );
+            drive(inv, journal, open.id, joined, reporter).await
+        }
+    }
+}
+
+/// The options a coordinator joining the open fleet run `open` (with clusters `theirs` and options
+/// `stored`) goes on with, or why it may not join: another target, other clusters or another
+/// release. The run's own canaries, budget and soaks hold; the release source (a streamed file is on
+/// this host) and the concurrency limit (per coordinator) are this coordinator's own.
+fn join_options(
+    open: &journal::FleetRunRecord,
+    theirs: &[String],
+    stored: FleetOptions,
+    ours: &[String],
+    mine: FleetOptions,
+) -> std::result::Result<FleetOptions, String> {
+    let busy = format!(
+        "fleet run #{} (to {}, by {}) is unfinished",
+        open.id, open.to_version, open.actor
+    );
+    if open.to_version != mine.to {
+        return Err(format!(
+            "{busy}, and this one goes to {}: finish it first (`bbupgrade fleet resume`, see `bbupgrade fleet status`)",
+            mine.to
+        ));
+    }
+    if theirs != ours {
+        return Err(format!(
+            "{busy} with other clusters ({}) than selected here ({}); join it with the same selection or continue it with `bbupgrade fleet resume`",
+            theirs.join(", "),
+            ours.join(", ")
+        ));
+    }
+    if stored.archive.sha256() != mine.archive.sha256() {
+        return Err(format!(
+            "{busy} with another release (sha256 {}, here {}); join it with the same archive",
+            stored.archive.sha256(),
+            mine.archive.sha256()
+        ));
+    }
+    Ok(FleetOptions {
+        archive: mine.archive,
+        concurrency: mine.concurrency,
+        ..stored
+    })
 }
 
 async fn resume(args: FleetResumeArgs) -> Result<ExitCode> {
@@ -267,28 +322,30 @@ async fn resume(args: FleetResumeArgs) -> Result<ExitCode> {
             journal::set_state(&journal, record.id, &c.cluster, ClusterState::Pending, None)?;
         }
     }
-    drive(inv, journal, record.id, opts, args.output).await
+    journal::reopen(&journal, record.id, &this_process_holder())?;
+    drive(
+        inv,
+        journal,
+        record.id,
+        opts,
+        FleetReporter::new(args.output),
+    )
+    .await
 }
 
-/// Takes the fleet run's lock, runs its waves, prints the summary.
+/// Runs the fleet run's waves (beside any other coordinator on it), prints the summary.
 async fn drive(
     inv: crate::inventory::Inventory,
     journal: Arc<Journal>,
     id: FleetRunId,
     opts: FleetOptions,
-    output: Output,
+    reporter: FleetReporter,
 ) -> Result<ExitCode> {
     let tls = inv
         .tls
         .load()
         .map_err(|e| bad(format!("coordinator TLS files: {e:#}")))?;
     journal.commit_without_fsync()?;
-    let lock = journal
-        .acquire_lock(&format!("fleet-run/{id}"), &this_process_holder())
-        .map_err(|e| anyhow!("{e}"))?;
-    let beat = heartbeat(lock);
-    journal::reopen(&journal, id, &this_process_holder())?;
-    let reporter = FleetReporter::new(output);
     reporter.event(
         None,
         None,
@@ -308,25 +365,12 @@ async fn drive(
         fleet: id,
         opts,
     });
-    let result = waves::drive(shared, &inv, &reporter).await;
-    beat.abort();
-    let report = result?;
+    let report = waves::drive(shared, &inv, &reporter).await?;
     reporter.summary(&report);
     Ok(if report.result == FleetResult::Upgraded.as_str() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    })
-}
-
-fn heartbeat(lock: ClusterLock) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(FLEET_LOCK_HEARTBEAT_SECS)).await;
-            if let Err(e) = lock.heartbeat() {
-                tracing::warn!(error = %e, "could not refresh the fleet run's lock");
-            }
-        }
     })
 }
 

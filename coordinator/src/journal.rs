@@ -302,6 +302,11 @@ impl Journal {
         dispatch!(self.latest_run(cluster))
     }
 
+    /// The latest `limit` runs on `cluster`, newest first (the audit trail `status` shows).
+    pub fn recent_runs(&self, cluster: &str, limit: u32) -> Result<Vec<RunRecord>, JournalError> {
+        dispatch!(self.recent_runs(cluster, limit))
+    }
+
     /// Records that a step is about to run (`node` is `None` for cluster-wide steps).
     pub fn begin_step(
         &self,
@@ -560,7 +565,8 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn format_ms(ms: i64) -> String {
+/// A journal time (Unix milliseconds) as RFC 3339, for people reading the journal.
+pub fn format_ms(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {

@@ -24,6 +24,8 @@ use tokio::sync::Mutex;
 pub const DEFAULT_JOURNAL_FILE: &str = "bbupgrade-journal.db";
 pub const ZDU_REQUEST_TIMEOUT_SECS: u64 = 10;
 pub const NODE_INFO_TIMEOUT_SECS: u64 = 10;
+/// How often a running coordinator refreshes its cluster lock.
+pub const LOCK_HEARTBEAT_INTERVAL_SECS: u64 = 2;
 
 /// Where the release comes from; recorded with the run so `resume` uses the same one.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +77,9 @@ pub struct Ctx {
     pub reporter: Reporter,
     pub timeouts: Timeouts,
     clients: Mutex<HashMap<String, Client>>,
+    /// Set when the cluster lock's heartbeat finds the lock gone: no further step begins.
+    pub lock_lost: Arc<std::sync::atomic::AtomicBool>,
+    out_of_service: std::sync::Mutex<Option<(String, bool)>>,
 }
 
 impl Ctx {
@@ -105,6 +110,8 @@ impl Ctx {
             journal,
             reporter,
             clients: Mutex::new(HashMap::new()),
+            lock_lost: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            out_of_service: std::sync::Mutex::new(None),
         })
     }
 
@@ -195,7 +202,17 @@ impl Ctx {
     where
         F: std::future::Future<Output = Result<(T, String)>>,
     {
-        let id = self.journal.begin_step(run, node, step, "")?;
+        if self.lock_lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(PreStepError(format!(
+                "the cluster lock of '{}' was lost (the journal's connection dropped, or another coordinator took over); stopping before '{step}'",
+                self.cluster.name
+            ))
+            .into());
+        }
+        let id = self
+            .journal
+            .begin_step(run, node, step, "")
+            .map_err(|e| PreStepError(format!("the journal failed before '{step}': {e}")))?;
         self.reporter.step(node, step, "begin", "");
         match work.await {
             Ok((v, detail)) => {
@@ -215,11 +232,87 @@ impl Ctx {
 
     /// Whether this run's journal has `step` of `node` completed.
     pub fn step_done(&self, run: RunId, node: &str, step: &str) -> Result<bool> {
-        Ok(self.journal.steps(run)?.iter().any(|s| {
-            s.node.as_deref() == Some(node) && s.step == step && s.outcome == Some(StepOutcome::Ok)
-        }))
+        let steps = self.journal.steps(run)?;
+        let mine: Vec<_> = steps
+            .iter()
+            .filter(|s| s.node.as_deref() == Some(node))
+            .collect();
+        // A handled failure starts the node over: what came before it does not count as done.
+        let since = mine
+            .iter()
+            .rposition(|s| s.step == FAILURE_MARKER_STEP)
+            .map_or(0, |i| i + 1);
+        Ok(mine[since..]
+            .iter()
+            .any(|s| s.step == step && s.outcome == Some(StepOutcome::Ok)))
+    }
+
+    /// How many times this run completed `step` on `node`. Agent operation ids carry it: a step
+    /// repeated after a handled failure gets a fresh operation, while one cut short (begun, never
+    /// recorded as done) keeps its id, so the agent replays or finishes it instead of doing it twice.
+    pub fn completions(&self, run: RunId, node: &str, step: &str) -> Result<usize> {
+        Ok(self
+            .journal
+            .steps(run)?
+            .iter()
+            .filter(|s| {
+                s.node.as_deref() == Some(node)
+                    && s.step == step
+                    && s.outcome == Some(StepOutcome::Ok)
+            })
+            .count())
+    }
+
+    /// Notes that `node` is out of the load balancer (`stopping`: a stop was asked for); kept in
+    /// memory so a failing journal cannot hide which node must go back in.
+    pub fn mark_out(&self, node: &str, stopping: bool) {
+        *self
+            .out_of_service
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((node.to_string(), stopping));
+    }
+
+    pub fn mark_in(&self) {
+        *self
+            .out_of_service
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The node out of the load balancer, and whether a stop was asked of it.
+    pub fn out_node(&self) -> Option<(String, bool)> {
+        self.out_of_service
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts a node back in the load balancer, journaled when the journal works.
+    pub async fn put_back(&self, run: RunId, node: &Node, why: &str) -> Result<()> {
+        let journaled = self
+            .step(run, Some(&node.id), "enable", async {
+                self.lb.enable(&node.lb_server).await?;
+                Ok(((), why.to_string()))
+            })
+            .await;
+        match journaled {
+            Err(e) if e.downcast_ref::<PreStepError>().is_some() => {
+                self.lb.enable(&node.lb_server).await?;
+            }
+            other => other?,
+        }
+        self.mark_in();
+        Ok(())
     }
 }
+
+/// The step that closes a handled node failure; a resume starts that node over after it.
+pub const FAILURE_MARKER_STEP: &str = "failure_handled";
+
+/// A step could not begin (the cluster lock was lost, or the journal failed): nothing was done.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PreStepError(pub String);
 
 /// The journal named by `--state`, the inventory, or the default file.
 pub fn open_journal(state: Option<&str>, inventory_state: Option<&str>) -> Result<Journal> {
@@ -480,12 +573,23 @@ pub fn lock_cluster(
         .map_err(|e| anyhow!("{e}"))?;
     let lock = Arc::new(std::sync::Mutex::new(lock));
     let beat = lock.clone();
+    let lost = ctx.lock_lost.clone();
     let task = tokio::spawn(async move {
         loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            let guard = beat.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = guard.heartbeat() {
-                tracing::warn!(error = %e, "could not refresh the cluster lock");
+            tokio::time::sleep(Duration::from_secs(LOCK_HEARTBEAT_INTERVAL_SECS)).await;
+            let beat = beat.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                beat.lock().unwrap_or_else(|p| p.into_inner()).heartbeat()
+            })
+            .await;
+            match r {
+                Ok(Err(e @ crate::journal::JournalError::LockLost { .. })) => {
+                    tracing::error!(error = %e, "the cluster lock is lost; the run stops at the next step");
+                    lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                    break;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not refresh the cluster lock"),
+                _ => {}
             }
         }
     });

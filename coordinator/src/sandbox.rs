@@ -401,7 +401,9 @@ impl Sandbox {
             if self.opts.lb_standin {
                 return self.start_lb_standin(port);
             }
-            bail!("haproxy is not installed (apt-get install -y haproxy), or run the sandbox with --lb none");
+            bail!(
+                "haproxy is not installed (apt-get install -y haproxy), or run the sandbox with --lb none"
+            );
         };
         let socket = self.dir.join("haproxy.sock");
         let servers: Vec<(String, u16)> = self
@@ -457,7 +459,8 @@ impl Sandbox {
             .arg("--backend")
             .arg("bitbucket");
         for n in self.sim.nodes() {
-            cmd.arg("--server").arg(format!("{}=127.0.0.1:{}", n.name, n.port));
+            cmd.arg("--server")
+                .arg(format!("{}=127.0.0.1:{}", n.name, n.port));
         }
         let log = std::fs::File::create(self.dir.join("haproxy.log"))?;
         let child = cmd
@@ -470,7 +473,10 @@ impl Sandbox {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
-                bail!("the stand-in balancer did not start; see {}/haproxy.log", self.dir.display());
+                bail!(
+                    "the stand-in balancer did not start; see {}/haproxy.log",
+                    self.dir.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -1,7 +1,11 @@
-//! `bbupgrade status`: one row per node with agent reachability, identity, versions and load.
+//! `bbupgrade status`: one row per node with agent reachability, identity, versions and load, and
+//! the cluster's latest runs from the journal — shared in PostgreSQL, every admin's and
+//! coordinator's runs — with who ran each step, when, and how it ended (an audit trail).
 
 use crate::agents;
+use crate::cli::BadInput;
 use crate::inventory::{Cluster, Node};
+use crate::journal::{Journal, RunId, RunRecord, StepOutcome, StepRecord, format_ms};
 use anyhow::Result;
 use bbupgrade_common::proto::{LoadMetricsRequest, LoadSample, NodeInfoRequest, NodeInfoResponse};
 use bbupgrade_common::tls::TlsMaterial;
@@ -9,11 +13,179 @@ use serde::Serialize;
 use std::time::Duration;
 
 pub const STATUS_CALL_TIMEOUT_SECS: u64 = 5;
+/// How many of a cluster's latest runs `status` lists unless told otherwise.
+pub const DEFAULT_RUNS_SHOWN: u32 = 10;
 
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
     pub cluster: String,
     pub nodes: Vec<NodeStatus>,
+    /// Where the runs were read from (a PostgreSQL URL without its password); `None` when the
+    /// journal does not exist yet.
+    pub journal: Option<String>,
+    /// The cluster's latest runs, newest first.
+    pub runs: Vec<RunView>,
+}
+
+/// A journaled run, for people and pipelines (stable field names).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunView {
+    pub id: i64,
+    pub kind: &'static str,
+    pub from: String,
+    pub to: String,
+    /// Who ran it, `user@host:pid`.
+    pub actor: String,
+    pub started_ms: i64,
+    pub started: String,
+    pub ended_ms: Option<i64>,
+    pub ended: Option<String>,
+    /// upgraded | rolled_back | halted | refused, or "open" (running, or its coordinator died).
+    pub result: &'static str,
+    pub error: Option<String>,
+    /// Present for the run whose steps were asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepView>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepView {
+    pub id: i64,
+    /// `None` for cluster-wide steps.
+    pub node: Option<String>,
+    pub step: String,
+    pub actor: String,
+    pub started_ms: i64,
+    pub started: String,
+    pub ended_ms: Option<i64>,
+    pub ended: Option<String>,
+    /// ok | failed | unfinished (begun and not ended: running, or interrupted).
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    /// Written when the step began.
+    pub detail: String,
+    /// Written when it ended.
+    pub end_detail: Option<String>,
+}
+
+/// Which run's steps `status` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepsOf {
+    None,
+    Latest,
+    Run(RunId),
+}
+
+/// What the journal says about a cluster.
+#[derive(Debug, Default)]
+pub struct Audit {
+    pub journal: Option<String>,
+    pub runs: Vec<RunView>,
+}
+
+pub fn run_view(r: &RunRecord, steps: Option<&[StepRecord]>) -> RunView {
+    RunView {
+        id: r.id.0,
+        kind: r.kind.as_str(),
+        from: r.from_version.clone(),
+        to: r.to_version.clone(),
+        actor: r.actor.clone(),
+        started_ms: r.started_ms,
+        started: format_ms(r.started_ms),
+        ended_ms: r.ended_ms,
+        ended: r.ended_ms.map(format_ms),
+        result: r.result.map_or("open", |r| r.as_str()),
+        error: r.error.clone(),
+        steps: steps.map(|s| s.iter().map(step_view).collect()),
+    }
+}
+
+fn step_view(s: &StepRecord) -> StepView {
+    let (outcome, error) = match &s.outcome {
+        None => ("unfinished", None),
+        Some(StepOutcome::Ok) => ("ok", None),
+        Some(StepOutcome::Failed(e)) => ("failed", Some(e.clone())),
+    };
+    StepView {
+        id: s.id.0,
+        node: s.node.clone(),
+        step: s.step.clone(),
+        actor: s.actor.clone(),
+        started_ms: s.started_ms,
+        started: format_ms(s.started_ms),
+        ended_ms: s.ended_ms,
+        ended: s.ended_ms.map(format_ms),
+        outcome,
+        error,
+        detail: s.detail.clone(),
+        end_detail: s.end_detail.clone(),
+    }
+}
+
+/// Where the journal is, as `run::open_journal` resolves it; `None` for a journal file that does
+/// not exist (or `:memory:`), which `status` must not create.
+fn existing_journal(state: Option<&str>, inventory_state: Option<&str>) -> Result<Option<Journal>> {
+    let spec = state
+        .or(inventory_state)
+        .unwrap_or(crate::run::DEFAULT_JOURNAL_FILE);
+    let shared = spec.starts_with("postgres://") || spec.starts_with("postgresql://");
+    let path = std::path::Path::new(spec.strip_prefix("sqlite:").unwrap_or(spec));
+    if !shared && (spec == ":memory:" || !path.exists()) {
+        return Ok(None);
+    }
+    crate::run::open_journal(state, inventory_state).map(Some)
+}
+
+/// The cluster's latest `limit` runs, with the steps of the one asked for. Blocks.
+pub fn audit(
+    state: Option<&str>,
+    inventory_state: Option<&str>,
+    cluster: &str,
+    limit: u32,
+    steps_of: StepsOf,
+) -> Result<Audit> {
+    let Some(journal) = existing_journal(state, inventory_state)? else {
+        if let StepsOf::Run(id) = steps_of {
+            return Err(BadInput(format!(
+                "the journal has no run #{id}: it does not exist yet"
+            ))
+            .into());
+        }
+        return Ok(Audit::default());
+    };
+    let mut runs = journal.recent_runs(cluster, limit)?;
+    let wanted = match steps_of {
+        StepsOf::None => None,
+        StepsOf::Latest => runs.first().map(|r| r.id),
+        StepsOf::Run(id) => {
+            let run = journal
+                .run(id)
+                .map_err(|e| BadInput(format!("{e}; see the run ids in `bbupgrade status`")))?;
+            if run.cluster != cluster {
+                return Err(BadInput(format!(
+                    "run #{id} is on cluster {}, not {cluster}",
+                    run.cluster
+                ))
+                .into());
+            }
+            if !runs.iter().any(|r| r.id == id) {
+                runs.push(run);
+            }
+            Some(id)
+        }
+    };
+    let mut views = Vec::with_capacity(runs.len());
+    for r in &runs {
+        let steps = match wanted {
+            Some(id) if id == r.id => Some(journal.steps(id)?),
+            _ => None,
+        };
+        views.push(run_view(r, steps.as_deref()));
+    }
+    Ok(Audit {
+        journal: Some(journal.location().to_string()),
+        runs: views,
+    })
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -111,6 +283,8 @@ pub async fn collect(cluster: &Cluster, tls: &TlsMaterial) -> StatusReport {
     StatusReport {
         cluster: cluster.name.clone(),
         nodes: rows,
+        journal: None,
+        runs: Vec::new(),
     }
 }
 
@@ -156,5 +330,140 @@ pub fn render_human(r: &StatusReport) -> String {
             )),
         }
     }
+    out.push_str(&render_runs(r.journal.as_deref(), &r.runs));
     out
+}
+
+/// The runs section: one line per run, and the steps of a run that carries them.
+pub fn render_runs(journal: Option<&str>, runs: &[RunView]) -> String {
+    let Some(journal) = journal else {
+        return "\nruns: none (no journal yet)\n".to_string();
+    };
+    if runs.is_empty() {
+        return format!("\nruns ({journal}): none\n");
+    }
+    let mut out = format!("\nruns ({journal}), newest first\n");
+    out.push_str(&format!(
+        "{:<6} {:<9} {:<18} {:<28} {:<25} {:<25} {:<12} {}\n",
+        "RUN", "KIND", "FROM -> TO", "ACTOR", "STARTED", "ENDED", "RESULT", "ERROR"
+    ));
+    for r in runs {
+        out.push_str(&format!(
+            "{:<6} {:<9} {:<18} {:<28} {:<25} {:<25} {:<12} {}\n",
+            format!("#{}", r.id),
+            r.kind,
+            format!("{} -> {}", r.from, r.to),
+            r.actor,
+            r.started,
+            r.ended.as_deref().unwrap_or("-"),
+            r.result,
+            r.error.as_deref().unwrap_or("")
+        ));
+    }
+    for r in runs {
+        let Some(steps) = &r.steps else { continue };
+        out.push_str(&format!(
+            "\nsteps of run #{} ({} step(s))\n",
+            r.id,
+            steps.len()
+        ));
+        out.push_str(&format!(
+            "{:<14} {:<16} {:<28} {:<25} {:<25} {:<10} {}\n",
+            "NODE", "STEP", "ACTOR", "STARTED", "ENDED", "OUTCOME", "DETAIL"
+        ));
+        for s in steps {
+            let detail = [
+                Some(s.detail.as_str()),
+                s.end_detail.as_deref(),
+                s.error.as_deref(),
+            ]
+            .into_iter()
+            .flatten()
+            .filter(|d| !d.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+            out.push_str(&format!(
+                "{:<14} {:<16} {:<28} {:<25} {:<25} {:<10} {}\n",
+                s.node.as_deref().unwrap_or("(cluster)"),
+                s.step,
+                s.actor,
+                s.started,
+                s.ended.as_deref().unwrap_or("-"),
+                s.outcome,
+                detail
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{NewRun, RunKind, RunResult};
+
+    #[test]
+    fn runs_and_steps_read_as_an_audit_trail() {
+        let j = Journal::open_in_memory().unwrap();
+        let run = j
+            .create_run(&NewRun {
+                cluster: "prod".into(),
+                kind: RunKind::Upgrade,
+                from_version: "8.19.3".into(),
+                to_version: "8.19.6".into(),
+                plan_json: "{}".into(),
+                actor: "alice@admin:7".into(),
+                options_json: "{}".into(),
+            })
+            .unwrap();
+        let s = j.begin_step(run, Some("n1"), "stop", "drained").unwrap();
+        j.end_step(s, StepOutcome::Failed("timeout".into()), "3 left")
+            .unwrap();
+        j.begin_step(run, None, "upgrade_mode", "").unwrap();
+        j.finish_run(run, RunResult::Halted, Some("n1 would not stop"))
+            .unwrap();
+        let rec = j.run(run).unwrap();
+        let steps = j.steps(run).unwrap();
+        let v = run_view(&rec, Some(&steps));
+        assert_eq!(
+            (v.kind, v.result, v.actor.as_str()),
+            ("upgrade", "halted", "alice@admin:7")
+        );
+        let sv = v.steps.as_ref().unwrap();
+        assert_eq!(
+            (sv[0].outcome, sv[0].error.as_deref()),
+            ("failed", Some("timeout"))
+        );
+        assert_eq!((sv[1].outcome, sv[1].node.as_deref()), ("unfinished", None));
+        assert!(v.started.starts_with("20"), "{}", v.started);
+
+        let text = render_runs(Some("journal.db"), std::slice::from_ref(&v));
+        assert!(
+            text.contains("8.19.3 -> 8.19.6") && text.contains("n1 would not stop"),
+            "{text}"
+        );
+        assert!(
+            text.contains("steps of run #1") && text.contains("drained; 3 left; timeout"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(cluster)") && text.contains("unfinished"),
+            "{text}"
+        );
+        let json = serde_json::to_value(run_view(&rec, None)).unwrap();
+        assert!(json.get("steps").is_none(), "{json}");
+        assert_eq!(json["result"], "halted");
+        assert!(render_runs(None, &[]).contains("no journal yet"));
+    }
+
+    #[test]
+    fn a_missing_journal_file_shows_no_runs_and_is_not_created() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("none.db");
+        let spec = format!("sqlite:{}", path.display());
+        let a = audit(Some(&spec), None, "prod", 5, StepsOf::Latest).unwrap();
+        assert!(a.journal.is_none() && a.runs.is_empty());
+        assert!(!path.exists());
+        assert!(audit(Some(&spec), None, "prod", 5, StepsOf::Run(RunId(3))).is_err());
+    }
 }

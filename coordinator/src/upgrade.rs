@@ -8,7 +8,7 @@ use crate::inventory::Node;
 use crate::journal::{RunId, RunResult, StepOutcome};
 use crate::plan::{self, Busyness};
 use crate::report::{NodeSummary, Summary};
-use crate::run::{ArchiveSource, Ctx, RunOptions};
+use crate::run::{ArchiveSource, Ctx, FAILURE_MARKER_STEP, PreStepError, RunOptions};
 use crate::zdu::{ClusterState, NodeState};
 use anyhow::{Context, Result, anyhow, bail};
 use bbupgrade_common::proto::*;
@@ -25,6 +25,24 @@ pub const AGENT_RETRY_SECS: u64 = 20;
 
 fn op_id(run: RunId, node: &str, step: &str) -> String {
     format!("run{run}.{node}.{step}")
+}
+
+/// The operation id of a step on a node, given how often the run already completed it there.
+fn attempt_op_id(run: RunId, node: &str, step: &str, completed: usize) -> String {
+    match completed {
+        0 => op_id(run, node, step),
+        n => format!("run{run}.{node}.{step}.a{n}"),
+    }
+}
+
+/// The operation id for the next `step` on `node` in this run.
+fn next_op_id(ctx: &Ctx, run: RunId, node: &str, step: &str) -> String {
+    attempt_op_id(
+        run,
+        node,
+        step,
+        ctx.completions(run, node, step).unwrap_or(0),
+    )
 }
 
 /// A node failed after it was taken out of service.
@@ -422,14 +440,25 @@ async fn upgrade_node(
     opts: &RunOptions,
 ) -> Result<Duration, NodeFailure> {
     let t = &opts.timeouts;
-    let fail = |error: anyhow::Error, stopped: bool| NodeFailure {
-        node: node.id.clone(),
-        error,
-        stopped,
+    let id = node.id.as_str();
+    let fail = |error: anyhow::Error, stopped: bool| {
+        // A step that could not even begin did nothing: what counts is whether a stop was asked.
+        let stopped = if error.downcast_ref::<PreStepError>().is_some() {
+            ctx.out_node()
+                .is_some_and(|(n, stopping)| n == id && stopping)
+                || ctx.step_done(run, id, "stop").unwrap_or(true)
+        } else {
+            stopped
+        };
+        NodeFailure {
+            node: node.id.clone(),
+            error,
+            stopped,
+        }
     };
     let out_since = Instant::now();
-    let id = node.id.as_str();
     let done = |step: &str| ctx.step_done(run, id, step).unwrap_or(false);
+    let op = |step: &str| next_op_id(ctx, run, id, step);
 
     if !done("drain") {
         ctx.step(run, Some(id), "drain", async {
@@ -449,13 +478,15 @@ async fn upgrade_node(
         .await
         .map_err(|e| fail(e, false))?;
     }
+    ctx.mark_out(id, false);
     if !done("stop") {
+        ctx.mark_out(id, true);
         ctx.step(run, Some(id), "stop", async {
             let d = Duration::from_secs(t.stop_secs);
             let r = agent_op(ctx, node, d, |mut c| {
                 let req = agents::request(
                     StopRequest {
-                        operation_id: op_id(run, id, "stop"),
+                        operation_id: op("stop"),
                         timeout_secs: t.stop_secs as u32,
                         kill_after_timeout: false,
                     },
@@ -496,7 +527,7 @@ async fn upgrade_node(
             let r = agent_op(ctx, node, d, |mut c| {
                 let req = agents::request(
                     ActivateRequest {
-                        operation_id: op_id(run, id, "activate"),
+                        operation_id: op("activate"),
                         version: opts.to.clone(),
                     },
                     d,
@@ -527,7 +558,7 @@ async fn upgrade_node(
             let r = agent_op(ctx, node, d, |mut c| {
                 let req = agents::request(
                     StartRequest {
-                        operation_id: op_id(run, id, "start"),
+                        operation_id: op("start"),
                         timeout_secs: t.start_secs as u32,
                     },
                     d,
@@ -563,14 +594,15 @@ async fn upgrade_node(
         .await
         .map_err(|e| fail(e, true))?;
     }
-    if !done("enable") {
-        ctx.step(run, Some(id), "enable", async {
-            ctx.lb.enable(&node.lb_server).await?;
-            Ok(((), format!("back in {}", ctx.lb.describe())))
-        })
-        .await
-        .map_err(|e| fail(e, true))?;
-    }
+    // Always (it is idempotent): a coordinator that died while handling a failure may have taken
+    // the node out again after an earlier enable.
+    ctx.step(run, Some(id), "enable", async {
+        ctx.lb.enable(&node.lb_server).await?;
+        Ok(((), format!("back in {}", ctx.lb.describe())))
+    })
+    .await
+    .map_err(|e| fail(e, true))?;
+    ctx.mark_in();
     let out_of_service = out_since.elapsed();
     if !done("soak") {
         ctx.step(run, Some(id), "soak", async {
@@ -643,7 +675,7 @@ async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOption
                 let r = agent_op(ctx, node, d, |mut c| {
                     let req = agents::request(
                         StopRequest {
-                            operation_id: op_id(run, id, "stop-failed"),
+                            operation_id: next_op_id(ctx, run, id, "stop_failed"),
                             timeout_secs: opts.timeouts.stop_secs as u32,
                             kill_after_timeout: false,
                         },
@@ -684,13 +716,10 @@ async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOption
         }
     } else {
         // Never stopped: put it back as it was (journaled, so the journal shows it back in).
-        let enabled = ctx
-            .step(run, Some(id), "enable", async {
-                ctx.lb.enable(&node.lb_server).await?;
-                Ok(((), "put back: it was never stopped".to_string()))
-            })
-            .await;
-        match enabled {
+        match ctx
+            .put_back(run, node, "put back: it was never stopped")
+            .await
+        {
             Ok(()) => notes.push(format!(
                 "node '{id}' was not stopped and is back in the load balancer"
             )),
@@ -700,6 +729,12 @@ async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOption
         }
     }
     cancel_if_nothing_upgraded(ctx, run, &opts.to, &mut notes).await;
+    // A resume starts this node over, with fresh operation ids.
+    let _ = ctx
+        .step(run, Some(id), FAILURE_MARKER_STEP, async {
+            Ok(((), "a resume starts this node over".to_string()))
+        })
+        .await;
     notes
 }
 
@@ -753,7 +788,7 @@ async fn rollback_node(
         let r = agent_op(ctx, node, d, |mut c| {
             let req = agents::request(
                 RollbackRequest {
-                    operation_id: op_id(run, id, "rollback"),
+                    operation_id: next_op_id(ctx, run, id, "rollback"),
                     stop_timeout_secs: t.stop_secs as u32,
                     start_timeout_secs: t.start_secs as u32,
                     no_start: false,
@@ -869,6 +904,22 @@ pub async fn drive(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
         Err(DriveError::Other(e)) => {
             s.error = Some(format!("{e:#}"));
             s.result = "halted".into();
+            // A node taken out but never asked to stop goes back in, journal or no journal.
+            if let Some((out, false)) = ctx.out_node()
+                && let Ok(node) = ctx.cluster.node(&out)
+            {
+                match ctx
+                    .put_back(run, node, "put back: the run halted before its stop")
+                    .await
+                {
+                    Ok(()) => s.notes.push(format!(
+                        "node '{out}' was not stopped and is back in the load balancer"
+                    )),
+                    Err(e) => s.notes.push(format!(
+                        "node '{out}' could not be put back in the load balancer: {e:#}"
+                    )),
+                }
+            }
             if !ctx
                 .journal
                 .steps(run)

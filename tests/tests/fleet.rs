@@ -227,3 +227,50 @@ async fn a_cluster_outside_its_window_is_skipped_and_reported() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_the_runs_and_steps_from_the_journal_and_never_creates_one() {
+    let d = dir();
+    let fleet = StandinFleet::start(d.path(), &FleetSpec::new(1, 2))
+        .await
+        .unwrap();
+    let inv = fleet.inventory.display().to_string();
+    let status = |extra: &[&str]| {
+        let mut args: Vec<String> = ["status", "--inventory", &inv, "--cluster", "c0001"]
+            .map(String::from)
+            .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    // No journal yet: no runs, and none created.
+    let out = bbupgrade(&status(&["--output", "json"])).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["runs"], serde_json::json!([]), "{v:#}");
+    assert!(v["journal"].is_null());
+    assert!(!fleet.journal.exists(), "status created the journal");
+
+    let out = bbupgrade(&run_args(&fleet, &[])).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = bbupgrade(&status(&["--steps"])).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("#1")
+            && text.contains(&format!("{FROM} -> {TO}"))
+            && text.contains("upgraded"),
+        "{text}"
+    );
+    assert!(
+        text.contains("steps of run #1") && text.contains("c0001-n2") && text.contains("stop"),
+        "{text}"
+    );
+    let out = bbupgrade(&status(&["--run", "1", "--output", "json"])).await;
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        !v["runs"][0]["steps"].as_array().unwrap().is_empty(),
+        "{v:#}"
+    );
+    let out = bbupgrade(&status(&["--run", "99"])).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+}

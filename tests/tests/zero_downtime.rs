@@ -3,7 +3,10 @@
 
 use bbupgrade::sandbox::SandboxLb;
 use bbupgrade_sim::load::{LoadOptions, start};
-use bbupgrade_tests::{bins, cluster_args, describe, require_program, sandbox_options, start_sandbox, summary_of, temp_dir};
+use bbupgrade_tests::{
+    bins, cluster_args, describe, require_program, sandbox_options, start_sandbox, summary_of,
+    temp_dir,
+};
 use std::time::{Duration, Instant};
 
 /// Requests the test must see during the upgrade for the zero to mean something.
@@ -16,9 +19,14 @@ async fn rolling_upgrade_under_load_fails_no_request() {
     }
     let bins = bins!();
     let dir = temp_dir();
-    let sandbox = start_sandbox(dir.path(), sandbox_options(&bins, 3, SandboxLb::Haproxy)).await.expect("sandbox");
+    let sandbox = start_sandbox(dir.path(), sandbox_options(&bins, 3, SandboxLb::Haproxy))
+        .await
+        .expect("sandbox");
     // Clones of about a second each keep drains honest without stretching the test.
-    sandbox.sim.set_shared_property("sim.scm.clone.ms", "800").expect("clone time");
+    sandbox
+        .sim
+        .set_shared_property("sim.scm.clone.ms", "800")
+        .expect("clone time");
 
     let load = start(LoadOptions {
         base_url: sandbox.traffic_url(),
@@ -36,10 +44,12 @@ async fn rolling_upgrade_under_load_fails_no_request() {
     let archive = sandbox.to_archive.path.display().to_string();
     args.extend(["--to", "8.19.6", "--archive", &archive, "--output", "json"].map(String::from));
     let bbupgrade = bins.bbupgrade.clone();
-    let out = tokio::task::spawn_blocking(move || std::process::Command::new(bbupgrade).args(&args).output())
-        .await
-        .expect("join")
-        .expect("run bbupgrade");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bbupgrade).args(&args).output()
+    })
+    .await
+    .expect("join")
+    .expect("run bbupgrade");
     let upgrade_ms = started.elapsed().as_millis();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.stop().await;
@@ -51,7 +61,13 @@ async fn rolling_upgrade_under_load_fails_no_request() {
         .as_array()
         .expect("nodes")
         .iter()
-        .map(|n| format!("{}={}ms", n["id"].as_str().unwrap_or("?"), n["out_of_service_ms"]))
+        .map(|n| {
+            format!(
+                "{}={}ms",
+                n["id"].as_str().unwrap_or("?"),
+                n["out_of_service_ms"]
+            )
+        })
         .collect();
     eprintln!(
         "zero-downtime run: {} requests ({} clones) during a {} ms upgrade, {} failed; out of service: {}; {}",
@@ -64,6 +80,10 @@ async fn rolling_upgrade_under_load_fails_no_request() {
     );
     assert_eq!(report.failed, 0, "failed requests: {:#?}", report.failures);
     assert_eq!(report.connection_errors + report.interrupted_transfers, 0);
-    assert!(report.total >= MIN_REQUESTS, "only {} requests during the upgrade", report.total);
+    assert!(
+        report.total >= MIN_REQUESTS,
+        "only {} requests during the upgrade",
+        report.total
+    );
     assert!(report.by_version.contains_key("8.19.6") && report.by_version.contains_key("8.19.3"));
 }

@@ -1,17 +1,26 @@
-//! One cluster of a fleet run, through the same path as `bbupgrade upgrade` and `resume`: its
-//! maintenance window, preflight, the cluster's lock, a journaled cluster run and the node-by-node
-//! driver. The agent clients and HTTP clients live only while the cluster is upgraded.
+//! One cluster of a fleet run, through the same path as `bbupgrade upgrade` and `resume`: the
+//! claim (the cluster's lock, then its journaled state read and marked under it, so coordinators
+//! sharing a fleet run never drive one cluster twice), its maintenance window, preflight, a
+//! journaled cluster run and the node-by-node driver. The agent clients and HTTP clients live only
+//! while the cluster is upgraded.
 
 use super::FleetOptions;
 use super::journal::{self as fleet_journal, ClusterState, FleetClusterRecord, FleetRunId};
 use super::window::in_window;
 use crate::inventory::Cluster;
-use crate::journal::{Journal, NewRun, RunKind, RunResult, this_process_holder};
+use crate::journal::{
+    ClusterLock, Journal, JournalError, NewRun, RunKind, RunResult, this_process_holder,
+};
 use crate::report::{Reporter, Summary};
 use crate::run::{self, Ctx, RunOptions};
 use anyhow::{Context, Result, anyhow};
 use bbupgrade_common::tls::TlsMaterial;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often a claimed cluster's lock is refreshed: a lost lock stops the driver at its next step.
+const CLAIM_HEARTBEAT_SECS: u64 = 2;
 
 /// What the fleet shares with every cluster it drives.
 pub struct Shared {
@@ -45,6 +54,51 @@ impl Outcome {
     }
 }
 
+/// Whether a cluster still waits for a coordinator: pending, or running (driven by a live one, or
+/// left by one that died). Upgraded, failed and skipped clusters are settled for this pass.
+pub fn unsettled(state: ClusterState) -> bool {
+    matches!(state, ClusterState::Pending | ClusterState::Running)
+}
+
+/// What trying to claim a cluster gave.
+pub enum Claim {
+    /// Ours to drive: its lock is held, and its record was read under the lock.
+    Mine(Box<Claimed>),
+    /// Another coordinator holds its lock (`user@host:pid`): it is being driven.
+    Busy(String),
+    /// Settled by another coordinator meanwhile (or not in the fleet run).
+    Settled,
+}
+
+/// A cluster this coordinator holds the lock of.
+pub struct Claimed {
+    lock: ClusterLock,
+    record: FleetClusterRecord,
+}
+
+/// Takes the cluster's lock and reads its state under it. Blocks (a round trip or two).
+pub fn try_claim(
+    journal: &Journal,
+    fleet: FleetRunId,
+    cluster: &str,
+    holder: &str,
+) -> Result<Claim, JournalError> {
+    let lock = match journal.acquire_lock(cluster, holder) {
+        Ok(lock) => lock,
+        Err(JournalError::Locked { holder, .. }) => return Ok(Claim::Busy(holder)),
+        Err(e) => return Err(e),
+    };
+    match fleet_journal::cluster(journal, fleet, cluster)? {
+        Some(record) if unsettled(record.state) => {
+            Ok(Claim::Mine(Box::new(Claimed { lock, record })))
+        }
+        _ => {
+            lock.release()?;
+            Ok(Claim::Settled)
+        }
+    }
+}
+
 /// Why a cluster is not started now: outside its window. A cluster already running is finished
 /// whatever the time, so no node is left on a different version than the others.
 pub fn window_refusal(
@@ -62,34 +116,84 @@ pub fn window_refusal(
     ))
 }
 
-/// Takes the cluster's turn; every error ends up as a failed outcome with its reason.
+/// Takes the turn of a claimed cluster and journals how it ended while still holding its lock:
+/// released first, another coordinator could mistake a settled cluster for an abandoned one.
+/// Errors here are the journal's; the cluster's own errors end up as a failed outcome.
 pub async fn take_turn(
     shared: &Shared,
     cluster: &Cluster,
+    claimed: Box<Claimed>,
+) -> Result<Outcome> {
+    let Claimed { lock, record } = *claimed;
+    let lock = Arc::new(Mutex::new(lock));
+    let lost = Arc::new(AtomicBool::new(false));
+    let beat = keep_alive(lock.clone(), lost.clone());
+    let outcome = turn(shared, cluster, &record, lost).await;
+    let recorded = fleet_journal::set_state(
+        &shared.journal,
+        shared.fleet,
+        &cluster.name,
+        outcome.state(),
+        Some(outcome.reason()),
+    );
+    beat.abort();
+    drop(lock);
+    recorded?;
+    Ok(outcome)
+}
+
+async fn turn(
+    shared: &Shared,
+    cluster: &Cluster,
     previous: &FleetClusterRecord,
+    lock_lost: Arc<AtomicBool>,
 ) -> Outcome {
     if let Some(why) = window_refusal(cluster, previous.state, jiff::Timestamp::now()) {
         return Outcome::Skipped(why);
     }
-    if let Err(e) = fleet_journal::set_state(
+    if let Err(e) = fleet_journal::claim(
         &shared.journal,
         shared.fleet,
         &cluster.name,
-        ClusterState::Running,
-        None,
+        &this_process_holder(),
     ) {
         return Outcome::Failed(format!("{e}"));
     }
-    match upgrade(shared, cluster, previous).await {
+    match upgrade(shared, cluster, previous, lock_lost).await {
         Ok(o) => o,
         Err(e) => Outcome::Failed(format!("{e:#}")),
     }
+}
+
+/// Refreshes a held lock until aborted; once it is lost (taken over, or the PostgreSQL session
+/// ended), `lost` tells the driver to stop before its next step.
+fn keep_alive(lock: Arc<Mutex<ClusterLock>>, lost: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(CLAIM_HEARTBEAT_SECS)).await;
+            let lock = lock.clone();
+            let beat = tokio::task::spawn_blocking(move || {
+                lock.lock().unwrap_or_else(|p| p.into_inner()).heartbeat()
+            })
+            .await;
+            match beat {
+                Ok(Err(e @ JournalError::LockLost { .. })) => {
+                    tracing::error!(error = %e, "the claimed cluster's lock is lost");
+                    lost.store(true, Ordering::SeqCst);
+                    break;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not refresh the cluster lock"),
+                _ => {}
+            }
+        }
+    })
 }
 
 async fn upgrade(
     shared: &Shared,
     cluster: &Cluster,
     previous: &FleetClusterRecord,
+    lock_lost: Arc<AtomicBool>,
 ) -> Result<Outcome> {
     let mut cluster = cluster.clone();
     if let Some(s) = shared.opts.soak_secs {
@@ -101,6 +205,7 @@ async fn upgrade(
         shared.journal.clone(),
         Reporter::silent(),
     )?;
+    ctx.lock_lost = lock_lost;
     if let Some(open) = run::resumable_run(&ctx)? {
         if previous.cluster_run_id != Some(open.id.0) || open.kind != RunKind::Upgrade {
             return Ok(Outcome::Failed(format!(
@@ -115,9 +220,7 @@ async fn upgrade(
         let options: RunOptions = serde_json::from_str(&open.options_json)
             .with_context(|| format!("reading the options of run #{}", open.id))?;
         ctx.timeouts = options.timeouts.clone();
-        let (_lock, beat) = run::lock_cluster(&ctx)?;
         let summary = crate::upgrade::drive(&ctx, open.id, &options).await;
-        beat.abort();
         return Ok(outcome_of(&summary, &format!("resumed run #{}", open.id)));
     }
     if let Some(id) = previous.cluster_run_id
@@ -149,7 +252,6 @@ async fn upgrade(
         auto_rollback: shared.opts.auto_rollback,
         timeouts: ctx.timeouts.clone(),
     };
-    let (_lock, beat) = run::lock_cluster(&ctx)?;
     let run_id = ctx.journal.create_run(&NewRun {
         cluster: ctx.cluster.name.clone(),
         kind: RunKind::Upgrade,
@@ -162,7 +264,6 @@ async fn upgrade(
     fleet_journal::set_cluster_run(&shared.journal, shared.fleet, &ctx.cluster.name, run_id)
         .map_err(|e| anyhow!(e))?;
     let summary = crate::upgrade::drive(&ctx, run_id, &options).await;
-    beat.abort();
     Ok(outcome_of(&summary, &format!("run #{run_id}")))
 }
 

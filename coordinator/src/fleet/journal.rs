@@ -100,6 +100,15 @@ pub struct FleetClusterRecord {
     pub cluster_run_id: Option<i64>,
     pub started_ms: Option<i64>,
     pub ended_ms: Option<i64>,
+    /// The coordinator (`user@host:pid`) that last claimed the cluster to drive it.
+    pub claimed_by: Option<String>,
+}
+
+/// What [`create_unless_open`] found: a new fleet run, or the open one to join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreatedOrOpen {
+    Created(FleetRunId),
+    Open(FleetRunRecord),
 }
 
 fn pg_run_from_row(r: &postgres::Row) -> Result<FleetRunRecord, postgres::Error> {
@@ -204,6 +213,114 @@ pub fn create(
     )
 }
 
+/// Creates a fleet run as [`create`] does, unless one is open (no result yet): then that one, to
+/// join. Atomic across coordinators: two started at once on one journal never both create a run.
+pub fn create_unless_open(
+    j: &Journal,
+    to: &str,
+    options_json: &str,
+    actor: &str,
+    clusters: &[String],
+) -> Result<CreatedOrOpen, JournalError> {
+    const OPEN: &str = "WHERE result IS NULL ORDER BY id DESC LIMIT 1";
+    let pg = (
+        to.to_string(),
+        options_json.to_string(),
+        actor.to_string(),
+        clusters.to_vec(),
+    );
+    j.with_backend(
+        "recording a new fleet run (or joining the open one)",
+        |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if let Some(open) = tx
+                .query_row(
+                    &format!("SELECT {RUN_COLUMNS} FROM fleet_runs {OPEN}"),
+                    [],
+                    run_from_row,
+                )
+                .optional()?
+            {
+                return Ok(CreatedOrOpen::Open(open));
+            }
+            tx.execute(
+                "INSERT INTO fleet_runs (to_version, options_json, actor, started_ms) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![to, options_json, actor, now_ms()],
+            )?;
+            let id = tx.last_insert_rowid();
+            {
+                let mut stmt = tx.prepare(
+                    "INSERT INTO fleet_clusters (fleet_run, cluster, position, state) \
+                     VALUES (?1, ?2, ?3, 'pending')",
+                )?;
+                for (i, name) in clusters.iter().enumerate() {
+                    stmt.execute(params![id, name, i as i64])?;
+                }
+            }
+            tx.commit()?;
+            Ok(CreatedOrOpen::Created(FleetRunId(id)))
+        },
+        move |c| {
+            let (to, options_json, actor, clusters) = pg;
+            let mut tx = c.transaction()?;
+            // Conflicts with itself: a second coordinator waits here until the first commits.
+            tx.batch_execute("LOCK TABLE fleet_runs IN SHARE ROW EXCLUSIVE MODE")?;
+            if let Some(r) =
+                tx.query_opt(&format!("SELECT {RUN_COLUMNS} FROM fleet_runs {OPEN}"), &[])?
+            {
+                return Ok(CreatedOrOpen::Open(pg_run_from_row(&r)?));
+            }
+            let id: i64 = tx
+                .query_one(
+                    "INSERT INTO fleet_runs (to_version, options_json, actor, started_ms) \
+                     VALUES ($1, $2, $3, $4) RETURNING id",
+                    &[&to, &options_json, &actor, &now_ms()],
+                )?
+                .try_get(0)?;
+            let stmt = tx.prepare(
+                "INSERT INTO fleet_clusters (fleet_run, cluster, position, state) \
+                 VALUES ($1, $2, $3, 'pending')",
+            )?;
+            for (i, name) in clusters.iter().enumerate() {
+                tx.execute(&stmt, &[&id, name, &(i as i64)])?;
+            }
+            tx.commit()?;
+            Ok(CreatedOrOpen::Created(FleetRunId(id)))
+        },
+    )
+}
+
+/// Marks a cluster running for `holder`, who must hold the cluster's lock: the claim that keeps
+/// other coordinators off it. A takeover (it was running already) keeps its start time.
+pub fn claim(j: &Journal, id: FleetRunId, cluster: &str, holder: &str) -> Result<(), JournalError> {
+    let now = now_ms();
+    let (pg_cluster, pg_holder) = (cluster.to_string(), holder.to_string());
+    j.with_backend(
+        format!("claiming cluster {cluster} for {holder}"),
+        |c| {
+            c.execute(
+                "UPDATE fleet_clusters SET state = 'running', reason = NULL, claimed_by = ?3, \
+                 ended_ms = NULL, \
+                 started_ms = CASE WHEN state = 'running' THEN started_ms ELSE ?4 END \
+                 WHERE fleet_run = ?1 AND cluster = ?2",
+                params![id.0, cluster, holder, now],
+            )
+            .map(|_| ())
+        },
+        move |c| {
+            c.execute(
+                "UPDATE fleet_clusters SET state = 'running', reason = NULL, claimed_by = $3, \
+                 ended_ms = NULL, \
+                 started_ms = CASE WHEN state = 'running' THEN started_ms ELSE $4 END \
+                 WHERE fleet_run = $1 AND cluster = $2",
+                &[&id.0, &pg_cluster, &pg_holder, &now],
+            )
+            .map(|_| ())
+        },
+    )
+}
+
 pub fn run(j: &Journal, id: FleetRunId) -> Result<Option<FleetRunRecord>, JournalError> {
     j.with_backend(
         format!("reading fleet run {id}"),
@@ -249,11 +366,30 @@ pub fn latest(j: &Journal, unfinished: bool) -> Result<Option<FleetRunRecord>, J
 
 /// The clusters of a fleet run in their order.
 pub fn clusters(j: &Journal, id: FleetRunId) -> Result<Vec<FleetClusterRecord>, JournalError> {
-    const SQL: &str = "SELECT cluster, state, reason, cluster_run_id, started_ms, ended_ms \
-                       FROM fleet_clusters WHERE fleet_run = $1 ORDER BY position";
+    select_clusters(j, id, None)
+}
+
+/// One cluster of a fleet run, as journaled now.
+pub fn cluster(
+    j: &Journal,
+    id: FleetRunId,
+    name: &str,
+) -> Result<Option<FleetClusterRecord>, JournalError> {
+    Ok(select_clusters(j, id, Some(name))?.pop())
+}
+
+fn select_clusters(
+    j: &Journal,
+    id: FleetRunId,
+    only: Option<&str>,
+) -> Result<Vec<FleetClusterRecord>, JournalError> {
+    const SQL: &str = "SELECT cluster, state, reason, cluster_run_id, started_ms, ended_ms, \
+                       claimed_by FROM fleet_clusters \
+                       WHERE fleet_run = $1 AND ($2::TEXT IS NULL OR cluster = $2) ORDER BY position";
+    let pg_only = only.map(str::to_string);
     let pg = move |c: &mut postgres::Client| {
         let mut out = Vec::new();
-        for r in c.query(SQL, &[&id.0])? {
+        for r in c.query(SQL, &[&id.0, &pg_only])? {
             let state: String = r.try_get(1)?;
             let Some(state) = ClusterState::parse(&state) else {
                 continue; // never written by bbupgrade; SQLite refuses it, here it is left out
@@ -265,6 +401,7 @@ pub fn clusters(j: &Journal, id: FleetRunId) -> Result<Vec<FleetClusterRecord>, 
                 cluster_run_id: r.try_get(3)?,
                 started_ms: r.try_get(4)?,
                 ended_ms: r.try_get(5)?,
+                claimed_by: r.try_get(6)?,
             });
         }
         Ok(out)
@@ -273,10 +410,11 @@ pub fn clusters(j: &Journal, id: FleetRunId) -> Result<Vec<FleetClusterRecord>, 
         format!("reading the clusters of fleet run {id}"),
         |c| {
             let mut stmt = c.prepare(
-                "SELECT cluster, state, reason, cluster_run_id, started_ms, ended_ms \
-             FROM fleet_clusters WHERE fleet_run = ?1 ORDER BY position",
+                "SELECT cluster, state, reason, cluster_run_id, started_ms, ended_ms, claimed_by \
+                 FROM fleet_clusters WHERE fleet_run = ?1 AND (?2 IS NULL OR cluster = ?2) \
+                 ORDER BY position",
             )?;
-            let rows = stmt.query_map([id.0], |r| {
+            let rows = stmt.query_map(params![id.0, only], |r| {
                 let state: String = r.get(1)?;
                 Ok(FleetClusterRecord {
                     cluster: r.get(0)?,
@@ -286,6 +424,7 @@ pub fn clusters(j: &Journal, id: FleetRunId) -> Result<Vec<FleetClusterRecord>, 
                     cluster_run_id: r.get(3)?,
                     started_ms: r.get(4)?,
                     ended_ms: r.get(5)?,
+                    claimed_by: r.get(6)?,
                 })
             })?;
             rows.collect()

@@ -37,6 +37,8 @@ pub struct ClusterLine {
     pub reason: Option<String>,
     pub cluster_run_id: Option<i64>,
     pub duration_ms: Option<u64>,
+    /// The coordinator that drove it last (`user@host:pid`).
+    pub claimed_by: Option<String>,
 }
 
 impl FleetReport {
@@ -70,6 +72,7 @@ impl FleetReport {
                     state: c.state,
                     reason: c.reason.clone(),
                     cluster_run_id: c.cluster_run_id,
+                    claimed_by: c.claimed_by.clone(),
                     duration_ms: match (c.started_ms, c.ended_ms) {
                         (Some(s), Some(e)) => Some(e.saturating_sub(s).max(0) as u64),
                         _ => None,
@@ -127,6 +130,7 @@ pub fn render_human(r: &FleetReport) -> String {
 }
 
 /// Prints fleet events as they happen.
+#[derive(Clone)]
 pub struct FleetReporter {
     output: Output,
     started: Instant,
@@ -150,7 +154,7 @@ impl FleetReporter {
         }
     }
 
-    /// `status` is wave | start | upgraded | failed | skipped | halted | soak | info.
+    /// `status` is wave | start | upgraded | failed | skipped | halted | soak | info | elsewhere.
     pub fn event(&self, wave: Option<usize>, cluster: Option<&str>, status: &str, detail: &str) {
         match self.output {
             Output::Json => {
@@ -215,6 +219,7 @@ mod tests {
             cluster_run_id: None,
             started_ms: Some(1_000),
             ended_ms: Some(2_500),
+            claimed_by: Some("me@h:1".into()),
         };
         let clusters = vec![
             rec("a", ClusterState::Upgraded, None),

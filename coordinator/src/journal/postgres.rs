@@ -99,6 +99,10 @@ CREATE TABLE fleet_clusters (
     PRIMARY KEY (fleet_run, cluster)
 );
 "#,
+    // Who claimed a fleet's cluster (`user@host:pid`), so several coordinators can share a fleet run.
+    r#"
+ALTER TABLE fleet_clusters ADD COLUMN claimed_by TEXT;
+"#,
 ];
 
 const RUN_COLUMNS: &str = "id, cluster, kind, from_version, to_version, plan_json, options_json, \
@@ -570,6 +574,33 @@ impl Db {
             .transpose()
         })?;
         raw.map(|r| r.into_record(&self.location)).transpose()
+    }
+
+    /// The latest `limit` runs on `cluster`, newest first.
+    pub(crate) fn recent_runs(
+        &self,
+        cluster: &str,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, JournalError> {
+        let cluster = cluster.to_string();
+        let raws = self.call(
+            format!("reading the latest runs on cluster {cluster}"),
+            move |c| {
+                c.query(
+                    &format!(
+                        "SELECT {RUN_COLUMNS} FROM runs WHERE cluster = $1 \
+                         ORDER BY id DESC LIMIT $2"
+                    ),
+                    &[&cluster, &i64::from(limit)],
+                )?
+                .iter()
+                .map(raw_run)
+                .collect::<Result<Vec<_>, _>>()
+            },
+        )?;
+        raws.into_iter()
+            .map(|r| r.into_record(&self.location))
+            .collect()
     }
 
     pub(crate) fn begin_step(

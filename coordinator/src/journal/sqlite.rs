@@ -90,6 +90,10 @@ CREATE TABLE fleet_clusters (
     PRIMARY KEY (fleet_run, cluster)
 );
 "#,
+    // Who claimed a fleet's cluster (`user@host:pid`), so several coordinators can share a fleet run.
+    r#"
+ALTER TABLE fleet_clusters ADD COLUMN claimed_by TEXT;
+"#,
 ];
 
 /// The SQLite journal; [`super::Journal`] dispatches to it.
@@ -299,6 +303,31 @@ impl Db {
             .optional()
             .map_err(self.sql(what))?;
         raw.map(|r| r.into_record(&self.location)).transpose()
+    }
+
+    /// The latest `limit` runs on `cluster`, newest first.
+    pub(crate) fn recent_runs(
+        &self,
+        cluster: &str,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, JournalError> {
+        let what = || format!("reading the latest runs on cluster {cluster}");
+        let raws = {
+            let conn = self.conn();
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {RUN_COLUMNS} FROM runs WHERE cluster = ?1 ORDER BY id DESC LIMIT ?2"
+                ))
+                .map_err(self.sql(what()))?;
+            let rows = stmt
+                .query_map(params![cluster, i64::from(limit)], raw_run)
+                .map_err(self.sql(what()))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(self.sql(what()))?
+        };
+        raws.into_iter()
+            .map(|r| r.into_record(&self.location))
+            .collect()
     }
 
     /// Records that a step is about to run (`node` is `None` for cluster-wide steps).
