@@ -4,6 +4,7 @@
 //! Integration tests get the binary paths with [`bins!`], because `CARGO_BIN_EXE_*` is only set
 //! while compiling the test package's integration tests.
 
+pub mod cli_process;
 pub mod faultproxy;
 pub mod fleet_standin;
 pub mod systemd_harness;

@@ -4,190 +4,19 @@
 //! `rollback`, targets that are refused, and the demo.
 
 use bbupgrade::journal::{Journal, RunId, StepOutcome, StepRecord};
-use bbupgrade::loadbalancer::{self, AdminState, LbConfig, LoadBalancer, OperState};
+use bbupgrade::loadbalancer::{AdminState, LoadBalancer, OperState};
 use bbupgrade::sandbox::{ADMIN_TOKEN, Sandbox, SandboxLb};
 use bbupgrade_common::proto::{NodeInfoRequest, NodeInfoResponse};
 use bbupgrade_sim::load::LoadOptions;
-use bbupgrade_tests::{Bins, bins, cluster_args, sandbox_options, start_sandbox, summary_of};
+use bbupgrade_tests::cli_process::{Cli, Finished, args, haproxy, is_step, run_cli};
+use bbupgrade_tests::{bins, sandbox_options, start_sandbox};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 const FROM: &str = "8.19.3";
 const TO: &str = "8.19.6";
-/// Longest one CLI command may take before the test kills it and fails.
-const CLI_TIMEOUT_SECS: u64 = 150;
-/// Longest the test waits for one event on a running CLI's stdout.
-const EVENT_TIMEOUT_SECS: u64 = 90;
-
-// ---------------------------------------------------------------------------------------------
-// The CLI as a child process.
-
-/// How a finished `bbupgrade` ended.
-struct Finished {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn describe(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-
-    /// The final summary of `upgrade`/`resume`/`rollback` (panics, with the output, without one).
-    fn summary(&self) -> Value {
-        summary_of(self.stdout.as_bytes())
-            .unwrap_or_else(|| panic!("no summary in the output:\n{}", self.describe()))
-    }
-}
-
-/// A running `bbupgrade`; dropping it SIGKILLs it, pass or fail. Its stdout's JSON lines arrive
-/// as events while it runs.
-struct CliProcess {
-    child: Arc<Mutex<Child>>,
-    events: mpsc::UnboundedReceiver<Value>,
-    stdout: Option<std::thread::JoinHandle<String>>,
-    stderr: Option<std::thread::JoinHandle<String>>,
-    seen: Vec<Value>,
-}
-
-impl CliProcess {
-    fn spawn(bins: &Bins, args: &[String]) -> Self {
-        let mut child = Command::new(&bins.bbupgrade)
-            .args(args)
-            .env("BBUPGRADE_AGENT_BIN", &bins.agent)
-            .env("BITBUCKET_SIM_BIN", &bins.sim)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting bbupgrade");
-        let out = child.stdout.take().expect("stdout");
-        let mut err = child.stderr.take().expect("stderr");
-        let (tx, events) = mpsc::unbounded_channel();
-        let stdout = std::thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    let _ = tx.send(v);
-                }
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
-        let stderr = std::thread::spawn(move || {
-            let mut all = String::new();
-            let _ = err.read_to_string(&mut all);
-            all
-        });
-        Self {
-            child: Arc::new(Mutex::new(child)),
-            events,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-            seen: Vec::new(),
-        }
-    }
-
-    /// SIGKILL, as a crashed or killed coordinator.
-    fn sigkill(&self) {
-        let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-
-    /// Waits for the first event (from now) that `pred` accepts; panics on timeout or exit.
-    async fn wait_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(EVENT_TIMEOUT_SECS);
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(v)) => {
-                    self.seen.push(v.clone());
-                    if pred(&v) {
-                        return v;
-                    }
-                }
-                Ok(None) => {
-                    let f = self.finish().await;
-                    panic!("bbupgrade ended before {what}:\n{}", f.describe());
-                }
-                Err(_) => {
-                    self.sigkill();
-                    let f = self.finish().await;
-                    panic!("no {what} within {EVENT_TIMEOUT_SECS}s:\n{}", f.describe());
-                }
-            }
-        }
-    }
-
-    /// Waits for the process to exit (killing it after `CLI_TIMEOUT_SECS`) and collects its output.
-    async fn finish(&mut self) -> Finished {
-        let deadline = Instant::now() + Duration::from_secs(CLI_TIMEOUT_SECS);
-        let mut timed_out = false;
-        let code = loop {
-            let status = {
-                let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
-                c.try_wait().expect("waiting for bbupgrade")
-            };
-            if let Some(s) = status {
-                break s.code();
-            }
-            if Instant::now() > deadline {
-                timed_out = true;
-                self.sigkill();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let join = |h: Option<std::thread::JoinHandle<String>>| {
-            h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
-        };
-        let (out, err) = (self.stdout.take(), self.stderr.take());
-        let (stdout, stderr) = tokio::task::spawn_blocking(move || (join(out), join(err)))
-            .await
-            .expect("joining the output readers");
-        let f = Finished {
-            code,
-            stdout,
-            stderr,
-        };
-        assert!(
-            !timed_out,
-            "bbupgrade did not finish within {CLI_TIMEOUT_SECS}s:\n{}",
-            f.describe()
-        );
-        f
-    }
-}
-
-impl Drop for CliProcess {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
-/// Runs `bbupgrade` to its end.
-async fn cli(bins: &Bins, args: Vec<String>) -> Finished {
-    CliProcess::spawn(bins, &args).finish().await
-}
-
-/// `bbupgrade <command>` against the sandbox's cluster with JSON output, plus `extra`.
-fn args(s: &Sandbox, command: &str, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![command.to_string()];
-    a.extend(cluster_args(s));
-    a.extend(["--output".into(), "json".into()]);
-    a.extend(extra.iter().map(|x| x.to_string()));
-    a
-}
 
 /// `bbupgrade <command> --to <to> --archive <the sandbox's new release>`.
 fn upgrade_args(s: &Sandbox, command: &str, to: &str, extra: &[&str]) -> Vec<String> {
@@ -195,14 +24,6 @@ fn upgrade_args(s: &Sandbox, command: &str, to: &str, extra: &[&str]) -> Vec<Str
     let mut a = args(s, command, &["--to", to, "--archive", &archive]);
     a.extend(extra.iter().map(|x| x.to_string()));
     a
-}
-
-/// A step event `{"event":"step","node":..,"step":..,"status":..}`.
-fn is_step(v: &Value, node: Option<&str>, step: &str, status: &str) -> bool {
-    v["event"] == "step"
-        && v["step"] == step
-        && v["status"] == status
-        && node.is_none_or(|n| v["node"] == n)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,15 +95,6 @@ async fn agent_info(s: &Sandbox, node: &str) -> NodeInfoResponse {
         .await
         .expect("NodeInfo")
         .into_inner()
-}
-
-fn haproxy(s: &Sandbox) -> Box<dyn LoadBalancer> {
-    let socket = s.haproxy_socket.as_ref().expect("the sandbox has HAProxy");
-    loadbalancer::from_config(&LbConfig::Haproxy {
-        socket: format!("unix:{}", socket.display()),
-        backend: "bitbucket".into(),
-    })
-    .expect("haproxy driver")
 }
 
 /// Waits until HAProxy has `server` ready (in rotation) and its health checks see it up.
@@ -414,7 +226,7 @@ async fn upgrades_every_node_least_busy_first_under_traffic_through_haproxy() {
         request_timeout: Duration::from_secs(60),
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let run = cli(&bins, upgrade_args(&s, "upgrade", TO, &[])).await;
+    let run = run_cli(&bins, &upgrade_args(&s, "upgrade", TO, &[])).await;
     let traffic = load.stop().await;
 
     assert_eq!(run.code, Some(0), "{}", run.describe());
@@ -474,7 +286,7 @@ async fn killed_at_then_resumed(step: &str) {
         }
     }
 
-    let mut upgrade = CliProcess::spawn(&bins, &upgrade_args(&s, "upgrade", TO, &[]));
+    let mut upgrade = Cli::spawn(&bins, &upgrade_args(&s, "upgrade", TO, &[]));
     let ev = upgrade
         .wait_event(&format!("a {step} step"), |v| {
             is_step(v, None, step, "begin")
@@ -490,7 +302,7 @@ async fn killed_at_then_resumed(step: &str) {
     } else {
         Some(wait_agent_op_begun(&s, &node, step).await)
     };
-    upgrade.sigkill();
+    upgrade.kill();
     let killed = upgrade.finish().await;
     assert_ne!(killed.code, Some(0), "{}", killed.describe());
     eprintln!("killed the coordinator as {node} began {step} (agent operation: {agent_state:?})");
@@ -501,7 +313,7 @@ async fn killed_at_then_resumed(step: &str) {
         .expect("the killed run is open in the journal");
     // What the agents did before the resume: an operation they completed must not run again.
     let before = settled_ops(&s).await;
-    let resumed = cli(&bins, args(&s, "resume", &[])).await;
+    let resumed = run_cli(&bins, &args(&s, "resume", &[])).await;
     assert_eq!(resumed.code, Some(0), "{}", resumed.describe());
     let summary = resumed.summary();
     assert_eq!(summary["result"], "upgraded", "{summary:#}");
@@ -690,7 +502,7 @@ async fn a_node_starting_in_error_halts_the_run_and_rollback_restores_the_cluste
     let s = sandbox(tmp.path(), SandboxLb::None).await;
     node1_then_node2(&s).await;
 
-    let run = cli(&bins, upgrade_args(&s, "upgrade", TO, &[])).await;
+    let run = run_cli(&bins, &upgrade_args(&s, "upgrade", TO, &[])).await;
     let summary = assert_halted_on_node2(&run);
     assert_eq!(
         summary["order"],
@@ -703,7 +515,7 @@ async fn a_node_starting_in_error_halts_the_run_and_rollback_restores_the_cluste
     s.sim
         .set_shared_property("sim.fault.start.error.node2", "false")
         .expect("clearing the fault");
-    let rolled = cli(&bins, args(&s, "rollback", &[])).await;
+    let rolled = run_cli(&bins, &args(&s, "rollback", &[])).await;
     assert_eq!(rolled.code, Some(0), "{}", rolled.describe());
     let summary = rolled.summary();
     assert_eq!(summary["result"], "rolled_back", "{summary:#}");
@@ -723,7 +535,7 @@ async fn auto_rollback_returns_a_failed_node_to_the_old_version_in_service() {
     let s = sandbox(tmp.path(), SandboxLb::Haproxy).await;
     node1_then_node2(&s).await;
 
-    let mut upgrade = CliProcess::spawn(
+    let mut upgrade = Cli::spawn(
         &bins,
         &upgrade_args(&s, "upgrade", TO, &["--auto-rollback"]),
     );
@@ -772,7 +584,7 @@ async fn targets_that_are_not_a_bug_fix_upgrade_are_refused_before_anything_chan
         (FROM, "already runs"),
     ] {
         for command in ["plan", "upgrade"] {
-            let out = cli(&bins, upgrade_args(&s, command, to, &[])).await;
+            let out = run_cli(&bins, &upgrade_args(&s, command, to, &[])).await;
             assert_eq!(out.code, Some(2), "{command} --to {to}: {}", out.describe());
             assert!(
                 out.stderr.contains(reason),
@@ -809,11 +621,9 @@ async fn the_demo_upgrades_its_sandbox_without_failed_requests() {
     let bins = bins!();
     let tmp = bbupgrade_tests::temp_dir();
     let dir = tmp.path().join("demo").display().to_string();
-    let out = cli(
+    let out = run_cli(
         &bins,
-        ["demo", "--output", "json", "--dir", &dir]
-            .map(String::from)
-            .to_vec(),
+        &["demo", "--output", "json", "--dir", &dir].map(String::from),
     )
     .await;
     assert_eq!(out.code, Some(0), "{}", out.describe());
