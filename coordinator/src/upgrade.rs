@@ -89,7 +89,7 @@ where
             Err(_) => {
                 ctx.forget_client(node).await;
                 bail!(
-                    "node '{}': the agent did not answer within {:?}; it may be hung — the run stops here",
+                    "node '{}': no answer from the agent within {:?}: the operation outlasted its deadline (Bitbucket ignoring SIGTERM, a slow start) or the agent is hung — the run stops here",
                     node.id,
                     deadline
                 );
