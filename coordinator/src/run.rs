@@ -202,31 +202,49 @@ impl Ctx {
     where
         F: std::future::Future<Output = Result<(T, String)>>,
     {
-        if self.lock_lost.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(PreStepError(format!(
-                "the cluster lock of '{}' was lost (the journal's connection dropped, or another coordinator took over); stopping before '{step}'",
-                self.cluster.name
-            ))
-            .into());
-        }
+        // A dropped database connection fails the call that meets it; the next one reconnects.
         let id = self
             .journal
             .begin_step(run, node, step, "")
+            .or_else(|_| self.journal.begin_step(run, node, step, ""))
             .map_err(|e| PreStepError(format!("the journal failed before '{step}': {e}")))?;
         self.reporter.step(node, step, "begin", "");
         match work.await {
             Ok((v, detail)) => {
-                self.journal.end_step(id, StepOutcome::Ok, &detail)?;
+                self.record_end(id, step, StepOutcome::Ok, &detail);
                 self.reporter.step(node, step, "ok", &detail);
                 Ok(v)
             }
             Err(e) => {
                 let text = format!("{e:#}");
-                self.journal
-                    .end_step(id, StepOutcome::Failed(text.clone()), "")?;
+                self.record_end(id, step, StepOutcome::Failed(text.clone()), "");
                 self.reporter.step(node, step, "failed", &text);
                 Err(e)
             }
+        }
+    }
+
+    /// Records a step's end; the work is done either way, so a journal that cannot take it (after
+    /// one retry, which reconnects a dropped database) is reported, not made the step's failure.
+    /// Resuming repeats such a step through its operation id, which the agent replays.
+    fn record_end(
+        &self,
+        id: crate::journal::StepId,
+        step: &str,
+        outcome: StepOutcome,
+        detail: &str,
+    ) {
+        let first = self.journal.end_step(id, outcome.clone(), detail);
+        if first.is_err()
+            && let Err(e) = self.journal.end_step(id, outcome, detail)
+        {
+            tracing::error!(step, error = %e, "could not record the end of a step in the journal");
+            self.reporter.step(
+                None,
+                step,
+                "info",
+                &format!("the journal did not take this step's end: {e}"),
+            );
         }
     }
 
@@ -245,6 +263,19 @@ impl Ctx {
         Ok(mine[since..]
             .iter()
             .any(|s| s.step == step && s.outcome == Some(StepOutcome::Ok)))
+    }
+
+    /// Refuses to take another node out once the cluster lock is lost: the run halts between
+    /// nodes, never with one out of service, and `resume` continues it.
+    pub fn check_lock(&self) -> Result<()> {
+        if self.lock_lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(PreStepError(format!(
+                "the cluster lock of '{}' was lost (the journal's database connection dropped, or another coordinator took over); the run stops between nodes — continue it with `bbupgrade resume`",
+                self.cluster.name
+            ))
+            .into());
+        }
+        Ok(())
     }
 
     /// How many times this run completed `step` on `node`. Agent operation ids carry it: a step

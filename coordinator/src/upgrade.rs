@@ -444,9 +444,12 @@ async fn upgrade_node(
     let fail = |error: anyhow::Error, stopped: bool| {
         // A step that could not even begin did nothing: what counts is whether a stop was asked.
         let stopped = if error.downcast_ref::<PreStepError>().is_some() {
-            ctx.out_node()
-                .is_some_and(|(n, stopping)| n == id && stopping)
-                || ctx.step_done(run, id, "stop").unwrap_or(true)
+            match ctx.out_node() {
+                Some((n, stopping)) if n == id => stopping,
+                // Not taken out by this process (a resumed run): the journal says, and when it
+                // cannot, assume the worst and keep the node out.
+                _ => ctx.step_done(run, id, "stop").unwrap_or(true),
+            }
         } else {
             stopped
         };
@@ -461,6 +464,7 @@ async fn upgrade_node(
     let op = |step: &str| next_op_id(ctx, run, id, step);
 
     if !done("drain") {
+        ctx.check_lock().map_err(|e| fail(e, false))?;
         ctx.step(run, Some(id), "drain", async {
             let r = ctx
                 .lb
@@ -480,8 +484,8 @@ async fn upgrade_node(
     }
     ctx.mark_out(id, false);
     if !done("stop") {
-        ctx.mark_out(id, true);
         ctx.step(run, Some(id), "stop", async {
+            ctx.mark_out(id, true);
             let d = Duration::from_secs(t.stop_secs);
             let r = agent_op(ctx, node, d, |mut c| {
                 let req = agents::request(
@@ -1006,6 +1010,7 @@ async fn drive_inner(
             if remaining.is_empty() {
                 break;
             }
+            ctx.check_lock()?;
             let (node, why) = next_node(ctx, run, &remaining).await?;
             s.order_reasons.push(why.clone());
             ctx.reporter.step(Some(&node.id), "pick", "info", &why);
