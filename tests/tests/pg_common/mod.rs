@@ -8,6 +8,17 @@
 use std::process::Command;
 use std::sync::OnceLock;
 
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-test-instance.sh");
+/// The instance's socket while it runs (the script's defaults: target/pg-test, port 54329).
+const SOCKET: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../target/pg-test/sock/.s.PGSQL.54329"
+);
+
+extern "C" fn stop_instance() {
+    let _ = Command::new(SCRIPT).arg("stop").output();
+}
+
 /// The instance's URL (a database to connect to for admin work), or `None` when told to skip.
 pub fn base_url() -> Option<String> {
     if std::env::var("BBUPGRADE_SKIP_PG_TESTS").is_ok_and(|v| v == "1") {
@@ -22,11 +33,16 @@ pub fn base_url() -> Option<String> {
             {
                 return url;
             }
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-test-instance.sh");
-            let out = Command::new(script)
+            let was_running = std::path::Path::new(SOCKET).exists();
+            let out = Command::new(SCRIPT)
                 .arg("start")
                 .output()
                 .expect("running tests/scripts/pg-test-instance.sh");
+            if out.status.success() && !was_running {
+                // Started here: stopped when this test program exits, so no server outlives it.
+                // SAFETY: registers a plain `extern "C" fn` with no captured state.
+                unsafe { libc::atexit(stop_instance) };
+            }
             assert!(
                 out.status.success(),
                 "could not start the test PostgreSQL instance ({}): {}\n\
