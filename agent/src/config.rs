@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use bbupgrade_common::identity::{Role, validate_name};
+use bbupgrade_common::nginx::{NginxHost, NginxMode, NginxSettings};
 use bbupgrade_common::tls::{TlsFiles, TlsMaterial};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -27,6 +28,32 @@ pub struct RawConfig {
     pub service: RawService,
     #[serde(default)]
     pub limits: RawLimits,
+    /// The load-balancer role: this agent runs on the NGINX host and edits its upstream.
+    pub lb: Option<RawLb>,
+}
+
+/// `[lb]`: the same keys as the coordinator's `kind = "nginx"` load balancer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLb {
+    /// Only `nginx` for now.
+    pub kind: String,
+    /// The file holding the `upstream` block (the main file or one it includes).
+    pub config: PathBuf,
+    pub upstream: String,
+    /// `down` (default) marks the server down; `remove` comments its line out.
+    #[serde(default)]
+    pub mode: NginxMode,
+    /// What `nginx -t -c` checks (default `/etc/nginx/nginx.conf`).
+    pub main_config: Option<PathBuf>,
+    /// NGINX's `-p` prefix, when it runs with one.
+    pub prefix: Option<PathBuf>,
+    /// The program (default `/usr/sbin/nginx`).
+    pub nginx: Option<PathBuf>,
+    /// The master's pid file (default `/run/nginx.pid`).
+    pub pid_file: Option<PathBuf>,
+    /// Reload with this command instead of SIGHUP, e.g. `["systemctl", "reload", "nginx"]`.
+    pub reload_command: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +146,8 @@ pub struct Settings {
     pub max_archive_bytes: u64,
     pub cache_max_bytes: u64,
     pub keep_installs: u32,
+    /// The load-balancer role, when `[lb]` is configured.
+    pub lb: Option<NginxHost>,
 }
 
 impl Settings {
@@ -206,6 +235,7 @@ impl Settings {
                 p.display()
             );
         }
+        let lb = raw.lb.map(validate_lb).transpose().context("[lb]")?;
         let l = raw.limits;
         Ok(Settings {
             node_id: raw.node_id,
@@ -227,6 +257,7 @@ impl Settings {
             max_archive_bytes: l.max_archive_bytes.unwrap_or(DEFAULT_MAX_ARCHIVE_BYTES),
             cache_max_bytes: l.cache_max_bytes.unwrap_or(DEFAULT_CACHE_MAX_BYTES),
             keep_installs: l.keep_installs.unwrap_or(DEFAULT_KEEP_INSTALLS).max(2),
+            lb,
         })
     }
 
@@ -237,6 +268,32 @@ impl Settings {
     pub fn log_file(&self) -> PathBuf {
         self.home.join("log/atlassian-bitbucket.log")
     }
+}
+
+/// Checks the `[lb]` table: a kind this agent knows, settings NGINX accepts, and an upstream file
+/// that exists here (the role only makes sense on the NGINX host).
+pub fn validate_lb(raw: RawLb) -> Result<NginxHost> {
+    ensure!(
+        raw.kind == "nginx",
+        "lb.kind = '{}': only \"nginx\" is supported (HAProxy, Apache and Azure are driven by the coordinator directly)",
+        raw.kind
+    );
+    let host = NginxHost::new(&NginxSettings {
+        config: raw.config.clone(),
+        upstream: raw.upstream,
+        mode: raw.mode,
+        main_config: raw.main_config,
+        prefix: raw.prefix,
+        nginx: raw.nginx,
+        pid_file: raw.pid_file,
+        reload_command: raw.reload_command,
+    })?;
+    ensure!(
+        raw.config.is_file(),
+        "lb.config = '{}' does not exist; it must be the file on this host that holds the upstream block",
+        raw.config.display()
+    );
+    Ok(host)
 }
 
 fn resolve_user(name: Option<&str>) -> Result<RunUser> {
@@ -270,4 +327,57 @@ fn resolve_user(name: Option<&str>) -> Result<RunUser> {
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_lb(extra: &str, config: &Path) -> RawLb {
+        toml::from_str(&format!(
+            "kind = \"nginx\"\nconfig = {:?}\nupstream = \"bitbucket\"\n{extra}",
+            config.display().to_string()
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn lb_table_is_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("upstream.conf");
+        std::fs::write(&conf, "upstream bitbucket { server 127.0.0.1:1; }\n").unwrap();
+        let host = validate_lb(raw_lb(
+            "mode = \"remove\"\npid_file = \"/run/n.pid\"\n",
+            &conf,
+        ))
+        .unwrap();
+        assert!(
+            host.describe().contains("upstream bitbucket"),
+            "{}",
+            host.describe()
+        );
+
+        let e = validate_lb(raw_lb("", &dir.path().join("missing.conf"))).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e:#}");
+        let e = validate_lb(raw_lb("reload_command = []\n", &conf)).unwrap_err();
+        assert!(e.to_string().contains("reload_command"), "{e:#}");
+        let e = validate_lb(raw_lb("", Path::new("relative.conf"))).unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e:#}");
+        let mut other = raw_lb("", &conf);
+        other.kind = "haproxy".into();
+        assert!(validate_lb(other).unwrap_err().to_string().contains("only"));
+        // Unknown keys and modes are refused when the file is parsed.
+        assert!(
+            toml::from_str::<RawLb>(
+                "kind = \"nginx\"\nconfig = \"/x\"\nupstream = \"b\"\nmode = \"drain\"\n"
+            )
+            .is_err()
+        );
+        assert!(
+            toml::from_str::<RawLb>(
+                "kind = \"nginx\"\nconfig = \"/x\"\nupstream = \"b\"\nsocket = \"/s\"\n"
+            )
+            .is_err()
+        );
+    }
 }

@@ -863,6 +863,21 @@ impl Agent for AgentService {
         }))
     }
 
+    async fn lb_server(
+        &self,
+        req: Request<LbServerRequest>,
+    ) -> Result<Response<LbServerResponse>, Status> {
+        let r = req.into_inner();
+        let settings = self.settings.clone();
+        // On its own blocking task: a drain finishes (and the file is left consistent) even when
+        // the caller goes away.
+        let resp =
+            tokio::task::spawn_blocking(move || crate::lb::lb_server(settings.lb.as_ref(), &r))
+                .await
+                .map_err(blocking_join)??;
+        Ok(Response::new(resp))
+    }
+
     async fn operation_status(
         &self,
         req: Request<OperationStatusRequest>,

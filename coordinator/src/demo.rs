@@ -178,7 +178,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             SandboxLb::Haproxy if crate::sandbox::which("haproxy").is_none() => {
                 "haproxy stand-in (bitbucket-sim balancer)".to_string()
             }
-            other => format!("{other:?}").to_lowercase(),
+            other => clap::ValueEnum::to_possible_value(&other)
+                .map_or_else(|| format!("{other:?}"), |v| v.get_name().to_string()),
         },
         summary,
     };

@@ -99,7 +99,7 @@ impl Ctx {
             .collect();
         let zdu = ZduPool::new(&urls, token, Duration::from_secs(ZDU_REQUEST_TIMEOUT_SECS))
             .map_err(|e| BadInput(format!("cluster '{}': {e}", cluster.name)))?;
-        let lb = loadbalancer::from_config(&cluster.load_balancer)
+        let lb = loadbalancer::from_config_with_tls(&cluster.load_balancer, Some(&tls))
             .map_err(|e| BadInput(format!("cluster '{}': load balancer: {e}", cluster.name)))?;
         Ok(Self {
             timeouts: cluster.timeouts.clone(),

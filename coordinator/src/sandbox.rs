@@ -1,7 +1,7 @@
 //! A local cluster for the demo and the end-to-end tests: a private CA, simulated Bitbucket nodes
 //! (`bitbucket-sim`), a real agent process per node over mutual TLS, optionally a real HAProxy,
-//! NGINX or Apache httpd in front, and the inventory that ties them together. Everything it starts
-//! is stopped on drop.
+//! NGINX (edited by the coordinator, or by an extra agent with an `[lb]` role) or Apache httpd in
+//! front, and the inventory that ties them together. Everything it starts is stopped on drop.
 
 use anyhow::{Context, Result, bail};
 use bbupgrade_common::identity::Role;
@@ -16,12 +16,16 @@ use std::time::{Duration, Instant};
 
 pub const ADMIN_TOKEN: &str = "sandbox-admin-token";
 pub const AGENT_READY_TIMEOUT_SECS: u64 = 20;
+/// The node id of the load-balancer agent of [`SandboxLb::NginxAgent`].
+pub const LB_AGENT_NODE: &str = "lb1";
 
 /// Which load balancer fronts the sandbox.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SandboxLb {
     Haproxy,
     Nginx,
+    /// NGINX edited by an extra agent (node id [`LB_AGENT_NODE`]) with an `[lb]` role.
+    NginxAgent,
     Apache,
     None,
 }
@@ -70,6 +74,10 @@ pub struct Sandbox {
     haproxy: Option<Child>,
     /// NGINX or Apache, in a process group of its own (its workers die with it).
     lb_process: Option<Child>,
+    /// The agent with the `[lb]` role ([`SandboxLb::NginxAgent`]): its config, address and process.
+    pub lb_agent_config: Option<PathBuf>,
+    pub lb_agent_addr: Option<String>,
+    lb_agent: Option<Child>,
     opts: SandboxOptions,
 }
 
@@ -256,7 +264,8 @@ impl Sandbox {
         }
 
         // One agent per node.
-        let ports = free_ports(opts.nodes + 1)?;
+        // One per agent, the load balancer's, and the load-balancer agent's.
+        let ports = free_ports(opts.nodes + 2)?;
         let mut agent_addrs = Vec::new();
         let mut agent_configs = Vec::new();
         for (i, node) in sim.nodes().iter().enumerate() {
@@ -307,6 +316,9 @@ impl Sandbox {
             agents: Vec::new(),
             haproxy: None,
             lb_process: None,
+            lb_agent_config: None,
+            lb_agent_addr: None,
+            lb_agent: None,
             dir: dir.clone(),
             opts: opts.clone(),
         };
@@ -317,6 +329,10 @@ impl Sandbox {
         match opts.lb {
             SandboxLb::Haproxy => sandbox.start_haproxy(ports[opts.nodes], "roundrobin")?,
             SandboxLb::Nginx => sandbox.start_nginx(ports[opts.nodes])?,
+            SandboxLb::NginxAgent => {
+                sandbox.start_nginx(ports[opts.nodes])?;
+                sandbox.start_lb_agent(&ca, ports[opts.nodes + 1])?;
+            }
             SandboxLb::Apache => sandbox.start_apache(ports[opts.nodes])?,
             SandboxLb::None => {}
         }
@@ -551,6 +567,87 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Starts an agent with an `[lb]` role over the NGINX that [`Self::start_nginx`] started, and
+    /// turns the inventory's load balancer into `nginx-agent`. It still needs a `[bitbucket]`
+    /// section: it gets node 1's, which it only reads.
+    fn start_lb_agent(&mut self, ca: &Ca, port: u16) -> Result<()> {
+        use crate::loadbalancer::LbConfig;
+        let Some(LbConfig::Nginx {
+            config,
+            upstream,
+            main_config,
+            prefix,
+            nginx,
+            pid_file,
+            ..
+        }) = self.lb_config.clone()
+        else {
+            bail!("the load-balancer agent needs the sandbox's NGINX started first");
+        };
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        };
+        ca.issue(
+            &IssueRequest::new(Role::Agent, LB_AGENT_NODE).with_sans(["127.0.0.1", "localhost"]),
+        )?
+        .save(&self.pki)?;
+        let tls = TlsFiles::in_pki_dir(&self.pki, Role::Agent, LB_AGENT_NODE);
+        let node = &self.sim.nodes()[0];
+        let addr = format!("127.0.0.1:{port}");
+        let cfg = format!(
+            "node_id = {LB_AGENT_NODE:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n\n[service]\nkind = \"scripts\"\n\n[lb]\nkind = \"nginx\"\nconfig = {:?}\nupstream = {upstream:?}\nmain_config = {:?}\nprefix = {:?}\nnginx = {:?}\npid_file = {:?}\n",
+            addr,
+            self.dir.join(format!("agents/{LB_AGENT_NODE}")),
+            tls.ca,
+            tls.cert,
+            tls.key,
+            node.install_root,
+            node.install_dir,
+            node.home,
+            self.run_user
+                .as_ref()
+                .map(|u| format!("user = {u:?}\n"))
+                .unwrap_or_default(),
+            format!("{}/status", node.base_url),
+            config.display().to_string(),
+            path(&main_config),
+            path(&prefix),
+            path(&nginx),
+            path(&pid_file),
+        );
+        let cfg_path = self.dir.join(format!("agents/{LB_AGENT_NODE}.toml"));
+        std::fs::write(&cfg_path, cfg)?;
+        let log = std::fs::File::create(self.dir.join(format!("agents/{LB_AGENT_NODE}.log")))?;
+        let child = Command::new(&self.opts.agent_bin)
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.opts.agent_bin.display()))?;
+        self.lb_agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(AGENT_READY_TIMEOUT_SECS);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "the load-balancer agent at {addr} did not start; see {}/agents/{LB_AGENT_NODE}.log",
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.lb_config = Some(LbConfig::NginxAgent {
+            agent: addr.clone(),
+            agent_node: LB_AGENT_NODE.into(),
+        });
+        self.lb_agent_config = Some(cfg_path);
+        self.lb_agent_addr = Some(addr);
+        Ok(())
+    }
+
     fn start_apache(&mut self, port: u16) -> Result<()> {
         let apache = which("apache2").context(
             "apache2 is not installed (apt-get install -y apache2), or run the sandbox with another --lb",
@@ -605,6 +702,9 @@ impl Sandbox {
                 path(prefix),
                 path(nginx),
                 path(pid_file),
+            ),
+            (None, Some(LbConfig::NginxAgent { agent, agent_node })) => format!(
+                "load_balancer = {{ kind = \"nginx-agent\", agent = {agent:?}, agent_node = {agent_node:?} }}\n"
             ),
             (
                 None,
@@ -777,6 +877,10 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         for i in 0..self.agents.len() {
             self.kill_agent(i);
+        }
+        if let Some(mut c) = self.lb_agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         if let Some(mut h) = self.haproxy.take() {
             let _ = h.kill();

@@ -562,6 +562,15 @@ impl Agent for StandinAgent {
             ..Default::default()
         }))
     }
+
+    async fn lb_server(
+        &self,
+        _req: Request<LbServerRequest>,
+    ) -> Result<Response<LbServerResponse>, Status> {
+        Err(Status::failed_precondition(
+            "this agent has no [lb] role (a fleet stand-in)",
+        ))
+    }
 }
 
 type Answer = (StatusCode, Json<serde_json::Value>);

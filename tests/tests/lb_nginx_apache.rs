@@ -1,4 +1,5 @@
-//! Rolling upgrades behind real NGINX and real Apache httpd under load (zero failed requests), the
+//! Rolling upgrades behind real NGINX (edited by the coordinator, or by an agent with an `[lb]` role)
+//! and real Apache httpd under load (zero failed requests), the
 //! NGINX driver refusing a configuration `nginx -t` rejects (file restored, nothing reloaded), and
 //! traffic skew after a rejoin being redistributed behind a HAProxy that favours one node.
 
@@ -123,6 +124,78 @@ async fn upgrade_behind_real_nginx_under_load() {
         config.display()
     );
     let lb = loadbalancer::from_config(&cfg).unwrap();
+    assert_all_ready(&s, lb.as_ref()).await;
+}
+
+/// NGINX on "another host": the coordinator never touches its files; the agent with the `[lb]`
+/// role does, over mutual TLS. A node's own agent, which has no such role, refuses the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_behind_nginx_edited_by_an_lb_agent_under_load() {
+    if !require_program("nginx") {
+        return;
+    }
+    let bins = bins!();
+    let tmp = bbupgrade_tests::temp_dir();
+    let s = start_sandbox(tmp.path(), sandbox_options(&bins, 3, SandboxLb::NginxAgent))
+        .await
+        .expect("sandbox behind nginx with an lb agent");
+    let cfg = s.lb_config.clone().expect("nginx-agent settings");
+    assert!(
+        matches!(&cfg, LbConfig::NginxAgent { agent_node, .. } if agent_node == "lb1"),
+        "{cfg:?}"
+    );
+    let inventory = std::fs::read_to_string(&s.inventory).unwrap();
+    assert!(inventory.contains("kind = \"nginx-agent\""), "{inventory}");
+    let config = s.dir.join("nginx/upstream.conf");
+    let before = std::fs::read_to_string(&config).unwrap();
+    let tls = bbupgrade_common::tls::TlsFiles::in_pki_dir(
+        &s.pki,
+        bbupgrade_common::identity::Role::Coordinator,
+        "sandbox-admin",
+    )
+    .load()
+    .unwrap();
+
+    // A Bitbucket node's agent has no [lb] role.
+    let channel = bbupgrade_common::tls::connect_agent(
+        &s.agent_addrs[0],
+        &tls,
+        &s.sim.nodes()[0].name,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let refused = bbupgrade_common::proto::agent_client::AgentClient::new(channel)
+        .lb_server(bbupgrade_common::proto::LbServerRequest {
+            operation_id: "t".into(),
+            action: bbupgrade_common::proto::LbAction::State as i32,
+            server: s.lb_servers[0].clone(),
+            drain_timeout_secs: 1,
+            check: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert!(refused.message().contains("no [lb] role"), "{refused}");
+
+    let (summary, steps, report) = upgrade_under_load(&bins, &s, 6, 10, &[]).await;
+    assert!(report.total > 0, "{report:#?}");
+    assert_eq!(
+        report.failed, 0,
+        "requests failed behind nginx edited by the lb agent: {report:#?}"
+    );
+    for node in s.sim.nodes() {
+        assert!(step_ok(&steps, &node.name, "drain"), "{summary:#}");
+        assert!(step_ok(&steps, &node.name, "enable"), "{summary:#}");
+    }
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
+    let mut bak = config.as_os_str().to_owned();
+    bak.push(".bbupgrade.bak");
+    assert!(Path::new(&bak).is_file(), "the lb agent kept no backup");
+    let lb = loadbalancer::from_config_with_tls(&cfg, Some(&tls)).unwrap();
+    lb.check_server(&s.lb_servers[0])
+        .await
+        .expect("preflight through the lb agent");
     assert_all_ready(&s, lb.as_ref()).await;
 }
 

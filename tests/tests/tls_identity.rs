@@ -115,6 +115,7 @@ async fn start_agent(node: &str, trusts: &Ca, issued: &Issued) -> InProcessAgent
             systemctl: None,
         },
         limits: Default::default(),
+        lb: None,
     };
     let settings = bbupgrade_agent::config::Settings::validate(raw).expect("agent settings");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

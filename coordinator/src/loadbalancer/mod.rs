@@ -1,12 +1,14 @@
 //! Load-balancer drivers: take a node's server out of rotation before it stops and put it back after.
 //!
-//! Each kind (HAProxy, NGINX, Apache httpd, Azure Application Gateway, none) is one module
-//! implementing [`LoadBalancer`], selected by one [`LbConfig`] variant in [`from_config`].
+//! Each kind (HAProxy, NGINX on this host or through an agent on the NGINX host, Apache httpd, Azure
+//! Application Gateway, none) is one module implementing [`LoadBalancer`], selected by one
+//! [`LbConfig`] variant in [`from_config_with_tls`].
 
 pub mod apache;
 pub mod azure;
 pub mod haproxy;
 pub mod nginx;
+pub mod nginx_agent;
 pub mod none;
 
 use std::fmt;
@@ -154,8 +156,8 @@ pub enum LbConfig {
         socket: String,
         backend: String,
     },
-    /// Open-source NGINX, edited on this host: the coordinator (an agent with an `lb` role later)
-    /// must run where the NGINX configuration lives.
+    /// Open-source NGINX, edited on this host: the coordinator must run where the NGINX
+    /// configuration lives (otherwise use `nginx-agent`).
     Nginx {
         /// The file holding the `upstream` block (the main file or one it includes).
         config: PathBuf,
@@ -173,6 +175,15 @@ pub enum LbConfig {
         pid_file: Option<PathBuf>,
         /// Reload with this command instead of SIGHUP, e.g. `["systemctl", "reload", "nginx"]`.
         reload_command: Option<Vec<String>>,
+    },
+    /// Open-source NGINX on another host, edited by the agent there, which has an `[lb]` table
+    /// (upstream file, mode, reload) in its own configuration.
+    #[serde(rename = "nginx-agent")]
+    NginxAgent {
+        /// The agent's `host:port`.
+        agent: String,
+        /// The node id in that agent's certificate (checked on every connection).
+        agent_node: String,
     },
     /// Apache httpd `mod_proxy_balancer` through its `balancer-manager` page.
     Apache {
@@ -194,8 +205,18 @@ pub enum LbConfig {
     None {},
 }
 
-/// Builds the driver a configuration asks for.
+/// Builds the driver a configuration asks for, for kinds that need no TLS material (all but
+/// `nginx-agent`).
 pub fn from_config(cfg: &LbConfig) -> Result<Box<dyn LoadBalancer>, LbError> {
+    from_config_with_tls(cfg, None)
+}
+
+/// Builds the driver a configuration asks for; `tls` is the coordinator's own material, which
+/// `nginx-agent` connects with.
+pub fn from_config_with_tls(
+    cfg: &LbConfig,
+    tls: Option<&bbupgrade_common::tls::TlsMaterial>,
+) -> Result<Box<dyn LoadBalancer>, LbError> {
     Ok(match cfg {
         LbConfig::Haproxy { socket, backend } => Box::new(haproxy::Haproxy::new(socket, backend)?),
         LbConfig::Nginx {
@@ -217,6 +238,14 @@ pub fn from_config(cfg: &LbConfig) -> Result<Box<dyn LoadBalancer>, LbError> {
             pid_file: pid_file.clone(),
             reload_command: reload_command.clone(),
         })?),
+        LbConfig::NginxAgent { agent, agent_node } => {
+            let tls = tls.ok_or_else(|| {
+                LbError::Config(
+                    "kind = \"nginx-agent\" needs the coordinator's TLS material".into(),
+                )
+            })?;
+            Box::new(nginx_agent::NginxAgent::new(agent, agent_node, tls)?)
+        }
         LbConfig::Apache {
             manager_url,
             balancer,
@@ -310,6 +339,26 @@ mod tests {
         )
         .unwrap();
         assert!(from_config(&cfg).unwrap().describe().contains("agw"));
+    }
+
+    #[test]
+    fn nginx_agent_parses_and_needs_tls() {
+        let cfg: LbConfig = toml::from_str(
+            "kind = \"nginx-agent\"\nagent = \"10.0.0.5:7443\"\nagent_node = \"lb1\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg,
+            LbConfig::NginxAgent {
+                agent: "10.0.0.5:7443".into(),
+                agent_node: "lb1".into()
+            }
+        );
+        assert!(matches!(from_config(&cfg), Err(LbError::Config(m)) if m.contains("TLS")));
+        assert!(
+            toml::from_str::<LbConfig>("kind = \"nginx-agent\"\nagent = \"10.0.0.5:7443\"\n")
+                .is_err()
+        );
     }
 
     #[test]
