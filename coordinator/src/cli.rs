@@ -241,6 +241,9 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
         (None, true) => crate::status::StepsOf::Latest,
         (None, false) => crate::status::StepsOf::None,
     };
+    // Runs or steps asked for explicitly must come from the journal; the default view still shows
+    // the live nodes when the journal cannot be read.
+    let explicit = run.is_some() || steps;
     let (cluster_name, inv_state) = (cluster.name.clone(), inv.state.clone());
     let audit = tokio::task::spawn_blocking(move || {
         crate::status::audit(
@@ -252,9 +255,15 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
         )
     })
     .await
-    .context("reading the journal")??;
-    report.journal = audit.journal;
-    report.runs = audit.runs;
+    .context("reading the journal")?;
+    match audit {
+        Ok(audit) => {
+            report.journal = audit.journal;
+            report.runs = audit.runs;
+        }
+        Err(e) if explicit || e.downcast_ref::<BadInput>().is_some() => return Err(e),
+        Err(e) => report.journal_error = Some(format!("{e:#}")),
+    }
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Human => print!("{}", crate::status::render_human(&report)),

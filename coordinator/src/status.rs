@@ -25,6 +25,8 @@ pub struct StatusReport {
     pub journal: Option<String>,
     /// The cluster's latest runs, newest first.
     pub runs: Vec<RunView>,
+    /// Why the runs could not be read (the live node rows are still shown).
+    pub journal_error: Option<String>,
 }
 
 /// A journaled run, for people and pipelines (stable field names).
@@ -285,6 +287,7 @@ pub async fn collect(cluster: &Cluster, tls: &TlsMaterial) -> StatusReport {
         nodes: rows,
         journal: None,
         runs: Vec::new(),
+        journal_error: None,
     }
 }
 
@@ -330,7 +333,10 @@ pub fn render_human(r: &StatusReport) -> String {
             )),
         }
     }
-    out.push_str(&render_runs(r.journal.as_deref(), &r.runs));
+    match &r.journal_error {
+        Some(e) => out.push_str(&format!("\nruns: the journal could not be read: {e}\n")),
+        None => out.push_str(&render_runs(r.journal.as_deref(), &r.runs)),
+    }
     out
 }
 

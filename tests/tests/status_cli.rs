@@ -47,6 +47,23 @@ fn status_reports_every_agent_then_one_that_is_down() {
         assert!(line.contains("yes") && line.contains("8.19.3"), "{line}");
     }
 
+    // A journal that cannot be read still shows the live nodes, and says why the runs are missing;
+    // asking for a run's steps explicitly then fails.
+    let unreachable = [
+        "--state",
+        "postgresql://postgres@/nope?host=/nonexistent-bbupgrade&port=1",
+    ];
+    let out = status(&s, &[unreachable[0], unreachable[1], "--output", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let doc = json(&out);
+    assert_eq!(doc["nodes"].as_array().map(Vec::len), Some(3), "{doc}");
+    assert!(
+        doc["journal_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{doc}"
+    );
+    let out = status(&s, &[unreachable[0], unreachable[1], "--steps"]);
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+
     let out = status(&s, &["--output", "json"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let doc = json(&out);
