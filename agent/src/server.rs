@@ -91,6 +91,28 @@ async fn detached<T: Send + 'static>(
         .map_err(|e| Status::internal(format!("the operation's task failed: {e}")))?
 }
 
+impl AgentService {
+    /// Runs a journaled operation detached from the caller (see [`detached`]).
+    async fn run_detached<T, F, Fut>(
+        &self,
+        op_id: String,
+        kind: &'static str,
+        work: F,
+    ) -> Result<T, Status>
+    where
+        T: Serialize + serde::de::DeserializeOwned + Send + 'static,
+        F: FnOnce(AgentService) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    {
+        let this = self.clone();
+        detached(async move {
+            let journal = this.journal.clone();
+            journal.run(&op_id, kind, work(this)).await
+        })
+        .await
+    }
+}
+
 fn check_version(v: &str) -> Result<Version, Status> {
     v.parse::<Version>()
         .map_err(|e| Status::invalid_argument(e.to_string()))
@@ -717,17 +739,13 @@ impl Agent for AgentService {
 
     async fn stop(&self, req: Request<StopRequest>) -> Result<Response<StopResponse>, Status> {
         let r = req.into_inner();
-        let this = self.clone();
-        let resp = detached(async move {
-            this.journal
-                .run(&r.operation_id, "stop", async {
-                    this.stop_bitbucket(r.timeout_secs, r.kill_after_timeout)
-                        .await
-                        .map(StopRecord::from)
-                })
-                .await
-        })
-        .await?;
+        let resp = self
+            .run_detached(r.operation_id, "stop", move |this| async move {
+                this.stop_bitbucket(r.timeout_secs, r.kill_after_timeout)
+                    .await
+                    .map(StopRecord::from)
+            })
+            .await?;
         Ok(Response::new(resp.into()))
     }
 
@@ -758,17 +776,13 @@ impl Agent for AgentService {
 
     async fn start(&self, req: Request<StartRequest>) -> Result<Response<StartResponse>, Status> {
         let r = req.into_inner();
-        let this = self.clone();
-        let resp = detached(async move {
-            this.journal
-                .run(&r.operation_id, "start", async {
-                    this.start_bitbucket(r.timeout_secs)
-                        .await
-                        .map(StartRecord::from)
-                })
-                .await
-        })
-        .await?;
+        let resp = self
+            .run_detached(r.operation_id, "start", move |this| async move {
+                this.start_bitbucket(r.timeout_secs)
+                    .await
+                    .map(StartRecord::from)
+            })
+            .await?;
         Ok(Response::new(resp.into()))
     }
 
@@ -777,48 +791,44 @@ impl Agent for AgentService {
         req: Request<RollbackRequest>,
     ) -> Result<Response<RollbackResponse>, Status> {
         let r = req.into_inner();
-        let this = self.clone();
-        let resp = detached(async move {
-            this.journal
-                .run(&r.operation_id, "rollback", async {
-                    let state = this.node_state();
-                    let Some(previous) = state.previous_install.clone() else {
-                        return Err(Status::failed_precondition(
-                            "there is no previous install to roll back to on this node",
-                        ));
-                    };
-                    this.stop_bitbucket(r.stop_timeout_secs, false).await?;
-                    let def = this.service_def();
-                    let link = this.settings.current_link.clone();
-                    let (from, to) = (state.active_install.clone(), previous.clone());
-                    tokio::task::spawn_blocking(move || {
-                        activate::restore(&def, link.as_deref(), &to, &from)
-                    })
-                    .await
-                    .map_err(blocking_join)?
-                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
-                    this.service
-                        .daemon_reload()
-                        .await
-                        .map_err(|e| Status::internal(e.to_string()))?;
-                    this.set_node_state(NodeState {
-                        active_install: previous.clone(),
-                        previous_install: Some(state.active_install.clone()),
-                    })?;
-                    let state_text = if r.no_start {
-                        "STOPPED".to_string()
-                    } else {
-                        this.start_bitbucket(r.start_timeout_secs).await?.state
-                    };
-                    Ok(RollbackRecord {
-                        install_path: previous.display().to_string(),
-                        version: install_version(&previous).unwrap_or_default(),
-                        state: state_text,
-                    })
+        let resp = self
+            .run_detached(r.operation_id.clone(), "rollback", move |this| async move {
+                let state = this.node_state();
+                let Some(previous) = state.previous_install.clone() else {
+                    return Err(Status::failed_precondition(
+                        "there is no previous install to roll back to on this node",
+                    ));
+                };
+                this.stop_bitbucket(r.stop_timeout_secs, false).await?;
+                let def = this.service_def();
+                let link = this.settings.current_link.clone();
+                let (from, to) = (state.active_install.clone(), previous.clone());
+                tokio::task::spawn_blocking(move || {
+                    activate::restore(&def, link.as_deref(), &to, &from)
                 })
                 .await
-        })
-        .await?;
+                .map_err(blocking_join)?
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                this.service
+                    .daemon_reload()
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                this.set_node_state(NodeState {
+                    active_install: previous.clone(),
+                    previous_install: Some(state.active_install.clone()),
+                })?;
+                let state_text = if r.no_start {
+                    "STOPPED".to_string()
+                } else {
+                    this.start_bitbucket(r.start_timeout_secs).await?.state
+                };
+                Ok(RollbackRecord {
+                    install_path: previous.display().to_string(),
+                    version: install_version(&previous).unwrap_or_default(),
+                    state: state_text,
+                })
+            })
+            .await?;
         Ok(Response::new(resp.into()))
     }
 
