@@ -1,7 +1,8 @@
-//! The inventory: the clusters the coordinator drives, their Bitbucket URL and token, load
+//! The inventory: the clusters the coordinator drives, their Bitbucket URL and credentials, load
 //! balancer, and nodes with their agents. Raw TOML is validated into [`Inventory`].
 
 use crate::loadbalancer::LbConfig;
+use crate::node_match::{Address, NodeKey};
 use anyhow::{Context, Result, bail, ensure};
 use bbupgrade_common::identity::validate_name;
 use bbupgrade_common::tls::TlsFiles;
@@ -63,8 +64,16 @@ pub struct RawCluster {
     /// The nodes' own URLs, asked when `bitbucket_url` does not answer.
     #[serde(default)]
     pub bitbucket_node_urls: Vec<String>,
+    /// `bearer` (default: `token_file`/`token_env`) or `basic` (`user` and `password_file`/`password_env`).
+    pub auth: Option<String>,
     pub token_file: Option<PathBuf>,
     pub token_env: Option<String>,
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+    /// Send the system-admin credentials over plain `http://` to a host other than loopback.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
     #[serde(default)]
     pub labels: Vec<String>,
     /// When a fleet run may upgrade this cluster, e.g. `Sat-Sun 01:00-05:00 Europe/Berlin`.
@@ -83,14 +92,28 @@ pub struct RawNode {
     pub agent: String,
     /// The server's name in the load balancer (default: the node id).
     pub lb_server: Option<String>,
-    /// The node's name in Bitbucket's cluster view (default: the node id).
+    /// The node's `-Dcluster.node.name`, when one is set (Bitbucket shows "Not configured" otherwise).
     pub bitbucket_name: Option<String>,
+    /// The node's address in Bitbucket's cluster view, `IP` or `IP:PORT` (the row's `portNumber`, only
+    /// needed when nodes share an IP); default: the IP the agent's host resolves to.
+    pub bitbucket_address: Option<String>,
 }
 
+/// Where a secret comes from.
 #[derive(Debug, Clone)]
-pub enum TokenSource {
+pub enum SecretSource {
     File(PathBuf),
     Env(String),
+}
+
+/// How the coordinator authenticates to Bitbucket's rolling-upgrade API.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    Bearer(SecretSource),
+    Basic {
+        user: String,
+        password: SecretSource,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -98,7 +121,8 @@ pub struct Node {
     pub id: String,
     pub agent: String,
     pub lb_server: String,
-    pub bitbucket_name: String,
+    pub bitbucket_name: Option<String>,
+    pub bitbucket_address: Option<Address>,
 }
 
 #[derive(Debug, Clone)]
@@ -106,7 +130,7 @@ pub struct Cluster {
     pub name: String,
     pub bitbucket_url: String,
     pub bitbucket_node_urls: Vec<String>,
-    pub token: TokenSource,
+    pub auth: Auth,
     pub labels: Vec<String>,
     /// The maintenance window fleet runs respect (none: any time).
     pub window: Option<crate::fleet::window::Window>,
@@ -162,24 +186,16 @@ impl Inventory {
                 c.name
             );
             for url in std::iter::once(&c.bitbucket_url).chain(&c.bitbucket_node_urls) {
-                ensure!(
-                    url.starts_with("http://") || url.starts_with("https://"),
-                    "cluster '{}': bitbucket URL '{url}' must be an http(s) URL",
-                    c.name
-                );
+                check_bitbucket_url(url, c.allow_insecure_http)
+                    .with_context(|| format!("cluster '{}'", c.name))?;
             }
-            let token = match (c.token_file, c.token_env) {
-                (Some(f), None) => TokenSource::File(rel(&f)),
-                (None, Some(e)) => TokenSource::Env(e),
-                (None, None) => bail!(
-                    "cluster '{}': set token_file (a file holding a Bitbucket HTTP access token with SYS_ADMIN) or token_env",
-                    c.name
-                ),
-                (Some(_), Some(_)) => bail!(
-                    "cluster '{}': set token_file or token_env, not both",
-                    c.name
-                ),
-            };
+            let auth = auth(
+                c.auth.as_deref(),
+                (c.token_file.map(|f| rel(&f)), c.token_env),
+                c.user,
+                (c.password_file.map(|f| rel(&f)), c.password_env),
+            )
+            .with_context(|| format!("cluster '{}'", c.name))?;
             ensure!(!c.nodes.is_empty(), "cluster '{}' has no nodes", c.name);
             let mut ids = HashSet::new();
             let mut nodes = Vec::new();
@@ -200,9 +216,22 @@ impl Inventory {
                     n.id,
                     n.agent
                 );
+                let bitbucket_address = n
+                    .bitbucket_address
+                    .as_deref()
+                    .map(str::parse::<Address>)
+                    .transpose()
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "cluster '{}', node '{}': bitbucket_address {e}",
+                            c.name,
+                            n.id
+                        )
+                    })?;
                 nodes.push(Node {
                     lb_server: n.lb_server.unwrap_or_else(|| n.id.clone()),
-                    bitbucket_name: n.bitbucket_name.unwrap_or_else(|| n.id.clone()),
+                    bitbucket_name: n.bitbucket_name.filter(|s| !s.trim().is_empty()),
+                    bitbucket_address,
                     id: n.id,
                     agent: n.agent,
                 });
@@ -221,7 +250,7 @@ impl Inventory {
                     .iter()
                     .map(|u| u.trim_end_matches('/').to_string())
                     .collect(),
-                token,
+                auth,
                 labels: c.labels,
                 window,
                 load_balancer: c.load_balancer.unwrap_or(LbConfig::None {}),
@@ -253,6 +282,95 @@ impl Inventory {
                     }
                 )
             })
+    }
+}
+
+/// One secret from a file or an environment variable, exactly one of them.
+fn secret_source(
+    (file, env): (Option<PathBuf>, Option<String>),
+    file_key: &str,
+    env_key: &str,
+    what: &str,
+) -> Result<SecretSource> {
+    match (file, env) {
+        (Some(f), None) => Ok(SecretSource::File(f)),
+        (None, Some(e)) => Ok(SecretSource::Env(e)),
+        (None, None) => bail!("set {file_key} (a file holding {what}) or {env_key}"),
+        (Some(_), Some(_)) => bail!("set {file_key} or {env_key}, not both"),
+    }
+}
+
+/// `auth = "bearer"` (the default) or `"basic"`, with the keys each needs and none of the other's.
+fn auth(
+    kind: Option<&str>,
+    token: (Option<PathBuf>, Option<String>),
+    user: Option<String>,
+    password: (Option<PathBuf>, Option<String>),
+) -> Result<Auth> {
+    match kind.unwrap_or("bearer") {
+        "bearer" => {
+            ensure!(
+                user.is_none() && password.0.is_none() && password.1.is_none(),
+                "user and password_file/password_env belong to auth = \"basic\"; remove them or set auth = \"basic\""
+            );
+            Ok(Auth::Bearer(secret_source(
+                token,
+                "token_file",
+                "token_env",
+                "a Bitbucket HTTP access token of a system administrator",
+            )?))
+        }
+        "basic" => {
+            ensure!(
+                token.0.is_none() && token.1.is_none(),
+                "token_file/token_env belong to auth = \"bearer\"; remove them or drop auth = \"basic\""
+            );
+            let user = user.filter(|u| !u.is_empty() && !u.contains(':')).context(
+                "auth = \"basic\" needs user = \"...\" (a Bitbucket system administrator, no ':')",
+            )?;
+            let password = secret_source(
+                password,
+                "password_file",
+                "password_env",
+                "the user's password",
+            )?;
+            Ok(Auth::Basic { user, password })
+        }
+        other => bail!("auth = \"{other}\" is not known; use \"basic\" or \"bearer\""),
+    }
+}
+
+/// An `http(s)` URL; plain `http://` only to loopback unless the cluster allows it, because the
+/// system-admin credentials travel with every request.
+fn check_bitbucket_url(url: &str, allow_insecure_http: bool) -> Result<()> {
+    let parsed = reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    let Some(parsed) = parsed else {
+        bail!("bitbucket URL '{url}' must be an http(s) URL such as https://bitbucket.example.com");
+    };
+    let host = parsed.host_str().unwrap_or("").trim_matches(['[', ']']);
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    ensure!(
+        parsed.scheme() == "https" || loopback || allow_insecure_http,
+        "bitbucket URL '{url}' is plain http: the system administrator's credentials would cross the network in clear text; use https://, or set allow_insecure_http = true for this cluster if you accept that"
+    );
+    Ok(())
+}
+
+impl Node {
+    /// How this node is recognised in Bitbucket's cluster view (resolves the agent's host when no
+    /// `bitbucket_address` is set: blocking DNS, once per command).
+    pub fn bitbucket_key(&self) -> NodeKey {
+        NodeKey::resolve(
+            &self.id,
+            self.bitbucket_name.as_deref(),
+            self.bitbucket_address,
+            &self.agent,
+        )
     }
 }
 
@@ -300,6 +418,46 @@ lb_server = "bb2"
         assert_eq!(c.bitbucket_url, "https://bb.example.com");
         assert_eq!(c.nodes[0].lb_server, "n1");
         assert_eq!(c.nodes[1].lb_server, "bb2");
+        assert!(
+            matches!(&c.auth, Auth::Bearer(SecretSource::File(f)) if f == Path::new("/inv/prod.token"))
+        );
+        assert_eq!(
+            (
+                c.nodes[0].bitbucket_name.as_ref(),
+                c.nodes[0].bitbucket_address
+            ),
+            (None, None)
+        );
+        let basic = parse(
+            &GOOD
+                .replace(
+                    "token_file = \"prod.token\"",
+                    "auth = \"basic\"\nuser = \"admin\"\npassword_file = \"pw\"",
+                )
+                .replace(
+                    "lb_server = \"bb2\"",
+                    "bitbucket_address = \"10.0.0.12:5701\"\nbitbucket_name = \"bb-2\"",
+                ),
+        )
+        .unwrap();
+        let c2 = &basic.clusters[0];
+        assert!(
+            matches!(&c2.auth, Auth::Basic { user, password: SecretSource::File(f) } if user == "admin" && f == Path::new("/inv/pw"))
+        );
+        assert_eq!(
+            c2.nodes[1].bitbucket_address.unwrap().to_string(),
+            "10.0.0.12:5701"
+        );
+        assert_eq!(c2.nodes[1].bitbucket_name.as_deref(), Some("bb-2"));
+        let plain =
+            parse(&GOOD.replace("https://bb.example.com/", "http://127.0.0.1:7990")).unwrap();
+        assert_eq!(plain.clusters[0].bitbucket_url, "http://127.0.0.1:7990");
+        parse(
+            &GOOD
+                .replace("https://bb", "http://bb")
+                .replace("token_file", "allow_insecure_http = true\ntoken_file"),
+        )
+        .unwrap();
         assert_eq!(c.timeouts, Timeouts::default());
         assert!(c.window.is_none());
         let windowed = parse(&GOOD.replace(
@@ -329,6 +487,36 @@ lb_server = "bb2"
                 "token_file",
             ),
             (GOOD.replace("https://bb", "ftp://bb"), "http(s)"),
+            (
+                GOOD.replace("https://bb", "http://bb"),
+                "allow_insecure_http",
+            ),
+            (
+                GOOD.replace(
+                    "token_file = \"prod.token\"",
+                    "auth = \"basic\"\npassword_env = \"P\"",
+                ),
+                "needs user",
+            ),
+            (
+                GOOD.replace(
+                    "token_file = \"prod.token\"",
+                    "auth = \"basic\"\nuser = \"admin\"\ntoken_env = \"P\"",
+                ),
+                "belong to auth = \"bearer\"",
+            ),
+            (
+                GOOD.replace("token_file", "user = \"admin\"\ntoken_file"),
+                "belong to auth = \"basic\"",
+            ),
+            (
+                GOOD.replace("token_file", "auth = \"digest\"\ntoken_file"),
+                "not known",
+            ),
+            (
+                GOOD.replace("lb_server = \"bb2\"", "bitbucket_address = \"node2\""),
+                "node 'n2': bitbucket_address 'node2' is not an IP",
+            ),
             (
                 GOOD.replace("name = \"prod\"", "name = \"pr od\""),
                 "cluster name",

@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod inventory;
 pub mod journal;
 pub mod loadbalancer;
+pub mod node_match;
 pub mod plan;
 pub mod report;
 pub mod run;

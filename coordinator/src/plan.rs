@@ -1,6 +1,7 @@
 //! Deciding, without I/O: preflight checks over what was observed, the least-busy order, and which
 //! node is done. The driver in `run` observes and carries these decisions out.
 
+use crate::node_match::{self, Match, NodeKey};
 use crate::zdu::{ClusterState, ClusterView, NodeState, ZduNode};
 use bbupgrade_common::version::{Version, VersionError, check_rolling_upgrade};
 use serde::Serialize;
@@ -9,7 +10,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ObservedNode {
     pub id: String,
-    pub bitbucket_name: String,
+    /// How the node is recognised in Bitbucket's cluster view.
+    pub bitbucket: NodeKey,
     /// `None` when the agent could not be reached (with the reason).
     pub agent_error: Option<String>,
     pub active_version: Option<String>,
@@ -36,10 +38,10 @@ impl Check {
     }
 }
 
-/// The node of the Bitbucket cluster view that an inventory node maps to.
-pub fn zdu_node<'a>(view: &'a ClusterView, bitbucket_name: &str) -> Option<&'a ZduNode> {
-    view.nodes.iter().find(|n| n.name == bitbucket_name)
-}
+/// Name of the preflight check that every node maps to exactly one row of the cluster view.
+pub const CHECK_MAPPED: &str = "node in cluster view";
+/// Name of the preflight check on the rolling-upgrade API's answer.
+pub const CHECK_API: &str = "rolling-upgrade API";
 
 /// Why the target version is refused, checked before anything else.
 pub fn check_target(from: &str, to: &str) -> Result<(Version, Version), VersionError> {
@@ -124,9 +126,9 @@ pub fn preflight(
     match (view, zdu_error) {
         (Some(view), _) => {
             checks.push(Check::new(
-                "rolling-upgrade API",
+                CHECK_API,
                 true,
-                "reachable with the token",
+                "reachable with the credentials",
             ));
             let stable = view.state == ClusterState::Stable && !view.upgrade_mode_enabled;
             checks.push(Check::new(
@@ -142,27 +144,37 @@ pub fn preflight(
                     }
                 ),
             ));
-            for n in nodes {
-                checks.push(match zdu_node(view, &n.bitbucket_name) {
-                    Some(z) if z.state == NodeState::Active => {
-                        Check::new("node active", true, format!("{}: ACTIVE on {}", n.id, z.version))
-                    }
-                    Some(z) => Check::new("node active", false, format!("{}: {} (must be ACTIVE)", n.id, z.state)),
-                    None => Check::new(
+            let keys: Vec<NodeKey> = nodes.iter().map(|n| n.bitbucket.clone()).collect();
+            for (n, m) in nodes.iter().zip(node_match::match_all(view, &keys)) {
+                checks.push(match m {
+                    Match::Row(z) if z.state == NodeState::Active => Check::new(
+                        "node active",
+                        true,
+                        format!(
+                            "{}: ACTIVE on {} (row {})",
+                            n.id,
+                            z.version_or_dash(),
+                            node_match::describe_row(z)
+                        ),
+                    ),
+                    Match::Row(z) => Check::new(
                         "node active",
                         false,
                         format!(
-                            "{}: Bitbucket's cluster view has no node named '{}' (known: {}); set bitbucket_name in the inventory",
+                            "{}: {} (must be ACTIVE; row {})",
                             n.id,
-                            n.bitbucket_name,
-                            view.nodes.iter().map(|z| z.name.as_str()).collect::<Vec<_>>().join(", ")
+                            z.state,
+                            node_match::describe_row(z)
                         ),
                     ),
+                    Match::Missing(why) | Match::Ambiguous(why) => {
+                        Check::new(CHECK_MAPPED, false, format!("{}: {why}", n.id))
+                    }
                 });
             }
         }
         (None, e) => checks.push(Check::new(
-            "rolling-upgrade API",
+            CHECK_API,
             false,
             e.unwrap_or("not reachable").to_string(),
         )),
@@ -197,8 +209,7 @@ pub fn rank_least_busy(mut nodes: Vec<Busyness>) -> Vec<Busyness> {
 
 /// A node counts as upgraded when its agent runs the target and Bitbucket shows it ACTIVE on it.
 pub fn node_upgraded(agent_version: Option<&str>, zdu: Option<&ZduNode>, to: &str) -> bool {
-    agent_version == Some(to)
-        && zdu.is_some_and(|z| z.state == NodeState::Active && z.version == to)
+    agent_version == Some(to) && zdu.is_some_and(|z| z.state == NodeState::Active && z.runs(to))
 }
 
 /// Why the run must stop waiting for a node that was started: FIRST_RUN and ERROR are failures.
@@ -243,7 +254,12 @@ mod tests {
     fn node(id: &str, v: &str) -> ObservedNode {
         ObservedNode {
             id: id.into(),
-            bitbucket_name: id.into(),
+            bitbucket: NodeKey {
+                node: id.into(),
+                name: Some(id.into()),
+                address: Some("10.0.0.1".parse().unwrap()),
+                address_error: None,
+            },
             active_version: Some(v.into()),
             install_root_free_bytes: 10 << 30,
             ..Default::default()
@@ -254,7 +270,7 @@ mod tests {
         serde_json::from_value(serde_json::json!({
             "upgradeModeEnabled": false, "state": "STABLE", "originalVersion": "8.19.3",
             "nodes": nodes.iter().map(|(n, s, v)| serde_json::json!({
-                "id": format!("id-{n}"), "name": n, "state": s, "version": v
+                "id": format!("id-{n}"), "name": n, "ipAddress": "10.0.0.1", "state": s, "version": v
             })).collect::<Vec<_>>()
         }))
         .unwrap()
@@ -293,10 +309,18 @@ mod tests {
         );
         let v2 = view(&[("n1", "ACTIVE", "8.19.3"), ("n2", "OFFLINE", "8.19.3")]);
         assert!(failed(preflight(&nodes, Some(&v2), None, "8.19.6", 0))[0].contains("OFFLINE"));
+        // n2's name is not in the view, so it falls back to the address, which is n1's row.
         let v3 = view(&[("n1", "ACTIVE", "8.19.3")]);
+        let f = failed(preflight(&nodes, Some(&v3), None, "8.19.6", 0));
         assert!(
-            failed(preflight(&nodes, Some(&v3), None, "8.19.6", 0))[0]
-                .contains("no node named 'n2'")
+            f[1].starts_with("n2: nodes n1, n2 all map to the row id-n1"),
+            "{f:?}"
+        );
+        let v4 = view(&[("n1", "ACTIVE", "8.19.3"), ("n1", "ACTIVE", "8.19.3")]);
+        let f = failed(preflight(&nodes, Some(&v4), None, "8.19.6", 0));
+        assert!(
+            f[0].contains("bitbucket_name 'n1' fits 2 live rows"),
+            "{f:?}"
         );
         let mut small = nodes.clone();
         small[0].install_root_free_bytes = 1 << 20;
@@ -309,9 +333,11 @@ mod tests {
     #[test]
     fn upgraded_needs_agent_and_bitbucket_to_agree() {
         let v = view(&[("n1", "ACTIVE", "8.19.6"), ("n2", "STARTING", "8.19.6")]);
-        assert!(node_upgraded(Some("8.19.6"), zdu_node(&v, "n1"), "8.19.6"));
-        assert!(!node_upgraded(Some("8.19.3"), zdu_node(&v, "n1"), "8.19.6"));
-        assert!(!node_upgraded(Some("8.19.6"), zdu_node(&v, "n2"), "8.19.6"));
+        let (n1, n2) = (Some(&v.nodes[0]), Some(&v.nodes[1]));
+        assert!(node_upgraded(Some("8.19.6"), n1, "8.19.6"));
+        assert!(!node_upgraded(Some("8.19.3"), n1, "8.19.6"));
+        assert!(!node_upgraded(Some("8.19.6"), n2, "8.19.6"));
+        assert!(!node_upgraded(Some("8.19.6"), None, "8.19.6"));
         assert!(
             start_failure("FIRST_RUN")
                 .unwrap()

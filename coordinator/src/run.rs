@@ -3,12 +3,13 @@
 
 use crate::agents::{self, Client};
 use crate::cli::{BadInput, Output, UpgradeArgs, load_inventory};
-use crate::inventory::{Cluster, Node, Timeouts, TokenSource};
+use crate::inventory::{Cluster, Node, Timeouts};
 use crate::journal::{ClusterLock, Journal, NewRun, RunId, RunKind, RunResult, StepOutcome};
 use crate::loadbalancer::{self, LoadBalancer};
+use crate::node_match::{self, Match, NodeKey};
 use crate::plan::{self, ObservedNode};
 use crate::report::{Reporter, Summary};
-use crate::zdu::{ClusterView, Secret};
+use crate::zdu::ClusterView;
 use crate::zdu_pool::ZduPool;
 use anyhow::{Context, Result, anyhow, bail};
 use bbupgrade_common::proto::{LoadMetricsRequest, NodeInfoRequest, NodeInfoResponse};
@@ -72,6 +73,8 @@ pub struct Ctx {
     pub cluster: Cluster,
     pub tls: TlsMaterial,
     pub zdu: ZduPool,
+    /// How each node (by inventory id) is recognised in Bitbucket's cluster view.
+    keys: HashMap<String, NodeKey>,
     pub lb: Box<dyn LoadBalancer>,
     pub journal: Arc<Journal>,
     pub reporter: Reporter,
@@ -89,16 +92,13 @@ impl Ctx {
         journal: Arc<Journal>,
         reporter: Reporter,
     ) -> Result<Self> {
-        let token = match &cluster.token {
-            TokenSource::File(p) => Secret::from_file(p),
-            TokenSource::Env(v) => Secret::from_env(v),
-        }
-        .map_err(|e| BadInput(format!("cluster '{}': {e}", cluster.name)))?;
-        let urls: Vec<String> = std::iter::once(cluster.bitbucket_url.clone())
-            .chain(cluster.bitbucket_node_urls.clone())
+        let zdu = ZduPool::for_cluster(&cluster, Duration::from_secs(ZDU_REQUEST_TIMEOUT_SECS))
+            .map_err(BadInput)?;
+        let keys = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.id.clone(), n.bitbucket_key()))
             .collect();
-        let zdu = ZduPool::new(&urls, token, Duration::from_secs(ZDU_REQUEST_TIMEOUT_SECS))
-            .map_err(|e| BadInput(format!("cluster '{}': {e}", cluster.name)))?;
         let lb = loadbalancer::from_config_with_tls(&cluster.load_balancer, Some(&tls))
             .map_err(|e| BadInput(format!("cluster '{}': load balancer: {e}", cluster.name)))?;
         Ok(Self {
@@ -106,6 +106,7 @@ impl Ctx {
             cluster,
             tls,
             zdu,
+            keys,
             lb,
             journal,
             reporter,
@@ -113,6 +114,19 @@ impl Ctx {
             lock_lost: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             out_of_service: std::sync::Mutex::new(None),
         })
+    }
+
+    /// How `node` is recognised in Bitbucket's cluster view.
+    pub fn key(&self, node: &Node) -> NodeKey {
+        self.keys
+            .get(&node.id)
+            .cloned()
+            .unwrap_or_else(|| node.bitbucket_key())
+    }
+
+    /// The row of `node` in `view`: followed by name or address, never by an id seen before.
+    pub fn row<'a>(&self, view: &'a ClusterView, node: &Node) -> Match<'a> {
+        node_match::match_node(view, &self.key(node))
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -153,7 +167,7 @@ impl Ctx {
         futures::future::join_all(self.cluster.nodes.iter().map(|node| async move {
             let mut o = ObservedNode {
                 id: node.id.clone(),
-                bitbucket_name: node.bitbucket_name.clone(),
+                bitbucket: self.key(node),
                 ..Default::default()
             };
             match self.node_info(node).await {
@@ -485,11 +499,11 @@ pub async fn make_plan(ctx: &Ctx, to: &str, archive_bytes: u64) -> PlanReport {
             .map(|o| {
                 let z = view
                     .as_ref()
-                    .and_then(|v| plan::zdu_node(v, &o.bitbucket_name));
+                    .and_then(|v| node_match::match_node(v, &o.bitbucket).row());
                 plan::Busyness {
                     id: o.id.clone(),
-                    tasks_total: z.map(|z| z.tasks_total).unwrap_or(0),
-                    active_user_count: z.map(|z| z.active_user_count).unwrap_or(0),
+                    tasks_total: z.map(|z| z.tasks()).unwrap_or(0),
+                    active_user_count: z.map(|z| z.users()).unwrap_or(0),
                     cpu_percent: o.cpu_percent,
                 }
             })
@@ -516,10 +530,22 @@ fn target_of(args: &UpgradeArgs) -> Result<String> {
     Ok(to)
 }
 
-/// Refuses a target that is not a bug-fix upgrade of the cluster's version (bad input, exit 2).
-fn refuse_bad_target(report: &PlanReport) -> Result<()> {
-    if let Some(c) = report.checks.iter().find(|c| c.name == "target" && !c.ok) {
-        return Err(BadInput(format!("refused: {}", c.detail)).into());
+/// Checks whose failure `plan` reports as bad input (exit 2): a target that is not a bug-fix upgrade
+/// of the cluster's version, a rolling-upgrade API that refuses or cannot be reached (not clustered,
+/// credentials without system-admin rights, a wrong URL), a cluster view the nodes cannot be mapped
+/// to. `upgrade` refuses the same with a "refused" summary, also exit 2.
+const PLAN_REFUSALS: [&str; 3] = ["target", plan::CHECK_API, plan::CHECK_MAPPED];
+
+/// Refuses (bad input, exit 2) when one of the `refusing` checks failed.
+fn refuse_bad_target(report: &PlanReport, refusing: &[&str]) -> Result<()> {
+    let failed: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|c| !c.ok && refusing.contains(&c.name.as_str()))
+        .map(|c| c.detail.as_str())
+        .collect();
+    if !failed.is_empty() {
+        return Err(BadInput(format!("refused: {}", failed.join("; "))).into());
     }
     Ok(())
 }
@@ -564,7 +590,7 @@ pub async fn plan_command(args: UpgradeArgs) -> Result<ExitCode> {
             );
         }
     }
-    refuse_bad_target(&report)?;
+    refuse_bad_target(&report, &PLAN_REFUSALS)?;
     Ok(if report.ready {
         ExitCode::SUCCESS
     } else {
@@ -652,7 +678,7 @@ pub async fn upgrade_summary(args: UpgradeArgs, progress: bool) -> Result<Summar
         archive.as_ref().map(|a| a.size_bytes()).unwrap_or(0),
     )
     .await;
-    refuse_bad_target(&report)?;
+    refuse_bad_target(&report, &["target"])?;
     if let Some(open) = resumable_run(&ctx)? {
         bail!(
             "cluster '{}' has an unfinished {} run (#{}, {} -> {}) started by {}; continue it with `bbupgrade resume` or undo it with `bbupgrade rollback`",
@@ -773,11 +799,11 @@ pub async fn rollback_command(args: UpgradeArgs) -> Result<ExitCode> {
         ),
     };
     if view.state == crate::zdu::ClusterState::Stable && !view.upgrade_mode_enabled {
-        let on_original = view.nodes.iter().all(|n| n.version == original);
+        let on_original = view.all_live_run(&original);
         if !on_original {
             return Err(BadInput(format!(
                 "the cluster is STABLE on {} with upgrade mode off: the upgrade was finalized and its database tasks ran, so a rolling rollback is not possible; restore from backup",
-                view.nodes.first().map(|n| n.version.as_str()).unwrap_or("?")
+                view.live().find_map(|n| n.version.as_deref()).unwrap_or("?")
             ))
             .into());
         }

@@ -743,9 +743,12 @@ impl Sandbox {
             token,
         );
         for (i, (node, addr)) in self.sim.nodes().iter().zip(&self.agent_addrs).enumerate() {
+            // Every simulated node shares 127.0.0.1, so the port in the cluster view tells them apart.
             inv.push_str(&format!(
-                "\n[[clusters.nodes]]\nid = {:?}\nagent = {:?}\n",
-                node.name, addr
+                "\n[[clusters.nodes]]\nid = {:?}\nagent = {:?}\nbitbucket_address = \"127.0.0.1:{}\"\n",
+                node.name,
+                addr,
+                node.port
             ));
             if let Some(server) = self.lb_servers.get(i) {
                 inv.push_str(&format!("lb_server = {server:?}\n"));

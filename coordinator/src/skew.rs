@@ -12,7 +12,7 @@ use crate::inventory::Node;
 use crate::journal::RunId;
 use crate::loadbalancer::LbConfig;
 use crate::run::{Ctx, RunOptions};
-use crate::zdu::{ClusterView, NodeState};
+use crate::zdu::{ClusterView, NodeState, ZduNode};
 
 /// The rejoined node is skewed when it has more than this many times the others' mean users.
 pub const SKEW_FACTOR: f64 = 3.0;
@@ -87,9 +87,9 @@ pub fn judge(users: u64, others: &[u64], s: &SkewSettings) -> Verdict {
     }
 }
 
-/// [`judge`] on a cluster view: the node by its Bitbucket name against the other ACTIVE nodes.
-pub fn judge_view(view: &ClusterView, node: &str, s: &SkewSettings) -> Verdict {
-    let Some(me) = view.nodes.iter().find(|n| n.name == node || n.id == node) else {
+/// [`judge`] on a cluster view: the node's row (as `node_match` found it) against the other ACTIVE rows.
+pub fn judge_view(view: &ClusterView, me: Option<&ZduNode>, s: &SkewSettings) -> Verdict {
+    let Some(me) = me else {
         return Verdict::NotServing;
     };
     if me.state != NodeState::Active {
@@ -99,9 +99,9 @@ pub fn judge_view(view: &ClusterView, node: &str, s: &SkewSettings) -> Verdict {
         .nodes
         .iter()
         .filter(|n| n.id != me.id && n.state == NodeState::Active)
-        .map(|n| n.active_user_count)
+        .map(ZduNode::users)
         .collect();
-    judge(me.active_user_count, &others, s)
+    judge(me.users(), &others, s)
 }
 
 /// What to do after a series of looks.
@@ -167,7 +167,7 @@ pub async fn after_rejoin(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions)
         };
         looks.push((
             started.elapsed(),
-            judge_view(&view, &node.bitbucket_name, &s),
+            judge_view(&view, ctx.row(&view, node).row(), &s),
         ));
         match decide(&looks, &s) {
             Decision::Leave(_) if looks.len() == 1 => return None,
@@ -222,7 +222,7 @@ pub async fn after_rejoin(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zdu::{ClusterState, ZduNode};
+    use crate::zdu::ClusterState;
 
     fn s() -> SkewSettings {
         SkewSettings::default()
@@ -277,6 +277,10 @@ mod tests {
         .unwrap()
     }
 
+    fn row<'a>(v: &'a ClusterView, id: &str) -> Option<&'a ZduNode> {
+        v.nodes.iter().find(|n| n.id == id)
+    }
+
     #[test]
     fn judge_view_counts_only_active_peers() {
         let view = |nodes| ClusterView {
@@ -291,20 +295,23 @@ mod tests {
             node("n3", NodeState::Offline, 50),
         ]);
         assert!(matches!(
-            judge_view(&v, "n1", &s()),
+            judge_view(&v, row(&v, "n1"), &s()),
             Verdict::Skewed { users: 9, .. }
         ));
         assert!(matches!(
-            judge_view(&v, "n2", &s()),
+            judge_view(&v, row(&v, "n2"), &s()),
             Verdict::TooFewUsers { .. }
         ));
-        assert_eq!(judge_view(&v, "n3", &s()), Verdict::NotServing);
-        assert_eq!(judge_view(&v, "n9", &s()), Verdict::NotServing);
+        assert_eq!(judge_view(&v, row(&v, "n3"), &s()), Verdict::NotServing);
+        assert_eq!(judge_view(&v, row(&v, "n9"), &s()), Verdict::NotServing);
         let alone = view(vec![
             node("n1", NodeState::Active, 9),
             node("n2", NodeState::Starting, 0),
         ]);
-        assert_eq!(judge_view(&alone, "n1", &s()), Verdict::NoPeers);
+        assert_eq!(
+            judge_view(&alone, row(&alone, "n1"), &s()),
+            Verdict::NoPeers
+        );
     }
 
     #[test]

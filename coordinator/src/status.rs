@@ -2,6 +2,10 @@
 //! the cluster's latest runs from the journal — shared in PostgreSQL, every admin's and
 //! coordinator's runs — with who ran each step, when, and how it ended (an audit trail).
 
+mod bitbucket;
+
+pub use bitbucket::{BitbucketRow, BitbucketView};
+
 use crate::agents;
 use crate::cli::BadInput;
 use crate::inventory::{Cluster, Node};
@@ -20,6 +24,8 @@ pub const DEFAULT_RUNS_SHOWN: u32 = 10;
 pub struct StatusReport {
     pub cluster: String,
     pub nodes: Vec<NodeStatus>,
+    /// Bitbucket's own view: cluster state, upgrade mode, every row and the node it maps to.
+    pub bitbucket: BitbucketView,
     /// Where the runs were read from (a PostgreSQL URL without its password); `None` when the
     /// journal does not exist yet.
     pub journal: Option<String>,
@@ -280,11 +286,12 @@ pub async fn collect(cluster: &Cluster, tls: &TlsMaterial) -> StatusReport {
             Err(e) => row.error = Some(format!("{e:#}")),
         }
         row
-    }))
-    .await;
+    }));
+    let (rows, bitbucket) = tokio::join!(rows, bitbucket::collect(cluster));
     StatusReport {
         cluster: cluster.name.clone(),
         nodes: rows,
+        bitbucket,
         journal: None,
         runs: Vec::new(),
         journal_error: None,
@@ -333,6 +340,7 @@ pub fn render_human(r: &StatusReport) -> String {
             )),
         }
     }
+    out.push_str(&bitbucket::render(&r.bitbucket));
     match &r.journal_error {
         Some(e) => out.push_str(&format!("\nruns: the journal could not be read: {e}\n")),
         None => out.push_str(&render_runs(r.journal.as_deref(), &r.runs)),

@@ -6,6 +6,7 @@
 use crate::agents;
 use crate::inventory::Node;
 use crate::journal::{RunId, RunResult, StepOutcome};
+use crate::node_match::Match;
 use crate::plan::{self, Busyness};
 use crate::report::{NodeSummary, Summary};
 use crate::run::{ArchiveSource, Ctx, FAILURE_MARKER_STEP, PreStepError, RunOptions};
@@ -110,10 +111,15 @@ async fn wait_zdu(
     let mut last: String;
     loop {
         match ctx.zdu.cluster().await {
-            Ok(view) => match plan::zdu_node(&view, &node.bitbucket_name) {
-                Some(z) => {
-                    last = format!("{} on {}", z.state, z.version);
-                    if z.state == want && version.is_none_or(|v| z.version == v) {
+            Ok(view) => match ctx.row(&view, node) {
+                Match::Row(z) => {
+                    last = format!(
+                        "{} on {} (row {})",
+                        z.state,
+                        z.version_or_dash(),
+                        if z.id.is_empty() { "without id" } else { &z.id }
+                    );
+                    if z.state == want && version.is_none_or(|v| z.runs(v)) {
                         return Ok(format!(
                             "{last} after {:.1}s",
                             started.elapsed().as_secs_f64()
@@ -123,10 +129,11 @@ async fn wait_zdu(
                         bail!("Bitbucket shows node '{}' in ERROR ({last})", node.id);
                     }
                 }
-                None if want == NodeState::Offline => {
+                Match::Missing(_) if want == NodeState::Offline => {
                     return Ok("gone from the cluster view".into());
                 }
-                None => last = "absent from the cluster view".into(),
+                // A starting node's row has no address yet: keep polling.
+                Match::Missing(why) | Match::Ambiguous(why) => last = why,
             },
             Err(e) => last = format!("API error: {e}"),
         }
@@ -402,11 +409,11 @@ async fn next_node<'a>(
     let view = ctx.cluster_view().await?;
     let mut busy = Vec::new();
     for n in remaining {
-        let z = plan::zdu_node(&view, &n.bitbucket_name);
+        let z = ctx.row(&view, n).row();
         busy.push(Busyness {
             id: n.id.clone(),
-            tasks_total: z.map(|z| z.tasks_total).unwrap_or(0),
-            active_user_count: z.map(|z| z.active_user_count).unwrap_or(0),
+            tasks_total: z.map(|z| z.tasks()).unwrap_or(0),
+            active_user_count: z.map(|z| z.users()).unwrap_or(0),
             cpu_percent: ctx.cpu(n).await,
         });
     }
@@ -628,16 +635,16 @@ async fn soak(ctx: &Ctx, node: &Node, version: &str, dur: Duration) -> Result<()
         )
         .await;
         if let Ok(view) = ctx.zdu.cluster().await {
-            match plan::zdu_node(&view, &node.bitbucket_name) {
-                Some(z) if z.state == NodeState::Active && z.version == version => {}
-                Some(z) => bail!(
+            match ctx.row(&view, node) {
+                Match::Row(z) if z.state == NodeState::Active && z.runs(version) => {}
+                Match::Row(z) => bail!(
                     "node '{}' left ACTIVE while soaking: now {} on {}",
                     node.id,
                     z.state,
-                    z.version
+                    z.version_or_dash()
                 ),
-                None => bail!(
-                    "node '{}' vanished from the cluster view while soaking",
+                Match::Missing(why) | Match::Ambiguous(why) => bail!(
+                    "node '{}' cannot be found in the cluster view while soaking: {why}",
                     node.id
                 ),
             }
@@ -751,7 +758,7 @@ async fn cancel_if_nothing_upgraded(
     let Ok(view) = ctx.zdu.cluster().await else {
         return;
     };
-    if view.upgrade_mode_enabled && !view.nodes.iter().any(|n| n.version == new_version) {
+    if view.upgrade_mode_enabled && !view.any_live_runs(new_version) {
         let r = ctx
             .step(run, None, "cancel_upgrade_mode", async {
                 ctx.zdu.cancel().await?;
@@ -896,9 +903,7 @@ pub async fn drive(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
             s.error = Some(format!("node '{}' failed: {:#}", f.node, f.error));
             s.notes.extend(handle_failure(ctx, run, &f, opts).await);
             let view = ctx.zdu.cluster().await.ok();
-            let any_new = view
-                .as_ref()
-                .is_some_and(|v| v.nodes.iter().any(|n| n.version == opts.to));
+            let any_new = view.as_ref().is_some_and(|v| v.any_live_runs(&opts.to));
             s.result = if opts.auto_rollback && !any_new {
                 "rolled_back".into()
             } else {
@@ -965,7 +970,7 @@ async fn drive_inner(
     let view = ctx.cluster_view().await?;
     let finalized = view.state == ClusterState::Stable
         && !view.upgrade_mode_enabled
-        && view.nodes.iter().all(|n| n.version == opts.to);
+        && view.all_live_run(&opts.to);
     if !finalized {
         stage_all(ctx, run, opts).await?;
         if !view.upgrade_mode_enabled {
@@ -993,7 +998,7 @@ async fn drive_inner(
                 let agent_version = ctx.node_info(n).await.map(|i| i.active_version).ok();
                 let upgraded = plan::node_upgraded(
                     agent_version.as_deref(),
-                    plan::zdu_node(&view, &n.bitbucket_name),
+                    ctx.row(&view, n).row(),
                     &opts.to,
                 );
                 // A node whose latest "node" step is open was out of service when a coordinator

@@ -1,14 +1,20 @@
-//! Client for Bitbucket Data Center's rolling-upgrade REST API (`/rest/zdu`), authenticated with a sysadmin token.
+//! Client for Bitbucket Data Center's rolling-upgrade REST API (`/rest/zdu`), authenticated as a system
+//! administrator (HTTP Basic or a Bearer token).
+
+mod credentials;
+mod model;
+
+pub use credentials::{Credentials, Secret, SecretError};
+pub use model::{ClusterState, ClusterStateView, ClusterView, NodeState, ZduNode};
 
 use std::fmt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize};
 
 /// Extra attempts made for an idempotent GET after a connect error, a timeout or a 5xx answer.
 pub const GET_RETRIES: u32 = 3;
@@ -17,102 +23,27 @@ pub const RETRY_BACKOFF_MS: u64 = 100;
 /// How much of an unexpected response body an error quotes.
 const BODY_EXCERPT_CHARS: usize = 400;
 
-/// A bearer token that never shows up in logs: `Debug` and `Display` print `***`.
-#[derive(Clone)]
-pub struct Secret {
-    value: String,
-    origin: String,
-}
-
-/// Why a token could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum SecretError {
-    #[error(
-        "cannot read the Bitbucket token file {path}: {source}; check the path and its permissions"
-    )]
-    Unreadable {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the Bitbucket token file {path} is empty; write a sysadmin token into it")]
-    EmptyFile { path: String },
-    #[error(
-        "environment variable {var} is not set, empty or not UTF-8; set it to a Bitbucket sysadmin token"
-    )]
-    MissingEnv { var: String },
-}
-
-impl Secret {
-    /// A token from elsewhere; `origin` says where it came from, for error messages (never the value).
-    pub fn new(value: impl Into<String>, origin: impl Into<String>) -> Self {
-        Self {
-            value: value.into(),
-            origin: origin.into(),
-        }
-    }
-
-    /// Reads a token file (blocking; meant for start-up), trimming surrounding whitespace and newlines.
-    pub fn from_file(path: &Path) -> Result<Self, SecretError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| SecretError::Unreadable {
-            path: shown.clone(),
-            source,
-        })?;
-        let value = text.trim();
-        if value.is_empty() {
-            return Err(SecretError::EmptyFile { path: shown });
-        }
-        Ok(Self::new(value, format!("file {shown}")))
-    }
-
-    /// Reads a token from an environment variable, trimming surrounding whitespace.
-    pub fn from_env(var: &str) -> Result<Self, SecretError> {
-        let missing = || SecretError::MissingEnv {
-            var: var.to_string(),
-        };
-        let text = std::env::var(var).map_err(|_| missing())?;
-        let value = text.trim();
-        if value.is_empty() {
-            return Err(missing());
-        }
-        Ok(Self::new(value, format!("environment variable {var}")))
-    }
-
-    /// The token itself; only for building the `Authorization` header.
-    pub fn expose(&self) -> &str {
-        &self.value
-    }
-
-    /// Where the token came from, e.g. `file /etc/bbupgrade/token`.
-    pub fn origin(&self) -> &str {
-        &self.origin
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
 /// What went wrong talking to the rolling-upgrade API; callers branch on the kind.
 #[derive(Debug, thiserror::Error)]
 pub enum ZduError {
-    #[error(
-        "{what}: HTTP {code}: the token in {token_origin} was refused; it needs SYS_ADMIN permission — give a sysadmin's token"
-    )]
+    #[error("{what}: HTTP {code}: Bitbucket refused {credentials}{hint}")]
     Unauthorized {
         what: String,
         code: u16,
-        token_origin: String,
+        credentials: String,
+        /// What to do; differs for a token (which may lack system-admin rights) and a password.
+        hint: String,
     },
+    #[error(
+        "{what}: HTTP {code}: this Bitbucket is not a Data Center cluster ({message}); rolling upgrades need a clustered installation"
+    )]
+    NotClustered {
+        what: String,
+        code: u16,
+        message: String,
+    },
+    #[error("{what}: HTTP 404: this Bitbucket does not offer {action}")]
+    NotSupported { what: String, action: String },
     #[error(
         "Bitbucket refused {action} in the cluster's current state (HTTP 409): {body}; check the cluster state with `bbupgrade status`"
     )]
@@ -146,170 +77,6 @@ impl ZduError {
             _ => false,
         }
     }
-}
-
-/// Cluster state as Bitbucket reports it; strings this code does not know are kept, not refused.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(from = "String", into = "String")]
-pub enum ClusterState {
-    Stable,
-    ReadyToUpgrade,
-    Mixed,
-    ReadyToRunUpgradeTasks,
-    RunningUpgradeTasks,
-    UpgradeTasksFailed,
-    Unknown(String),
-}
-
-impl ClusterState {
-    pub fn as_str(&self) -> &str {
-        match self {
-            ClusterState::Stable => "STABLE",
-            ClusterState::ReadyToUpgrade => "READY_TO_UPGRADE",
-            ClusterState::Mixed => "MIXED",
-            ClusterState::ReadyToRunUpgradeTasks => "READY_TO_RUN_UPGRADE_TASKS",
-            ClusterState::RunningUpgradeTasks => "RUNNING_UPGRADE_TASKS",
-            ClusterState::UpgradeTasksFailed => "UPGRADE_TASKS_FAILED",
-            ClusterState::Unknown(s) => s,
-        }
-    }
-}
-
-impl From<String> for ClusterState {
-    fn from(s: String) -> Self {
-        match s.as_str() {
-            "STABLE" => ClusterState::Stable,
-            "READY_TO_UPGRADE" => ClusterState::ReadyToUpgrade,
-            "MIXED" => ClusterState::Mixed,
-            "READY_TO_RUN_UPGRADE_TASKS" => ClusterState::ReadyToRunUpgradeTasks,
-            "RUNNING_UPGRADE_TASKS" => ClusterState::RunningUpgradeTasks,
-            "UPGRADE_TASKS_FAILED" => ClusterState::UpgradeTasksFailed,
-            _ => ClusterState::Unknown(s),
-        }
-    }
-}
-
-impl From<ClusterState> for String {
-    fn from(s: ClusterState) -> Self {
-        s.as_str().to_string()
-    }
-}
-
-impl fmt::Display for ClusterState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Node state as Bitbucket reports it; strings this code does not know are kept, not refused.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(from = "String", into = "String")]
-pub enum NodeState {
-    Starting,
-    Active,
-    Draining,
-    Terminating,
-    Offline,
-    Error,
-    Unknown(String),
-}
-
-impl NodeState {
-    pub fn as_str(&self) -> &str {
-        match self {
-            NodeState::Starting => "STARTING",
-            NodeState::Active => "ACTIVE",
-            NodeState::Draining => "DRAINING",
-            NodeState::Terminating => "TERMINATING",
-            NodeState::Offline => "OFFLINE",
-            NodeState::Error => "ERROR",
-            NodeState::Unknown(s) => s,
-        }
-    }
-}
-
-impl From<String> for NodeState {
-    fn from(s: String) -> Self {
-        match s.as_str() {
-            "STARTING" => NodeState::Starting,
-            "ACTIVE" => NodeState::Active,
-            "DRAINING" => NodeState::Draining,
-            "TERMINATING" => NodeState::Terminating,
-            "OFFLINE" => NodeState::Offline,
-            "ERROR" => NodeState::Error,
-            _ => NodeState::Unknown(s),
-        }
-    }
-}
-
-impl From<NodeState> for String {
-    fn from(s: NodeState) -> Self {
-        s.as_str().to_string()
-    }
-}
-
-impl fmt::Display for NodeState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `GET /rest/zdu/cluster`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterView {
-    pub upgrade_mode_enabled: bool,
-    pub state: ClusterState,
-    #[serde(default)]
-    pub original_version: Option<String>,
-    #[serde(default)]
-    pub nodes: Vec<ZduNode>,
-}
-
-/// `GET /rest/zdu/state`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterStateView {
-    #[serde(default)]
-    pub upgrade_mode_enabled: bool,
-    pub state: ClusterState,
-}
-
-/// One cluster node, from `GET /rest/zdu/cluster` or `GET /rest/zdu/nodes/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ZduNode {
-    pub id: String,
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub ip_address: String,
-    pub state: NodeState,
-    #[serde(default)]
-    pub tasks_total: u64,
-    #[serde(default)]
-    pub active_user_count: u64,
-    /// Bitbucket versions differ on whether this is a string or a number; both are accepted.
-    #[serde(default, deserialize_with = "string_or_number")]
-    pub build_number: Option<String>,
-    pub version: String,
-    #[serde(default)]
-    pub local: bool,
-    #[serde(default)]
-    pub port_number: u16,
-}
-
-fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Text(String),
-        Number(serde_json::Number),
-    }
-    Ok(Option::<Raw>::deserialize(d)?.map(|raw| match raw {
-        Raw::Text(s) => s,
-        Raw::Number(n) => n.to_string(),
-    }))
 }
 
 /// Parses a response body, naming the request when it does not fit.
@@ -356,7 +123,7 @@ fn excerpt(body: &str) -> String {
 pub struct ZduClient {
     http: reqwest::Client,
     base: Url,
-    token: Arc<Secret>,
+    credentials: Arc<Credentials>,
     timeout: Duration,
 }
 
@@ -364,14 +131,18 @@ impl fmt::Debug for ZduClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ZduClient")
             .field("base", &self.base.as_str())
-            .field("token", &"***")
+            .field("credentials", &"***")
             .finish()
     }
 }
 
 impl ZduClient {
     /// `base_url` is Bitbucket's base URL (with its context path, if any), `http://` or `https://`.
-    pub fn new(base_url: &str, token: Secret, request_timeout: Duration) -> Result<Self, ZduError> {
+    pub fn new(
+        base_url: &str,
+        credentials: Credentials,
+        request_timeout: Duration,
+    ) -> Result<Self, ZduError> {
         let base = Url::parse(base_url).map_err(|e| {
             ZduError::Config(format!(
                 "Bitbucket base URL {base_url:?} is not a URL ({e}); write it like https://bitbucket.example.com"
@@ -382,10 +153,10 @@ impl ZduClient {
                 "Bitbucket base URL {base_url:?} must start with http:// or https://"
             )));
         }
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
+        let mut auth = HeaderValue::from_str(&credentials.header()).map_err(|_| {
             ZduError::Config(format!(
-                "the token in {} contains characters not allowed in an HTTP header; check the token",
-                token.origin()
+                "{} contains characters not allowed in an HTTP header; check it",
+                credentials.describe()
             ))
         })?;
         auth.set_sensitive(true);
@@ -402,7 +173,7 @@ impl ZduClient {
         Ok(Self {
             http,
             base,
-            token: Arc::new(token),
+            credentials: Arc::new(credentials),
             timeout: request_timeout,
         })
     }
@@ -417,7 +188,7 @@ impl ZduClient {
         self.get(&["cluster"]).await
     }
 
-    /// `GET /rest/zdu/state`: upgrade mode and cluster state.
+    /// `GET /rest/zdu/state`: the cluster state and the node that answered.
     pub async fn state(&self) -> Result<ClusterStateView, ZduError> {
         self.get(&["state"]).await
     }
@@ -446,7 +217,8 @@ impl ZduClient {
             .await
     }
 
-    /// `POST /rest/zdu/retryUpgrade`: run the upgrade tasks again after they failed.
+    /// `POST /rest/zdu/retryUpgrade`: run the upgrade tasks again after they failed. Not in Bitbucket's
+    /// documented API (other products' builds have it): a 404 is [`ZduError::NotSupported`].
     pub async fn retry_upgrade(&self) -> Result<(), ZduError> {
         self.post(
             "retryUpgrade",
@@ -510,7 +282,7 @@ impl ZduClient {
             .text()
             .await
             .map_err(|e| self.transport(what, &e))?;
-        classify(status, body, what, action, self.token.origin())
+        classify(status, body, what, action, &self.credentials)
     }
 
     fn transport(&self, what: &str, e: &reqwest::Error) -> ZduError {
@@ -534,14 +306,31 @@ fn classify(
     body: String,
     what: &str,
     action: &str,
-    token_origin: &str,
+    credentials: &Credentials,
 ) -> Result<String, ZduError> {
     match status.as_u16() {
         200..=299 => Ok(body),
+        code @ (401 | 403) if body.to_ascii_lowercase().contains("clustered") => {
+            Err(ZduError::NotClustered {
+                what: what.to_string(),
+                code,
+                message: excerpt(&body),
+            })
+        }
         code @ (401 | 403) => Err(ZduError::Unauthorized {
             what: what.to_string(),
             code,
-            token_origin: token_origin.to_string(),
+            credentials: credentials.describe(),
+            hint: if credentials.is_bearer() {
+                "; the rolling-upgrade API is for system administrators, and a personal access token may not carry that right: use a system administrator's token, or auth = \"basic\" with a system administrator's user and password".to_string()
+            } else {
+                "; check the user and password, and that the user is a system administrator"
+                    .to_string()
+            },
+        }),
+        404 if what.starts_with("POST") => Err(ZduError::NotSupported {
+            what: what.to_string(),
+            action: action.to_string(),
         }),
         409 => Err(ZduError::Conflict {
             action: action.to_string(),
@@ -574,6 +363,9 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod contract_tests;
 
 #[cfg(test)]
 mod tests {
@@ -634,7 +426,7 @@ mod tests {
                     if hits.state.fetch_add(1, Ordering::SeqCst) == 0 {
                         return (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response();
                     }
-                    r#"{"upgradeModeEnabled":false,"state":"STABLE"}"#.into_response()
+                    r#"{"state":"STABLE","buildInfo":{"id":"a1","state":"ACTIVE","version":"8.19.3","local":true}}"#.into_response()
                 }),
             )
             .route(
@@ -685,7 +477,12 @@ mod tests {
     }
 
     fn client(base: &str, token: &str, timeout: Duration) -> ZduClient {
-        ZduClient::new(base, Secret::new(token, "file /etc/bb/token"), timeout).unwrap()
+        ZduClient::new(
+            base,
+            Credentials::Bearer(Secret::new(token, "file /etc/bb/token")),
+            timeout,
+        )
+        .unwrap()
     }
 
     #[tokio::test]
@@ -702,9 +499,9 @@ mod tests {
         let (a, b) = (&view.nodes[0], &view.nodes[1]);
         assert_eq!(a.state, NodeState::Active);
         assert_eq!(a.build_number.as_deref(), Some("8019003"));
-        assert_eq!((a.tasks_total, a.active_user_count), (3, 12));
+        assert_eq!((a.tasks_total, a.active_user_count), (Some(3), Some(12)));
         assert!(a.local);
-        assert_eq!(a.port_number, 5701);
+        assert_eq!(a.port_number, Some(5701));
         assert_eq!(b.state, NodeState::Unknown("SOMETHING_NEW".into()));
         assert_eq!(b.build_number.as_deref(), Some("8019006"));
     }
@@ -735,7 +532,8 @@ mod tests {
         );
         let msg = err.to_string();
         assert!(msg.contains("file /etc/bb/token"), "{msg}");
-        assert!(msg.contains("SYS_ADMIN"), "{msg}");
+        assert!(msg.contains("system administrator"), "{msg}");
+        assert!(msg.contains("auth = \"basic\""), "{msg}");
         assert!(!msg.contains("wrong-token"), "{msg}");
     }
 
@@ -771,7 +569,7 @@ mod tests {
         let c = client(&base, TOKEN, Duration::from_secs(5));
         let state = c.state().await.unwrap();
         assert_eq!(state.state, ClusterState::Stable);
-        assert!(!state.upgrade_mode_enabled);
+        assert_eq!(state.build_info.unwrap().id, "a1");
         assert_eq!(hits.state.load(Ordering::SeqCst), 2);
 
         let err = c.cancel().await.unwrap_err();
@@ -818,13 +616,16 @@ mod tests {
     #[test]
     fn bad_base_urls_are_refused() {
         for bad in ["bitbucket.example.com", "ftp://x/", "mailto:a@b"] {
-            let err =
-                ZduClient::new(bad, Secret::new("t", "test"), Duration::from_secs(1)).unwrap_err();
+            let creds = Credentials::Bearer(Secret::new("t", "test"));
+            let err = ZduClient::new(bad, creds, Duration::from_secs(1)).unwrap_err();
             assert!(matches!(err, ZduError::Config(_)), "{bad}: {err:?}");
         }
         let c = ZduClient::new(
             "https://bb.example.com/ctx",
-            Secret::new("supersecret", "test"),
+            Credentials::Basic {
+                user: "admin".into(),
+                password: Secret::new("supersecret", "test"),
+            },
             Duration::from_secs(1),
         )
         .unwrap();
@@ -840,6 +641,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "abc123\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Secret::from_file(&path).unwrap_err();
+        assert!(
+            matches!(err, SecretError::TooOpen { mode: 0o644, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let s = Secret::from_file(&path).unwrap();
         assert_eq!(s.expose(), "abc123");
         assert_eq!(format!("{s}"), "***");

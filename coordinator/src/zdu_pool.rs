@@ -1,8 +1,27 @@
 //! Bitbucket's rolling-upgrade API through several addresses: the load balancer's URL first, then
 //! the nodes' own URLs, so the coordinator keeps its view while the node behind one URL is stopped.
 
-use crate::zdu::{ClusterView, Secret, ZduClient, ZduError};
+use crate::inventory::{Auth, Cluster, SecretSource};
+use crate::zdu::{ClusterView, Credentials, Secret, SecretError, ZduClient, ZduError};
 use std::time::Duration;
+
+fn load(source: &SecretSource) -> Result<Secret, SecretError> {
+    match source {
+        SecretSource::File(p) => Secret::from_file(p),
+        SecretSource::Env(v) => Secret::from_env(v),
+    }
+}
+
+/// The cluster's credentials, read from their file or variable (blocking; once per command).
+pub fn credentials(auth: &Auth) -> Result<Credentials, SecretError> {
+    Ok(match auth {
+        Auth::Bearer(token) => Credentials::Bearer(load(token)?),
+        Auth::Basic { user, password } => Credentials::Basic {
+            user: user.clone(),
+            password: load(password)?,
+        },
+    })
+}
 
 pub struct ZduPool {
     clients: Vec<ZduClient>,
@@ -19,12 +38,27 @@ fn unreachable(e: &ZduError) -> bool {
 }
 
 impl ZduPool {
-    pub fn new(urls: &[String], token: Secret, timeout: Duration) -> Result<Self, ZduError> {
+    pub fn new(
+        urls: &[String],
+        credentials: Credentials,
+        timeout: Duration,
+    ) -> Result<Self, ZduError> {
         let clients = urls
             .iter()
-            .map(|u| ZduClient::new(u, token.clone(), timeout))
+            .map(|u| ZduClient::new(u, credentials.clone(), timeout))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { clients })
+    }
+
+    /// A pool over the cluster's `bitbucket_url` then its `bitbucket_node_urls`, with its credentials.
+    /// The error names the cluster and says what to fix.
+    pub fn for_cluster(cluster: &Cluster, timeout: Duration) -> Result<Self, String> {
+        let creds =
+            credentials(&cluster.auth).map_err(|e| format!("cluster '{}': {e}", cluster.name))?;
+        let urls: Vec<String> = std::iter::once(cluster.bitbucket_url.clone())
+            .chain(cluster.bitbucket_node_urls.iter().cloned())
+            .collect();
+        Self::new(&urls, creds, timeout).map_err(|e| format!("cluster '{}': {e}", cluster.name))
     }
 
     pub async fn cluster(&self) -> Result<ClusterView, ZduError> {

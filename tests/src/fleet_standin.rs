@@ -108,13 +108,29 @@ impl SimCluster {
             "upgradeModeEnabled": self.upgrade_mode,
             "state": self.state(),
             "originalVersion": self.upgrade_mode.then_some(&self.from),
-            "nodes": self.nodes.iter().map(|n| serde_json::json!({
-                "id": n.id, "name": n.id, "ipAddress": "127.0.0.1", "state": n.state,
-                "tasksTotal": 0, "activeUserCount": 0, "buildNumber": "1",
-                "version": n.version, "local": false, "portNumber": 7990,
-            })).collect::<Vec<_>>(),
+            // As the product shows rows: no name configured, nodes told apart by address, and no
+            // version or counts on a row that is not up.
+            "nodes": self.nodes.iter().enumerate().map(|(i, n)| {
+                let mut row = serde_json::json!({
+                    "id": n.id, "name": "Not configured", "ipAddress": "127.0.0.1", "state": n.state,
+                    "local": false, "portNumber": standin_cluster_port(i),
+                });
+                if n.state == "ACTIVE" {
+                    row["tasksTotal"] = 0.into();
+                    row["activeUserCount"] = 0.into();
+                    row["buildNumber"] = "1".into();
+                    row["version"] = n.version.clone().into();
+                }
+                row
+            }).collect::<Vec<_>>(),
         })
     }
+}
+
+/// The cluster (Hazelcast) port a stand-in node reports: all share 127.0.0.1, so the port tells
+/// them apart, as it would for real nodes sharing one host.
+fn standin_cluster_port(node_index: usize) -> usize {
+    5701 + node_index
 }
 
 struct World {
@@ -262,7 +278,8 @@ impl StandinFleet {
                 }));
                 writeln!(
                     inv,
-                    "[[clusters.nodes]]\nid = {node_id:?}\nagent = \"127.0.0.1:{port}\""
+                    "[[clusters.nodes]]\nid = {node_id:?}\nagent = \"127.0.0.1:{port}\"\nbitbucket_address = \"127.0.0.1:{}\"",
+                    standin_cluster_port(ni)
                 )?;
             }
             inv.push('\n');
@@ -621,7 +638,7 @@ async fn zdu_state(
     with_cluster(&world, &headers, &name, |c| {
         (
             StatusCode::OK,
-            Json(serde_json::json!({"upgradeModeEnabled": c.upgrade_mode, "state": c.state()})),
+            Json(serde_json::json!({"state": c.state(), "buildInfo": c.view()["nodes"][0]})),
         )
     })
 }

@@ -297,7 +297,7 @@ mod tests {
             name: "c".into(),
             bitbucket_url: "http://127.0.0.1:1".into(),
             bitbucket_node_urls: vec![],
-            token: crate::inventory::TokenSource::Env("T".into()),
+            auth: crate::inventory::Auth::Bearer(crate::inventory::SecretSource::Env("T".into())),
             labels: vec![],
             window: window.map(|w| w.parse().unwrap()),
             load_balancer: crate::loadbalancer::LbConfig::None {},
