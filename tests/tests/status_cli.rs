@@ -16,13 +16,7 @@ fn sandbox(dir: &Path) -> Sandbox {
 }
 
 fn status(s: &Sandbox, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["status".to_string()];
-    args.extend(cluster_args(s));
-    args.extend(extra.iter().map(|a| a.to_string()));
-    bbupgrade(
-        &bins!(),
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
+    status_with(&cluster_args(s), extra)
 }
 
 fn json(out: &std::process::Output) -> serde_json::Value {
@@ -129,6 +123,91 @@ fn status_reports_every_agent_then_one_that_is_down() {
         row.contains("NO") && row.contains(&s.agent_addrs[1]),
         "{row}"
     );
+}
+
+/// Bitbucket's side of `status`: every row of the cluster view with the node it maps to, every key
+/// present, and still there when every agent is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_bitbucket_rows_mapped_to_nodes_even_with_every_agent_down() {
+    let dir = temp_dir();
+    let bins = bins!();
+    let mut s =
+        bbupgrade_tests::start_sandbox(dir.path(), sandbox_options(&bins, 2, SandboxLb::None))
+            .await
+            .expect("sandbox");
+    let check = |doc: &serde_json::Value| {
+        let bb = &doc["bitbucket"];
+        assert!(bb["error"].is_null(), "{bb}");
+        assert_eq!(bb["state"], "STABLE", "{bb}");
+        assert_eq!(bb["upgrade_mode"], false, "{bb}");
+        let rows = bb["nodes"].as_array().expect("bitbucket.nodes");
+        for row in rows {
+            for k in [
+                "node", "id", "name", "address", "state", "version", "tasks", "users",
+            ] {
+                assert!(row.get(k).is_some(), "{k} missing in {row}");
+            }
+        }
+        for node in ["node1", "node2"] {
+            let mine: Vec<_> = rows.iter().filter(|r| r["node"] == node).collect();
+            assert_eq!(mine.len(), 1, "{node} should map to one row: {bb}");
+            assert_eq!(mine[0]["state"], "ACTIVE", "{bb}");
+            assert_eq!(mine[0]["version"], "8.19.3", "{bb}");
+            assert!(
+                mine[0]["address"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("127.0.0.1:")),
+                "{bb}"
+            );
+        }
+    };
+    let out = tokio::task::spawn_blocking({
+        let args = cluster_args(&s);
+        move || status_with(&args, &["--output", "json"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    check(&json(&out));
+
+    s.kill_agent(0);
+    s.kill_agent(1);
+    let args = cluster_args(&s);
+    let out = tokio::task::spawn_blocking({
+        let args = args.clone();
+        move || status_with(&args, &["--output", "json"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let doc = json(&out);
+    assert!(
+        doc["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["reachable"] == false),
+        "{doc}"
+    );
+    check(&doc);
+    let out = tokio::task::spawn_blocking(move || status_with(&args, &[]))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("bitbucket: cluster STABLE, upgrade mode off"),
+        "{text}"
+    );
+}
+
+fn status_with(cluster: &[String], extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["status".to_string()];
+    args.extend(cluster.iter().cloned());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    bbupgrade(
+        &bins!(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
 }
 
 #[test]
