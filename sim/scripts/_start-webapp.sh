@@ -7,9 +7,10 @@ if [ -z "$BIN_DIR" ] || [ -z "$INST_DIR" ] || [ -z "$BITBUCKET_HOME" ]; then
     exit 1
 fi
 
-# Arguments for this node: the HTTP port (-Dserver.port), its name in the cluster (-Dcluster.node.name)
-# and, in the simulator, how long it takes to start (-Dsim.startup.ms). Setting it here overrides
-# the environment.
+# Arguments for this node: the HTTP port (-Dserver.port) and address (-Dserver.address), its name
+# in the cluster (-Dcluster.node.name; "Not configured" without it), its cluster (Hazelcast) port
+# (-Dhazelcast.port) and, in the simulator, how long it takes to start (-Dsim.startup.ms) and the
+# simulator's own handle on it (-Dsim.node.label). Setting it here overrides the environment.
 #
 #JVM_SUPPORT_RECOMMENDED_ARGS=
 
@@ -37,11 +38,9 @@ if [ -z "$JAVA_BINARY" ]; then
     JAVA_BINARY="$INST_DIR/jre/bin/bitbucket-sim"
 fi
 
+# As in the product, nothing here checks for a webapp that already runs: a second start launches a
+# second process (which cannot bind the port and exits) and overwrites the PID file.
 PID_FILE="$BITBUCKET_HOME/log/bitbucket.pid"
-if [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2> /dev/null; then
-    echo "The Bitbucket webapp is already running as process $(cat "$PID_FILE")"
-    exit 1
-fi
 
 BITBUCKET_ARGS="-Datlassian.standalone=BITBUCKET -Dbitbucket.home=$BITBUCKET_HOME -Dbitbucket.install=$INST_DIR"
 JVM_MEMORY_ARGS="-Xms$JVM_MINIMUM_MEMORY -Xmx$JVM_MAXIMUM_MEMORY"
@@ -49,8 +48,9 @@ JAVA_OPTS="$JAVA_OPTS $BITBUCKET_ARGS $JMX_OPTS $JVM_MEMORY_ARGS $JVM_SUPPORT_RE
 
 echo -e "\nStarting Bitbucket webapp"
 if [ "$1" == "run" ]; then
-    echo $$ > "$PID_FILE"
-    exec "$JAVA_BINARY" node $JAVA_OPTS
+    # In the foreground, as a child of this shell (no exec) and without a PID file: whoever runs
+    # it (a service manager) tracks the process itself.
+    "$JAVA_BINARY" node $JAVA_OPTS
 else
     nohup "$JAVA_BINARY" node $JAVA_OPTS >> "$BITBUCKET_HOME/log/launcher.log" 2>&1 < /dev/null &
     echo $! > "$PID_FILE"
@@ -59,6 +59,5 @@ else
     else
         rm -f "$PID_FILE"
         echo "There was a problem starting the Bitbucket webapp"
-        exit 1
     fi
 fi

@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
 # bitbucket-sim: starts the simulated Bitbucket webapp (and the bundled search unless told not to),
-# behaving like the product's start-bitbucket.sh.
-
-SELF="$0"
-while [ -h "$SELF" ]; do
-    TARGET=$(readlink "$SELF")
-    case "$TARGET" in
-        /*) SELF="$TARGET" ;;
-        *) SELF="$(dirname "$SELF")/$TARGET" ;;
-    esac
-done
+# behaving like the product's start-bitbucket.sh:
+# - arguments: -ns|--no-search and -fg|run; anything else is refused with exit status 1;
+# - BIN_DIR is the directory of $0 as it was invoked: a link to this script is not followed for it;
+# - there is no check for a node that already runs (that is left to whoever calls this script);
+# - the exit status is that of the last step (0 unless search had to be stopped after a run in the
+#   foreground), not whether the webapp started.
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -27,7 +23,9 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-BIN_DIR=$(cd "$(dirname "$SELF")" > /dev/null && pwd)
+pushd "$(dirname "$0")" > /dev/null
+BIN_DIR=$(pwd)
+popd > /dev/null
 export BIN_DIR
 export INST_DIR=$(dirname "$BIN_DIR")
 
@@ -51,11 +49,9 @@ if [ -z "$BITBUCKET_USER" ] || [ "$(id -un)" == "$BITBUCKET_USER" ]; then
         "$BIN_DIR/_start-search.sh"
     fi
     "$BIN_DIR/_start-webapp.sh" $LAUNCH_CMD
-    RESULT=$?
     if [ -z "$NO_SEARCH" ] && [ "$LAUNCH_CMD" = "run" ]; then
         "$BIN_DIR/_stop-search.sh"
     fi
-    exit $RESULT
 elif [ "$(id -u)" -ne 0 ]; then
     echo "Atlassian Bitbucket has been installed to run as $BITBUCKET_USER. Use \"sudo -u $BITBUCKET_USER $0\""
     echo "to start as that user."
@@ -71,7 +67,6 @@ else
 export BIN_DIR="$BIN_DIR"
 export INST_DIR="$INST_DIR"
 export BITBUCKET_HOME="$BITBUCKET_HOME"
-export BITBUCKET_USER="$BITBUCKET_USER"
 export JRE_HOME="$JRE_HOME"
 export JAVA_BINARY="$JAVA_BINARY"
 export JVM_MAXIMUM_MEMORY="$JVM_MAXIMUM_MEMORY"
@@ -83,10 +78,8 @@ if [ -z "$NO_SEARCH" ]; then
     "$BIN_DIR/_start-search.sh"
 fi
 "$BIN_DIR/_start-webapp.sh" $LAUNCH_CMD
-RESULT=\$?
 if [ -z "$NO_SEARCH" ] && [ "$LAUNCH_CMD" = "run" ]; then
     "$BIN_DIR/_stop-search.sh"
 fi
-exit \$RESULT
 EOS
 fi

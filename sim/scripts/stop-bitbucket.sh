@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # bitbucket-sim: stops the simulated Bitbucket webapp, then the bundled search, behaving like the
-# product's stop-bitbucket.sh.
+# product's stop-bitbucket.sh: arguments are ignored, and the exit status is that of the last step
+# (stopping search), so a webapp that did not stop does not show in it.
 
+# Follow links to this script: BIN_DIR is the directory the script really is in.
 SELF="$0"
 while [ -h "$SELF" ]; do
     TARGET=$(readlink "$SELF")
@@ -11,8 +13,7 @@ while [ -h "$SELF" ]; do
     esac
 done
 
-BIN_DIR=$(cd "$(dirname "$SELF")" > /dev/null && pwd)
-export BIN_DIR
+export BIN_DIR=$(dirname "$SELF")
 export INST_DIR=$(dirname "$BIN_DIR")
 
 source "$BIN_DIR/set-bitbucket-home.sh" &&
@@ -26,9 +27,7 @@ if [ -z "$BITBUCKET_USER" ] || [ "$(id -un)" == "$BITBUCKET_USER" ]; then
     echo "Stopping Atlassian Bitbucket as the current user"
     # The webapp first, then search; each stop script relies on the PID file of its start script.
     "$BIN_DIR/_stop-webapp.sh"
-    RESULT=$?
     "$BIN_DIR/_stop-search.sh"
-    exit $RESULT
 elif [ "$(id -u)" -ne 0 ]; then
     echo "Atlassian Bitbucket has been installed to run as $BITBUCKET_USER, and can only be stopped by that"
     echo "user. Use \"sudo -u $BITBUCKET_USER $0\" to stop Bitbucket."
@@ -47,8 +46,6 @@ export INST_DIR="$INST_DIR"
 export BITBUCKET_STOP_WAIT_SECS="$BITBUCKET_STOP_WAIT_SECS"
 cd "$PWD"
 "$BIN_DIR/_stop-webapp.sh"
-RESULT=\$?
 "$BIN_DIR/_stop-search.sh"
-exit \$RESULT
 EOS
 fi

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cluster::{ClusterOptions, SimCluster};
+use crate::cluster::{ClusterOptions, NodeSetup, SimCluster};
 use crate::{archive, balancer, load};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -73,6 +73,31 @@ enum Cmd {
             hide_env_values = true
         )]
         admin_token: String,
+        /// Start each node with -Dcluster.node.name=nodeN (without it every node reports the name
+        /// "Not configured", as a real install does).
+        #[arg(long)]
+        node_names: bool,
+        /// Node N gets -Dhazelcast.port=BASE+N-1 (its `portNumber` in the cluster view).
+        #[arg(long, default_value_t = 5701, conflicts_with = "no_hazelcast_ports")]
+        hazelcast_base_port: u16,
+        /// Start the nodes without -Dhazelcast.port: all report the shared hazelcast.port, or 5701.
+        #[arg(long)]
+        no_hazelcast_ports: bool,
+        /// The system administrator's user name for HTTP Basic (sim.admin.user).
+        #[arg(long, default_value = "admin")]
+        admin_user: String,
+        /// The system administrator's password for HTTP Basic (sim.admin.password).
+        #[arg(
+            long,
+            env = "BITBUCKET_SIM_ADMIN_PASSWORD",
+            default_value = "sim-admin-password",
+            hide_env_values = true,
+            hide_default_value = true
+        )]
+        admin_password: String,
+        /// A personal access token without system-admin rights (sim.user.token).
+        #[arg(long, env = "BITBUCKET_SIM_USER_TOKEN", hide_env_values = true)]
+        user_token: Option<String>,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
@@ -136,8 +161,20 @@ pub fn main() -> std::process::ExitCode {
             startup_ms,
             payload_mib,
             admin_token,
+            node_names,
+            hazelcast_base_port,
+            no_hazelcast_ports,
+            admin_user,
+            admin_password,
+            user_token,
             output,
         } => {
+            let setup = NodeSetup {
+                configure_names: node_names,
+                hazelcast_base_port: (!no_hazelcast_ports).then_some(hazelcast_base_port),
+                admin_login: Some((admin_user, admin_password)),
+                user_token,
+            };
             let opts = ClusterOptions {
                 nodes,
                 version,
@@ -153,7 +190,7 @@ pub fn main() -> std::process::ExitCode {
                 payload_mib,
                 run_as_user: None,
             };
-            run_cluster(&dir, opts, base_port, output)
+            run_cluster(&dir, opts, base_port, setup, output)
         }
         Cmd::Balancer {
             listen,
@@ -222,10 +259,11 @@ fn run_cluster(
     dir: &std::path::Path,
     opts: ClusterOptions,
     base_port: Option<u16>,
+    setup: NodeSetup,
     output: Output,
 ) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(opts.startup_ms + 30_000);
-    let cluster = SimCluster::create_with_ports(dir, opts, base_port)?;
+    let cluster = SimCluster::create_with(dir, opts, base_port, setup)?;
     cluster.start_all(true)?;
     cluster.wait_running(timeout)?;
     let properties = cluster.shared_dir().join("bitbucket.properties");
@@ -234,10 +272,17 @@ fn run_cluster(
             "dir": cluster.dir(),
             "archive": {"path": cluster.archive().path, "sha256": cluster.archive().sha256, "size_bytes": cluster.archive().size_bytes},
             "shared_properties": properties,
-            "nodes": cluster.nodes().iter().map(|n| serde_json::json!({
-                "name": n.name, "port": n.port, "base_url": n.base_url,
-                "install_dir": n.install_dir, "install_root": n.install_root, "home": n.home,
-            })).collect::<Vec<_>>(),
+            "nodes": cluster.nodes().iter().enumerate().map(|(i, n)| {
+                let info = cluster.node_info(i).ok();
+                serde_json::json!({
+                    "name": n.name, "port": n.port, "base_url": n.base_url,
+                    "cluster_name": n.cluster_name,
+                    "reported_name": info.as_ref().map(|i| i.name.clone()),
+                    "id": info.as_ref().map(|i| i.id.clone()),
+                    "hazelcast_port": info.as_ref().map(|i| i.hazelcast_port),
+                    "install_dir": n.install_dir, "install_root": n.install_root, "home": n.home,
+                })
+            }).collect::<Vec<_>>(),
         });
         println!("{doc}");
     } else {
@@ -246,11 +291,16 @@ fn run_cluster(
             cluster.nodes().len(),
             properties.display()
         );
-        for n in cluster.nodes() {
+        for (i, n) in cluster.nodes().iter().enumerate() {
+            let info = cluster.node_info(i).ok();
             println!(
-                "  {:<8} {:<24} install {}  home {}",
+                "  {:<8} {:<24} id {}  name \"{}\"  cluster port {}  install {}  home {}",
                 n.name,
                 n.base_url,
+                info.as_ref().map_or("?", |i| i.id.as_str()),
+                info.as_ref().map_or("?", |i| i.name.as_str()),
+                info.as_ref()
+                    .map_or("?".to_string(), |i| i.hazelcast_port.to_string()),
                 n.install_dir.display(),
                 n.home.display()
             );

@@ -58,11 +58,49 @@ impl Default for ClusterOptions {
     }
 }
 
+/// How the administrator set the product up, beyond what [`ClusterOptions`] says: what a rolling
+/// upgrade's client must cope with (node names or not, cluster ports, the credentials it may use).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSetup {
+    /// Start every node with `-Dcluster.node.name=<its SimNode::name>` (`node1`, ...). Off by
+    /// default, as in a real install: every node then reports the name "Not configured".
+    pub configure_names: bool,
+    /// Node `i` (from 0) gets `-Dhazelcast.port=<base + i>`, so nodes sharing 127.0.0.1 still
+    /// have distinct addresses (`ipAddress` + `portNumber`). `None`: no `-Dhazelcast.port`; every
+    /// node reports the shared `hazelcast.port`, or 5701. Nothing listens on these ports.
+    pub hazelcast_base_port: Option<u16>,
+    /// `sim.admin.user` / `sim.admin.password` (HTTP Basic) in the shared properties; `None`
+    /// writes neither, and Basic authentication is refused.
+    pub admin_login: Option<(String, String)>,
+    /// `sim.user.token`: a valid personal access token without system-admin rights.
+    pub user_token: Option<String>,
+}
+
+impl Default for NodeSetup {
+    fn default() -> Self {
+        NodeSetup {
+            configure_names: false,
+            hazelcast_base_port: Some(crate::node::settings::DEFAULT_HAZELCAST_PORT),
+            admin_login: Some(("admin".into(), "sim-admin-password".into())),
+            user_token: None,
+        }
+    }
+}
+
 /// Where one node is.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SimNode {
+    /// The simulator's handle on the node (`node1`, ...): its folder, its `-Dsim.node.label`
+    /// (per-node knobs `key.node1`, the `X-Sim-Node` header). Not what Bitbucket reports as
+    /// `name` unless [`NodeSetup::configure_names`] is on: see `cluster_name`.
     pub name: String,
+    /// The `-Dcluster.node.name` the node is started with, if any.
+    pub cluster_name: Option<String>,
+    /// The HTTP port.
     pub port: u16,
+    /// The `-Dhazelcast.port` the node is started with, if any (what the API reports as
+    /// `portNumber`; 5701 or the shared `hazelcast.port` without it).
+    pub hazelcast_port: Option<u16>,
     pub base_url: String,
     /// Where releases are extracted (`dir/nodeN/install`).
     pub install_root: PathBuf,
@@ -71,11 +109,33 @@ pub struct SimNode {
     pub home: PathBuf,
 }
 
+/// What `/sim/info` says about the process that answers for a node now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// The node id of this process (a UUID, new on every start).
+    #[serde(rename = "nodeId")]
+    pub id: String,
+    /// The name the cluster view reports ("Not configured" unless `-Dcluster.node.name`).
+    #[serde(rename = "nodeName")]
+    pub name: String,
+    pub ip_address: String,
+    /// The HTTP port.
+    pub port: u16,
+    /// The cluster (Hazelcast) port: the row's `portNumber`.
+    pub hazelcast_port: u16,
+    /// The `/status` health (`STARTING`, `RUNNING`, `ERROR`, `STOPPING`, `FIRST_RUN`).
+    pub state: String,
+    pub version: String,
+    pub pid: u32,
+}
+
 /// A local cluster; dropping it kills any node and search process still running.
 #[derive(Debug)]
 pub struct SimCluster {
     dir: PathBuf,
     opts: ClusterOptions,
+    setup: NodeSetup,
     archive: ArchiveInfo,
     nodes: Vec<SimNode>,
 }
@@ -92,6 +152,17 @@ impl SimCluster {
         opts: ClusterOptions,
         base_port: Option<u16>,
     ) -> anyhow::Result<SimCluster> {
+        Self::create_with(dir, opts, base_port, NodeSetup::default())
+    }
+
+    /// As `create_with_ports`, with the nodes set up as `setup` says.
+    pub fn create_with(
+        dir: &Path,
+        opts: ClusterOptions,
+        base_port: Option<u16>,
+        setup: NodeSetup,
+    ) -> anyhow::Result<SimCluster> {
+        use crate::node::settings::{ADMIN_PASSWORD, ADMIN_TOKEN, ADMIN_USER, USER_TOKEN};
         if opts.nodes == 0 {
             bail!("a cluster needs at least one node");
         }
@@ -99,12 +170,30 @@ impl SimCluster {
         let shared = dir.join("shared");
         fs::create_dir_all(&shared).with_context(|| format!("creating {}", shared.display()))?;
         let archive = build_archive(&dir, &opts.version, opts.payload_mib, &opts.program)?;
-        let props = format!(
-            "# Cluster-wide settings (the shared home), written by bitbucket-sim\n{}={}\n",
-            crate::node::settings::ADMIN_TOKEN,
+        let mut props = format!(
+            "# Cluster-wide settings (the shared home), written by bitbucket-sim\n{ADMIN_TOKEN}={}\n",
             opts.admin_token
         );
+        if let Some((user, password)) = &setup.admin_login {
+            props.push_str(&format!(
+                "{ADMIN_USER}={user}\n{ADMIN_PASSWORD}={password}\n"
+            ));
+        }
+        if let Some(token) = &setup.user_token {
+            props.push_str(&format!("{USER_TOKEN}={token}\n"));
+        }
         fs::write(shared.join("bitbucket.properties"), props)?;
+        let hazelcast_ports: Vec<Option<u16>> = (0..opts.nodes)
+            .map(|i| {
+                setup
+                    .hazelcast_base_port
+                    .map(|base| {
+                        u16::try_from(usize::from(base) + i)
+                            .context("the Hazelcast base port leaves no room for every node")
+                    })
+                    .transpose()
+            })
+            .collect::<anyhow::Result<_>>()?;
 
         let ports = match base_port {
             Some(base) => (0..opts.nodes)
@@ -130,8 +219,10 @@ impl SimCluster {
             let node = SimNode {
                 base_url: format!("http://127.0.0.1:{port}"),
                 install_dir: install_root.join(format!("atlassian-bitbucket-{}", opts.version)),
+                cluster_name: setup.configure_names.then(|| name.clone()),
                 name,
                 port,
+                hazelcast_port: hazelcast_ports[i],
                 install_root,
                 home,
             };
@@ -147,6 +238,7 @@ impl SimCluster {
         let cluster = SimCluster {
             dir,
             opts,
+            setup,
             archive,
             nodes,
         };
@@ -174,6 +266,38 @@ impl SimCluster {
 
     pub fn admin_token(&self) -> &str {
         &self.opts.admin_token
+    }
+
+    /// How the nodes were set up.
+    pub fn setup(&self) -> &NodeSetup {
+        &self.setup
+    }
+
+    /// The `Authorization` header value for HTTP Basic as the system administrator, when a user
+    /// and password were written (`NodeSetup::admin_login`).
+    pub fn admin_basic_auth(&self) -> Option<String> {
+        self.setup
+            .admin_login
+            .as_ref()
+            .map(|(user, password)| crate::node::auth::basic_header(user, password))
+    }
+
+    /// What the process answering for node `index` says about itself (`GET /sim/info`): its
+    /// current id (new on every start), reported name, address and ports.
+    pub fn node_info(&self, index: usize) -> anyhow::Result<NodeInfo> {
+        let node = self.node(index)?;
+        let url = format!("{}/sim/info", node.base_url);
+        let r = client::get(&url, &[], Duration::from_millis(PROBE_TIMEOUT_MS))
+            .with_context(|| format!("asking {} ({url}) who it is", node.name))?;
+        if r.status != 200 {
+            bail!("{url} answered {}: {}", r.status, r.text());
+        }
+        serde_json::from_slice(&r.body).with_context(|| format!("reading the answer of {url}"))
+    }
+
+    /// The current id of node `index` (`None` when it does not answer).
+    pub fn node_id(&self, index: usize) -> Option<String> {
+        self.node_info(index).ok().map(|i| i.id)
     }
 
     fn node(&self, index: usize) -> anyhow::Result<&SimNode> {
@@ -249,12 +373,24 @@ impl SimCluster {
         Ok(())
     }
 
-    /// Stops one node through `bin/stop-bitbucket.sh` of `install`.
+    /// Stops one node through `bin/stop-bitbucket.sh` of `install`. The script's exit status is
+    /// that of its last step (stopping search), as in the product, so whether the webapp stopped is
+    /// checked on its process.
     pub fn stop_install(&self, index: usize, install: &Path) -> anyhow::Result<()> {
         let node = self.node(index)?;
+        let pid = self.node_pid(index).filter(|&p| is_sim_process(p));
         let out = run_script(&install.join("bin/stop-bitbucket.sh"), &[])?;
         if !out.status.success() {
             bail!("stopping {} failed: {}", node.name, describe(&out));
+        }
+        if let Some(pid) = pid
+            && is_sim_process(pid)
+        {
+            bail!(
+                "stopping {}: process {pid} is still running: {}",
+                node.name,
+                describe(&out)
+            );
         }
         Ok(())
     }
@@ -394,10 +530,14 @@ fn configure_install(
     edit("set-bitbucket-home.sh", &|t| {
         scripts::with_bitbucket_home(t, &home)
     })?;
-    let args = format!(
-        "-Dserver.port={} -Dcluster.node.name={} -Dsim.startup.ms={startup_ms}",
-        node.port, node.name
-    );
+    let mut args = format!("-Dserver.port={} -Dsim.node.label={}", node.port, node.name);
+    if let Some(name) = &node.cluster_name {
+        args.push_str(&format!(" -Dcluster.node.name={name}"));
+    }
+    if let Some(port) = node.hazelcast_port {
+        args.push_str(&format!(" -Dhazelcast.port={port}"));
+    }
+    args.push_str(&format!(" -Dsim.startup.ms={startup_ms}"));
     edit("_start-webapp.sh", &|t| scripts::with_jvm_args(t, &args))?;
     if let Some(user) = user {
         edit("set-bitbucket-user.sh", &|t| {

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::zdu::ClusterRecord;
+use crate::zdu::{ClusterRecord, Liveness};
 
 /// Folder inside the shared home that holds the simulator's cluster record.
 pub const CLUSTER_DIR: &str = ".sim-cluster";
@@ -44,7 +44,7 @@ impl SharedHome {
     /// Blocking: call it from `spawn_blocking` in async code.
     pub fn update<T>(
         &self,
-        stale_ms: u64,
+        liveness: Liveness,
         change: impl FnOnce(&mut ClusterRecord) -> T,
     ) -> anyhow::Result<T> {
         fs::create_dir_all(&self.dir)
@@ -67,7 +67,7 @@ impl SharedHome {
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         let before = record.clone();
-        record.settle(now_ms(), stale_ms);
+        record.settle(now_ms(), liveness);
         let result = change(&mut record);
         if record != before {
             let tmp = self
@@ -83,25 +83,27 @@ impl SharedHome {
     }
 
     /// A settled copy of the cluster record.
-    pub fn read(&self, stale_ms: u64) -> anyhow::Result<ClusterRecord> {
-        self.update(stale_ms, |r| r.clone())
+    pub fn read(&self, liveness: Liveness) -> anyhow::Result<ClusterRecord> {
+        self.update(liveness, |r| r.clone())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zdu::JoinDecision;
+    use crate::zdu::{JoinDecision, Liveness};
 
     #[test]
     fn record_survives_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = SharedHome::new(dir.path());
         let decision = shared
-            .update(5_000, |r| r.join("8.19.3".parse().expect("version")))
+            .update(Liveness::default(), |r| {
+                r.join("8.19.3".parse().expect("version"))
+            })
             .expect("update");
         assert_eq!(decision, JoinDecision::Active);
-        let rec = shared.read(5_000).expect("read");
+        let rec = shared.read(Liveness::default()).expect("read");
         assert_eq!(
             rec.version.map(|v| v.to_string()),
             Some("8.19.3".to_string())

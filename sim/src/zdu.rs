@@ -43,32 +43,62 @@ pub enum UpgradeTasks {
     Failed,
 }
 
-/// What the cluster knows of one node (kept in the shared home, written by the node itself).
+/// What the cluster knows of one node process (kept in the shared home, written by the node itself).
+/// A node gets a new id every time its process starts; the row of an earlier process stays behind as
+/// `OFFLINE` until it ages out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub id: String,
+    /// `-Dcluster.node.name`, or [`NOT_CONFIGURED`].
     pub name: String,
     pub ip_address: String,
-    pub port: u16,
+    /// The HTTP port (not reported by the rolling-upgrade API; the simulator's own view).
+    pub http_port: u16,
+    /// The cluster (Hazelcast) port: what the API reports as `portNumber`.
+    pub hazelcast_port: u16,
     pub version: Version,
     pub state: NodeState,
     pub heartbeat_ms: u64,
+    /// When the row turned `OFFLINE` (it ages out a while later).
+    #[serde(default)]
+    pub offline_since_ms: Option<u64>,
     pub tasks_total: u64,
     pub active_user_count: u64,
     pub pid: u32,
     pub bundled_search: bool,
 }
 
+/// The name a node reports unless it was started with `-Dcluster.node.name`.
+pub const NOT_CONFIGURED: &str = "Not configured";
+
 /// The cluster as a whole: its version, upgrade mode and members.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ClusterRecord {
-    /// The version the cluster runs (the original version while upgrade mode is on).
+    /// The version the cluster runs (the original version while upgrading).
     pub version: Option<Version>,
     pub upgrade_mode: bool,
     /// The bug-fix version nodes are being upgraded to, once the first one has joined.
     pub target: Option<Version>,
     pub tasks: UpgradeTasks,
     pub nodes: BTreeMap<String, NodeRecord>,
+}
+
+/// How time changes the record: when a silent node is `OFFLINE`, when an `OFFLINE` row disappears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// A node whose heartbeat is older than this is `OFFLINE`.
+    pub stale_ms: u64,
+    /// An `OFFLINE` row older than this leaves the cluster view.
+    pub offline_row_ttl_ms: u64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            stale_ms: 5_000,
+            offline_row_ttl_ms: 600_000,
+        }
+    }
 }
 
 /// Why a rolling-upgrade request is refused (the API answers 409).
@@ -88,16 +118,36 @@ impl NodeState {
     pub fn is_up(self) -> bool {
         !matches!(self, NodeState::Offline)
     }
+
+    /// Whether the API leaves the version, build number and counts of a row in this state blank.
+    pub fn blanks_version(self) -> bool {
+        matches!(self, NodeState::Offline | NodeState::Starting)
+    }
+
+    /// Whether the API leaves the IP address of a row in this state blank.
+    pub fn blanks_address(self) -> bool {
+        matches!(self, NodeState::Starting)
+    }
 }
 
 impl ClusterRecord {
-    /// Applies what time alone changes: stale heartbeats turn nodes `OFFLINE`, upgrade tasks end.
-    pub fn settle(&mut self, now_ms: u64, stale_ms: u64) {
+    /// Applies what time alone changes: stale heartbeats turn nodes `OFFLINE`, old `OFFLINE` rows
+    /// age out, upgrade tasks end.
+    pub fn settle(&mut self, now_ms: u64, liveness: Liveness) {
         for node in self.nodes.values_mut() {
-            if node.state.is_up() && now_ms.saturating_sub(node.heartbeat_ms) > stale_ms {
+            if node.state.is_up() && now_ms.saturating_sub(node.heartbeat_ms) > liveness.stale_ms {
                 node.state = NodeState::Offline;
+                node.offline_since_ms = Some(now_ms);
+            }
+            if node.state == NodeState::Offline && node.offline_since_ms.is_none() {
+                node.offline_since_ms = Some(now_ms);
             }
         }
+        self.nodes.retain(|_, n| {
+            n.state.is_up()
+                || n.offline_since_ms
+                    .is_none_or(|since| now_ms.saturating_sub(since) < liveness.offline_row_ttl_ms)
+        });
         if let UpgradeTasks::Running { until_ms, fail } = self.tasks
             && now_ms >= until_ms
         {
@@ -107,23 +157,20 @@ impl ClusterRecord {
                 if let Some(target) = self.target.take() {
                     self.version = Some(target);
                 }
-                self.upgrade_mode = false;
                 self.tasks = UpgradeTasks::NotStarted;
             }
         }
     }
 
-    /// Nodes that are up and run a version other than the cluster's.
-    fn new_version_running(&self) -> bool {
-        self.nodes.values().any(|n| {
-            matches!(
-                n.state,
-                NodeState::Starting
-                    | NodeState::Active
-                    | NodeState::Draining
-                    | NodeState::Terminating
-            ) && Some(n.version) != self.version
-        })
+    /// Rows of nodes that are up: `OFFLINE` rows never hold the cluster back.
+    fn live(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values().filter(|n| n.state.is_up())
+    }
+
+    /// Whether a live node (in any state but `OFFLINE`, `ERROR` included) runs a version other
+    /// than the cluster's original one.
+    fn other_version_running(&self) -> bool {
+        self.live().any(|n| Some(n.version) != self.version)
     }
 
     /// The cluster state the API reports.
@@ -136,22 +183,16 @@ impl ClusterRecord {
         if !self.upgrade_mode {
             return ClusterState::Stable;
         }
-        if !self.new_version_running() {
+        if !self.other_version_running() {
             return ClusterState::ReadyToUpgrade;
         }
         let Some(target) = self.target else {
             return ClusterState::Mixed;
         };
-        // A node that is down on the original version still has to be upgraded before the
-        // upgrade tasks may run.
-        let all_upgraded = self.nodes.values().all(|n| {
-            if n.state.is_up() {
-                n.state == NodeState::Active && n.version == target
-            } else {
-                Some(n.version) != self.version
-            }
-        });
-        if all_upgraded {
+        if self
+            .live()
+            .all(|n| n.state == NodeState::Active && n.version == target)
+        {
             ClusterState::ReadyToRunUpgradeTasks
         } else {
             ClusterState::Mixed
@@ -173,15 +214,15 @@ impl ClusterRecord {
                  supports bug-fix versions only (same major.minor, higher patch)"
             ));
         }
+        if self.tasks != UpgradeTasks::NotStarted {
+            return JoinDecision::Refused(format!(
+                "Bitbucket {version} cannot join while the cluster runs its upgrade tasks"
+            ));
+        }
         if !self.upgrade_mode {
             return JoinDecision::Refused(format!(
                 "Bitbucket {version} cannot join this cluster, which runs {cluster}, because upgrade mode \
                  is not enabled"
-            ));
-        }
-        if self.tasks != UpgradeTasks::NotStarted {
-            return JoinDecision::Refused(format!(
-                "Bitbucket {version} cannot join while the cluster runs its upgrade tasks"
             ));
         }
         match self.target {
@@ -195,7 +236,7 @@ impl ClusterRecord {
         }
     }
 
-    /// `POST /rest/zdu/start`: upgrade mode on, only when stable with every running node active.
+    /// `POST /rest/zdu/start`: upgrade mode on, only from `STABLE`.
     pub fn start_upgrade(&mut self) -> Result<(), Conflict> {
         let state = self.state();
         if state != ClusterState::Stable {
@@ -204,34 +245,25 @@ impl ClusterRecord {
                 state.name()
             )));
         }
-        if self
-            .nodes
-            .values()
-            .any(|n| n.state.is_up() && n.state != NodeState::Active)
-        {
-            return Err(Conflict(
-                "upgrade mode can only be enabled when every node is ACTIVE".into(),
-            ));
-        }
-        if !self.nodes.values().any(|n| n.state == NodeState::Active) {
-            return Err(Conflict("no node is ACTIVE".into()));
-        }
         self.upgrade_mode = true;
         self.target = None;
         Ok(())
     }
 
-    /// `POST /rest/zdu/cancel`: upgrade mode off, only while no node runs the new version.
+    /// `POST /rest/zdu/cancel`: upgrade mode off, only while it is on and no live node runs a
+    /// version other than the original.
     pub fn cancel_upgrade(&mut self) -> Result<(), Conflict> {
-        if !self.upgrade_mode || self.tasks != UpgradeTasks::NotStarted {
+        if !self.upgrade_mode {
             return Err(Conflict(format!(
-                "there is no upgrade to cancel in state {}",
+                "upgrade mode is not enabled (the cluster is {})",
                 self.state().name()
             )));
         }
-        if self.new_version_running() {
+        if self.other_version_running() {
             return Err(Conflict(
-                "upgrade mode cannot be cancelled while a node runs the new version".into(),
+                "upgrade mode cannot be cancelled while a node runs another version than the \
+                 original one"
+                    .into(),
             ));
         }
         self.upgrade_mode = false;
@@ -239,7 +271,8 @@ impl ClusterRecord {
         Ok(())
     }
 
-    /// `POST /rest/zdu/approve`: runs the upgrade tasks once every node is upgraded.
+    /// `POST /rest/zdu/approve`: runs the upgrade tasks once every live node is upgraded; upgrade
+    /// mode is off at once.
     pub fn approve(&mut self, now_ms: u64, tasks_ms: u64, fail: bool) -> Result<(), Conflict> {
         let state = self.state();
         if state != ClusterState::ReadyToRunUpgradeTasks {
@@ -248,6 +281,7 @@ impl ClusterRecord {
                 state.name()
             )));
         }
+        self.upgrade_mode = false;
         self.tasks = UpgradeTasks::Running {
             until_ms: now_ms + tasks_ms,
             fail,
@@ -255,7 +289,8 @@ impl ClusterRecord {
         Ok(())
     }
 
-    /// `POST /rest/zdu/retryUpgrade`: runs the upgrade tasks again after they failed.
+    /// `POST /rest/zdu/retryUpgrade` (only with the `sim.zdu.retry.upgrade` knob): runs the upgrade
+    /// tasks again after they failed.
     pub fn retry(&mut self, now_ms: u64, tasks_ms: u64, fail: bool) -> Result<(), Conflict> {
         if self.tasks != UpgradeTasks::Failed {
             return Err(Conflict(format!(
@@ -289,6 +324,11 @@ impl ClusterState {
 mod tests {
     use super::*;
 
+    const NO_AGING: Liveness = Liveness {
+        stale_ms: u64::MAX,
+        offline_row_ttl_ms: u64::MAX,
+    };
+
     fn v(s: &str) -> Version {
         s.parse().expect("valid version")
     }
@@ -296,12 +336,14 @@ mod tests {
     fn node(id: &str, version: &str, state: NodeState) -> NodeRecord {
         NodeRecord {
             id: id.into(),
-            name: id.into(),
+            name: NOT_CONFIGURED.into(),
             ip_address: "127.0.0.1".into(),
-            port: 7990,
+            http_port: 7990,
+            hazelcast_port: 5701,
             version: v(version),
             state,
             heartbeat_ms: 1_000,
+            offline_since_ms: None,
             tasks_total: 0,
             active_user_count: 0,
             pid: 1,
@@ -341,8 +383,10 @@ mod tests {
         assert_eq!(rec.join(v("8.19.3")), JoinDecision::Active);
     }
 
+    /// Every restarted node comes back under a new id; its old row stays OFFLINE on the old version
+    /// and does not hold the upgrade back.
     #[test]
-    fn full_upgrade_walk() {
+    fn full_upgrade_walk_with_new_ids() {
         use NodeState::*;
         let mut rec = cluster(&[("a", "8.19.3", Active), ("b", "8.19.3", Active)]);
         assert_eq!(rec.state(), ClusterState::Stable);
@@ -353,25 +397,69 @@ mod tests {
         assert!(rec.start_upgrade().is_err());
         set(&mut rec, "a", "8.19.3", Offline);
         assert_eq!(rec.state(), ClusterState::ReadyToUpgrade);
-        set(&mut rec, "a", "8.19.6", Starting);
+        set(&mut rec, "a2", "8.19.6", Starting);
+        assert_eq!(rec.state(), ClusterState::Mixed, "a starting node counts");
+        assert!(rec.cancel_upgrade().is_err());
         assert_eq!(rec.join(v("8.19.6")), JoinDecision::Active);
-        set(&mut rec, "a", "8.19.6", Active);
+        set(&mut rec, "a2", "8.19.6", Active);
         assert_eq!(rec.state(), ClusterState::Mixed);
         assert!(rec.cancel_upgrade().is_err());
+        assert!(rec.approve(0, 10, false).is_err());
         set(&mut rec, "b", "8.19.3", Offline);
-        // b is down on the original version: not ready yet.
+        // Only a2 is live, on the new version: the OFFLINE rows on 8.19.3 do not count.
+        assert_eq!(rec.state(), ClusterState::ReadyToRunUpgradeTasks);
+        set(&mut rec, "b2", "8.19.6", Starting);
         assert_eq!(rec.state(), ClusterState::Mixed);
-        set(&mut rec, "b", "8.19.6", Active);
+        set(&mut rec, "b2", "8.19.6", Active);
         assert_eq!(rec.state(), ClusterState::ReadyToRunUpgradeTasks);
         rec.approve(100, 50, false).expect("approve");
+        assert!(!rec.upgrade_mode, "upgrade mode is off at once");
         assert_eq!(rec.state(), ClusterState::RunningUpgradeTasks);
-        rec.settle(120, u64::MAX);
+        assert!(rec.cancel_upgrade().is_err());
+        assert!(rec.start_upgrade().is_err());
+        rec.settle(120, NO_AGING);
         assert_eq!(rec.state(), ClusterState::RunningUpgradeTasks);
-        rec.settle(150, u64::MAX);
+        rec.settle(150, NO_AGING);
         assert_eq!(rec.state(), ClusterState::Stable);
         assert_eq!(rec.version, Some(v("8.19.6")));
-        assert!(!rec.upgrade_mode);
         assert!(matches!(rec.join(v("8.19.3")), JoinDecision::Refused(_)));
+    }
+
+    #[test]
+    fn three_offline_rows_on_the_old_version_do_not_block_finalizing() {
+        use NodeState::*;
+        let mut rec = cluster(&[
+            ("old1", "8.19.3", Offline),
+            ("old2", "8.19.3", Offline),
+            ("old3", "8.19.3", Offline),
+            ("new1", "8.19.6", Active),
+            ("new2", "8.19.6", Active),
+            ("new3", "8.19.6", Active),
+        ]);
+        rec.upgrade_mode = true;
+        rec.target = Some(v("8.19.6"));
+        assert_eq!(rec.state(), ClusterState::ReadyToRunUpgradeTasks);
+    }
+
+    #[test]
+    fn an_error_node_with_another_version_running_is_mixed() {
+        use NodeState::*;
+        // The upgraded node failed to start; the rest are on the original version.
+        let mut rec = cluster(&[("a", "8.19.3", Active), ("b", "8.19.6", Error)]);
+        rec.upgrade_mode = true;
+        assert_eq!(rec.state(), ClusterState::Mixed);
+        assert!(rec.cancel_upgrade().is_err());
+        // The other way round: an old-version node in ERROR next to an upgraded one.
+        let mut rec = cluster(&[("a", "8.19.6", Active), ("b", "8.19.3", Error)]);
+        rec.upgrade_mode = true;
+        rec.target = Some(v("8.19.6"));
+        assert_eq!(rec.state(), ClusterState::Mixed);
+        assert!(rec.approve(0, 10, false).is_err());
+        // Once the ERROR node is down, cancel is possible again.
+        let mut rec = cluster(&[("a", "8.19.3", Active), ("b", "8.19.6", Offline)]);
+        rec.upgrade_mode = true;
+        assert_eq!(rec.state(), ClusterState::ReadyToUpgrade);
+        rec.cancel_upgrade().expect("cancel");
     }
 
     #[test]
@@ -382,31 +470,41 @@ mod tests {
         rec.target = Some(v("8.19.6"));
         assert!(rec.retry(0, 10, false).is_err());
         rec.approve(0, 10, true).expect("approve");
-        rec.settle(10, u64::MAX);
+        rec.settle(10, NO_AGING);
         assert_eq!(rec.state(), ClusterState::UpgradeTasksFailed);
+        assert!(rec.start_upgrade().is_err());
+        assert!(rec.cancel_upgrade().is_err());
         rec.retry(10, 10, false).expect("retry");
-        rec.settle(20, u64::MAX);
+        rec.settle(20, NO_AGING);
         assert_eq!(rec.state(), ClusterState::Stable);
     }
 
     #[test]
-    fn start_needs_all_active_and_cancel_works_before_new_version() {
+    fn start_only_from_stable_and_cancel_before_another_version() {
         use NodeState::*;
         let mut rec = cluster(&[("a", "8.19.3", Active), ("b", "8.19.3", Starting)]);
+        rec.start_upgrade().expect("start from STABLE");
         assert!(rec.start_upgrade().is_err());
-        set(&mut rec, "b", "8.19.3", Offline);
-        rec.start_upgrade().expect("offline nodes are not members");
         rec.cancel_upgrade().expect("cancel");
         assert_eq!(rec.state(), ClusterState::Stable);
-        assert!(cluster(&[]).start_upgrade().is_err());
+        assert!(rec.cancel_upgrade().is_err(), "nothing to cancel");
     }
 
     #[test]
-    fn stale_heartbeat_goes_offline() {
+    fn stale_heartbeat_goes_offline_then_the_row_ages_out() {
+        let liveness = Liveness {
+            stale_ms: 5_000,
+            offline_row_ttl_ms: 10_000,
+        };
         let mut rec = cluster(&[("a", "8.19.3", NodeState::Active)]);
-        rec.settle(2_000, 5_000);
+        rec.settle(2_000, liveness);
         assert_eq!(rec.nodes["a"].state, NodeState::Active);
-        rec.settle(7_000, 5_000);
+        rec.settle(7_000, liveness);
         assert_eq!(rec.nodes["a"].state, NodeState::Offline);
+        assert_eq!(rec.nodes["a"].offline_since_ms, Some(7_000));
+        rec.settle(16_999, liveness);
+        assert!(rec.nodes.contains_key("a"));
+        rec.settle(17_000, liveness);
+        assert!(rec.nodes.is_empty(), "the OFFLINE row aged out");
     }
 }

@@ -45,27 +45,18 @@ fn killed_node_goes_offline_and_counters_follow_traffic() {
         )
     });
 
-    let node = |doc: &serde_json::Value, name: &str| {
-        doc["nodes"]
-            .as_array()
-            .and_then(|ns| ns.iter().find(|n| n["name"] == name).cloned())
-            .expect("node")
-    };
+    let node = |doc: &serde_json::Value, index: usize| row_of(&c, doc, index).expect("node");
     wait_until("busy node1", TIMEOUT, || {
         let doc = zdu_cluster(&c, 1);
-        let n1 = node(&doc, "node1");
+        let n1 = node(&doc, 0);
         n1["tasksTotal"] == 1 && n1["activeUserCount"] == 4
     });
     let doc = zdu_cluster(&c, 0);
-    assert_eq!(
-        node(&doc, "node2")["tasksTotal"],
-        4,
-        "background tasks count"
-    );
-    assert_eq!(node(&doc, "node2")["activeUserCount"], 0);
+    assert_eq!(node(&doc, 1)["tasksTotal"], 4, "background tasks count");
+    assert_eq!(node(&doc, 1)["activeUserCount"], 0);
     assert!(clone.join().expect("thread").is_ok());
     wait_until("idle node1", TIMEOUT, || {
-        node(&zdu_cluster(&c, 1), "node1")["tasksTotal"] == 0
+        node(&zdu_cluster(&c, 1), 0)["tasksTotal"] == 0
     });
 
     // Knobs can be changed at runtime on one node.
@@ -81,14 +72,14 @@ fn killed_node_goes_offline_and_counters_follow_traffic() {
     .expect("post");
     assert_eq!(r.status, 200, "{}", r.text());
     wait_until("background tasks", TIMEOUT, || {
-        node(&zdu_cluster(&c, 1), "node1")["tasksTotal"] == 2
+        node(&zdu_cluster(&c, 1), 0)["tasksTotal"] == 2
     });
 
     // A node that dies turns OFFLINE once its heartbeat is stale.
     c.kill_node(1).expect("kill");
-    assert_eq!(node_state(&c, 0, "node2"), "ACTIVE", "not yet stale");
+    assert_eq!(node_state(&c, 0, 1), "ACTIVE", "not yet stale");
     wait_until("node2 OFFLINE", Duration::from_secs(5), || {
-        node_state(&c, 0, "node2") == "OFFLINE"
+        node_state(&c, 0, 1) == "OFFLINE"
     });
     c.stop_node(0).expect("stop");
 }

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+use super::auth::{self, Caller};
 use super::{Health, Node, settings};
 use crate::membership::now_ms;
 use crate::zdu::{ClusterRecord, Conflict, NodeRecord};
@@ -43,8 +44,23 @@ pub fn router(node: Shared) -> Router {
         .with_state(node)
 }
 
+/// An error in the REST API's form: `{"errors":[{"context","message","exceptionName"}]}`.
+fn error_with(code: StatusCode, message: impl Into<String>, exception: Option<&str>) -> Response {
+    let body = json!({"errors": [{
+        "context": null,
+        "message": message.into(),
+        "exceptionName": exception,
+    }]});
+    (code, Json(body)).into_response()
+}
+
 fn error(code: StatusCode, message: impl Into<String>) -> Response {
-    (code, Json(json!({"errors": [{"message": message.into()}]}))).into_response()
+    error_with(code, message, None)
+}
+
+/// What a client asking for something the simulator does not have gets: 404, empty body.
+fn not_found() -> Response {
+    StatusCode::NOT_FOUND.into_response()
 }
 
 async fn status(State(node): State<Shared>) -> Response {
@@ -54,24 +70,59 @@ async fn status(State(node): State<Shared>) -> Response {
         Health::Starting | Health::Stopping => StatusCode::SERVICE_UNAVAILABLE,
         Health::Error(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    (code, Json(json!({"state": health.name()}))).into_response()
+    let state = if health == Health::Running && node.knobs().flag(settings::MAINTENANCE) {
+        "MAINTENANCE"
+    } else {
+        health.name()
+    };
+    (code, Json(json!({"state": state}))).into_response()
 }
 
-/// Admin endpoints need the node running and the sysadmin token.
+/// Which administrative resource is asked for: the rolling-upgrade API answers differently on a
+/// non-clustered instance.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resource {
+    Zdu,
+    Admin,
+}
+
+/// Admin endpoints need a system administrator and the node running.
 /// `Some(response)` when the request must be refused.
-fn admin_check(node: &Node, headers: &HeaderMap) -> Option<Response> {
-    let token = node.knobs().admin_token().map(str::to_string);
-    let given = headers
+fn admin_check(node: &Node, headers: &HeaderMap, resource: Resource) -> Option<Response> {
+    let knobs = node.knobs();
+    if resource == Resource::Zdu && knobs.flag(settings::NOT_CLUSTERED) {
+        return Some(error_with(
+            StatusCode::UNAUTHORIZED,
+            "This resource requires a clustered installation of Bitbucket Data Center; this \
+             instance is not clustered",
+            Some("com.atlassian.bitbucket.AuthorisationException"),
+        ));
+    }
+    let header = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match (token, given) {
-        (Some(t), Some(g)) if t == g => {}
-        _ => {
-            return Some(error(
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    match auth::authenticate(&knobs, header) {
+        Caller::SysAdmin => {}
+        Caller::User => {
+            return Some(error_with(
                 StatusCode::UNAUTHORIZED,
-                "Authentication with a sysadmin token is required",
+                "You are not permitted to access this resource: it requires system administrator \
+                 permission",
+                Some("com.atlassian.bitbucket.AuthorisationException"),
+            ));
+        }
+        Caller::Anonymous => {
+            return Some(error_with(
+                StatusCode::UNAUTHORIZED,
+                "Authentication is required to access this resource",
+                Some("com.atlassian.bitbucket.AuthorisationException"),
+            ));
+        }
+        Caller::BadCredentials => {
+            return Some(error_with(
+                StatusCode::UNAUTHORIZED,
+                "Authentication failed. Please check your credentials and try again.",
+                Some("com.atlassian.bitbucket.auth.IncorrectPasswordAuthenticationException"),
             ));
         }
     }
@@ -84,27 +135,68 @@ fn admin_check(node: &Node, headers: &HeaderMap) -> Option<Response> {
     None
 }
 
-fn node_json(n: &NodeRecord, local_id: &str) -> Value {
-    json!({
-        "id": n.id,
-        "name": n.name,
-        "ipAddress": n.ip_address,
-        "state": n.state,
-        "tasksTotal": n.tasks_total,
-        "activeUserCount": n.active_user_count,
-        "buildNumber": n.version.build_number().to_string(),
-        "version": n.version.to_string(),
-        "local": n.id == local_id,
-        "portNumber": n.port,
-    })
+/// How the fields a row leaves blank are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blank {
+    Absent,
+    Null,
 }
 
-fn cluster_json(rec: &ClusterRecord, local_id: &str) -> Value {
+impl Blank {
+    fn of(node: &Node) -> Blank {
+        match node
+            .knobs()
+            .choice(settings::ZDU_BLANK_FIELDS, &["absent", "null"])
+        {
+            "null" => Blank::Null,
+            _ => Blank::Absent,
+        }
+    }
+}
+
+/// A node row as the rolling-upgrade API writes it: `OFFLINE` and `STARTING` rows have no version,
+/// build number or counts, a `STARTING` row no IP address either.
+fn node_json(n: &NodeRecord, local_id: &str, blank: Blank) -> Value {
+    let mut row = serde_json::Map::new();
+    let mut put = |key: &str, value: Option<Value>| match (value, blank) {
+        (Some(v), _) => {
+            row.insert(key.to_string(), v);
+        }
+        (None, Blank::Null) => {
+            row.insert(key.to_string(), Value::Null);
+        }
+        (None, Blank::Absent) => {}
+    };
+    let versioned = !n.state.blanks_version();
+    put("id", Some(json!(n.id)));
+    put("name", Some(json!(n.name)));
+    put(
+        "ipAddress",
+        (!n.state.blanks_address()).then(|| json!(n.ip_address)),
+    );
+    put("portNumber", Some(json!(n.hazelcast_port)));
+    put("state", Some(json!(n.state)));
+    put("version", versioned.then(|| json!(n.version.to_string())));
+    put(
+        "buildNumber",
+        versioned.then(|| json!(n.version.build_number().to_string())),
+    );
+    put("tasksTotal", versioned.then(|| json!(n.tasks_total)));
+    put(
+        "activeUserCount",
+        versioned.then(|| json!(n.active_user_count)),
+    );
+    put("local", Some(json!(n.id == local_id)));
+    put("links", Some(json!([])));
+    Value::Object(row)
+}
+
+fn cluster_json(rec: &ClusterRecord, local_id: &str, blank: Blank) -> Value {
     json!({
         "upgradeModeEnabled": rec.upgrade_mode,
         "state": rec.state(),
         "originalVersion": rec.version.map(|v| v.to_string()),
-        "nodes": rec.nodes.values().map(|n| node_json(n, local_id)).collect::<Vec<_>>(),
+        "nodes": rec.nodes.values().map(|n| node_json(n, local_id, blank)).collect::<Vec<_>>(),
     })
 }
 
@@ -114,23 +206,30 @@ async fn read_cluster(node: &Shared) -> Result<ClusterRecord, Response> {
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))
 }
 
+/// `GET /rest/zdu/state`: the cluster state and the row of the node that answered.
 async fn zdu_state(State(node): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(r) = admin_check(&node, &headers) {
+    if let Some(r) = admin_check(&node, &headers, Resource::Zdu) {
         return r;
     }
+    let blank = Blank::of(&node);
     match read_cluster(&node).await {
-        Ok(rec) => Json(json!({"upgradeModeEnabled": rec.upgrade_mode, "state": rec.state()}))
-            .into_response(),
+        Ok(rec) => {
+            let own = rec
+                .nodes
+                .get(&node.id)
+                .map(|n| node_json(n, &node.id, blank));
+            Json(json!({"state": rec.state(), "buildInfo": own})).into_response()
+        }
         Err(r) => r,
     }
 }
 
 async fn zdu_cluster(State(node): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(r) = admin_check(&node, &headers) {
+    if let Some(r) = admin_check(&node, &headers, Resource::Zdu) {
         return r;
     }
     match read_cluster(&node).await {
-        Ok(rec) => Json(cluster_json(&rec, &node.id)).into_response(),
+        Ok(rec) => Json(cluster_json(&rec, &node.id, Blank::of(&node))).into_response(),
         Err(r) => r,
     }
 }
@@ -140,34 +239,54 @@ async fn zdu_node(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Some(r) = admin_check(&node, &headers) {
+    if let Some(r) = admin_check(&node, &headers, Resource::Zdu) {
         return r;
     }
     match read_cluster(&node).await {
         Ok(rec) => match rec.nodes.get(&id) {
-            Some(n) => Json(node_json(n, &node.id)).into_response(),
-            None => error(StatusCode::NOT_FOUND, format!("no node with id {id}")),
+            Some(n) => Json(node_json(n, &node.id, Blank::of(&node))).into_response(),
+            None => error_with(
+                StatusCode::NOT_FOUND,
+                format!("No node with id {id} is part of this cluster"),
+                Some("com.atlassian.bitbucket.NoSuchEntityException"),
+            ),
         },
         Err(r) => r,
     }
 }
 
-/// Runs one state-machine transition; 409 with the reason when the cluster is in the wrong state.
+/// A refused transition: 409, with an empty body unless `sim.zdu.conflict.body=json`.
+fn conflict(node: &Node, conflict: Conflict) -> Response {
+    match node
+        .knobs()
+        .choice(settings::ZDU_CONFLICT_BODY, &["empty", "json"])
+    {
+        "json" => error_with(
+            StatusCode::CONFLICT,
+            conflict.0,
+            Some("java.lang.IllegalStateException"),
+        ),
+        _ => StatusCode::CONFLICT.into_response(),
+    }
+}
+
+/// Runs one state-machine transition; 409 when the cluster is in the wrong state.
 async fn transition(
     node: Shared,
     headers: HeaderMap,
     change: impl FnOnce(&mut ClusterRecord) -> Result<(), Conflict> + Send + 'static,
 ) -> Response {
-    if let Some(r) = admin_check(&node, &headers) {
+    if let Some(r) = admin_check(&node, &headers, Resource::Zdu) {
         return r;
     }
     let local = node.id.clone();
+    let blank = Blank::of(&node);
     match node
-        .with_cluster(move |rec| change(rec).map(|()| cluster_json(rec, &local)))
+        .with_cluster(move |rec| change(rec).map(|()| cluster_json(rec, &local, blank)))
         .await
     {
         Ok(Ok(body)) => Json(body).into_response(),
-        Ok(Err(conflict)) => error(StatusCode::CONFLICT, conflict.0),
+        Ok(Err(refused)) => conflict(&node, refused),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
 }
@@ -193,13 +312,17 @@ async fn zdu_approve(State(node): State<Shared>, headers: HeaderMap) -> Response
     transition(node, headers, move |rec| rec.approve(now_ms(), ms, fail)).await
 }
 
+/// Not in Bitbucket's documented API: 404 unless `sim.zdu.retry.upgrade=true`.
 async fn zdu_retry(State(node): State<Shared>, headers: HeaderMap) -> Response {
+    if !node.knobs().flag(settings::ZDU_RETRY_UPGRADE) {
+        return not_found();
+    }
     let (ms, fail) = tasks_knobs(&node);
     transition(node, headers, move |rec| rec.retry(now_ms(), ms, fail)).await
 }
 
 async fn admin_cluster(State(node): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(r) = admin_check(&node, &headers) {
+    if let Some(r) = admin_check(&node, &headers, Resource::Admin) {
         return r;
     }
     let rec = match read_cluster(&node).await {
@@ -210,7 +333,7 @@ async fn admin_cluster(State(node): State<Shared>, headers: HeaderMap) -> Respon
         json!({
             "id": n.id,
             "name": n.name,
-            "address": {"hostName": n.ip_address, "port": n.port},
+            "address": {"hostName": n.ip_address, "port": n.hazelcast_port},
             "local": n.id == node.id,
             "buildVersion": n.version.to_string(),
         })
@@ -244,7 +367,7 @@ fn session(headers: &HeaderMap) -> (String, bool) {
 
 fn traffic_headers(node: &Node, response: &mut Response, session: &str, new_session: bool) {
     let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&node.cfg.name) {
+    if let Ok(v) = HeaderValue::from_str(&node.cfg.handle()) {
         h.insert("X-Sim-Node", v);
     }
     if let Ok(v) = HeaderValue::from_str(&node.cfg.version.to_string()) {
@@ -258,12 +381,27 @@ fn traffic_headers(node: &Node, response: &mut Response, session: &str, new_sess
     }
 }
 
-async fn page(State(node): State<Shared>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
-    if node.health() != Health::Running {
-        return error(
+/// Users are served only while the node runs and is not in maintenance.
+fn not_serving(node: &Node) -> Option<Response> {
+    let health = node.health();
+    if health != Health::Running {
+        return Some(error(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("Bitbucket is {}", node.health().name()),
-        );
+            format!("Bitbucket is {}", health.name()),
+        ));
+    }
+    if node.knobs().flag(settings::MAINTENANCE) {
+        return Some(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Bitbucket is in maintenance mode",
+        ));
+    }
+    None
+}
+
+async fn page(State(node): State<Shared>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
+    if let Some(refused) = not_serving(&node) {
+        return refused;
     }
     let _in_flight = node.traffic.begin();
     let (id, new_session) = session(&headers);
@@ -275,7 +413,8 @@ async fn page(State(node): State<Shared>, headers: HeaderMap, uri: axum::http::U
     let body = if uri.path() == "/" {
         format!(
             "<html><body>Bitbucket {} on {}</body></html>",
-            node.cfg.version, node.cfg.name
+            node.cfg.version,
+            node.cfg.handle()
         )
         .into_response()
     } else {
@@ -295,11 +434,8 @@ async fn clone(
     headers: HeaderMap,
     Path((_project, repo)): Path<(String, String)>,
 ) -> Response {
-    if node.health() != Health::Running {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("Bitbucket is {}", node.health().name()),
-        );
+    if let Some(refused) = not_serving(&node) {
+        return refused;
     }
     if !repo.ends_with(".git") {
         return error(
@@ -343,8 +479,13 @@ fn bytes_piece(index: u64) -> Vec<u8> {
 async fn sim_info(State(node): State<Shared>) -> Response {
     let health = node.health();
     Json(json!({
-        "nodeName": node.cfg.name,
+        "nodeName": node.cfg.reported_name(),
+        "clusterNodeName": node.cfg.name,
+        "nodeLabel": node.cfg.label,
         "nodeId": node.id,
+        "ipAddress": node.cfg.address.to_string(),
+        "hazelcastPort": node.hazelcast_port(),
+        "maintenance": node.knobs().flag(settings::MAINTENANCE),
         "version": node.cfg.version.to_string(),
         "pid": node.pid,
         "installDir": node.cfg.install,

@@ -2,6 +2,7 @@
 //! once, answering `STARTING`) through joining the cluster to a graceful stop on SIGTERM.
 
 mod api;
+pub mod auth;
 pub mod settings;
 pub mod traffic;
 
@@ -101,15 +102,28 @@ impl Node {
         }
     }
 
+    /// The cluster (Hazelcast) port: `-Dhazelcast.port`, else the shared `hazelcast.port`, else 5701.
+    pub fn hazelcast_port(&self) -> u16 {
+        self.cfg.hazelcast_port.unwrap_or_else(|| {
+            self.knobs()
+                .shared(settings::HAZELCAST_PORT)
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(settings::DEFAULT_HAZELCAST_PORT)
+        })
+    }
+
     fn record(&self, state: NodeState) -> NodeRecord {
+        let now = now_ms();
         NodeRecord {
             id: self.id.clone(),
-            name: self.cfg.name.clone(),
+            name: self.cfg.reported_name().to_string(),
             ip_address: self.cfg.address.to_string(),
-            port: self.cfg.port,
+            http_port: self.cfg.port,
+            hazelcast_port: self.hazelcast_port(),
             version: self.cfg.version,
             state,
-            heartbeat_ms: now_ms(),
+            heartbeat_ms: now,
+            offline_since_ms: (state == NodeState::Offline).then_some(now),
             tasks_total: self.tasks_total(),
             active_user_count: self.active_users(),
             pid: self.pid,
@@ -127,10 +141,10 @@ impl Node {
             .clone()
             .context("this node has no shared home")?;
         let _guard = self.publish_lock.lock().await;
-        let stale = self.knobs().stale_ms();
+        let liveness = self.knobs().liveness();
         let record = (!self.left.load(Ordering::SeqCst)).then(|| self.record(self.cluster_state()));
         tokio::task::spawn_blocking(move || {
-            shared.update(stale, |rec| {
+            shared.update(liveness, |rec| {
                 if let Some(r) = record {
                     rec.nodes.insert(r.id.clone(), r);
                 }
@@ -148,9 +162,9 @@ impl Node {
         let _guard = self.publish_lock.lock().await;
         self.left.store(true, Ordering::SeqCst);
         let record = self.record(NodeState::Offline);
-        let stale = self.knobs().stale_ms();
+        let liveness = self.knobs().liveness();
         tokio::task::spawn_blocking(move || {
-            shared.update(stale, |rec| {
+            shared.update(liveness, |rec| {
                 rec.nodes.insert(record.id.clone(), record);
             })
         })
@@ -171,13 +185,16 @@ impl Node {
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let cfg = NodeConfig::from_args(args, |k| std::env::var(k).ok())?;
     init_logging(&cfg.home)?;
-    tracing::info!(node = %cfg.name, version = %cfg.version, port = cfg.port, home = %cfg.home.display(), "starting Bitbucket (simulated)");
+    tracing::info!(node = %cfg.handle(), name = %cfg.reported_name(), version = %cfg.version, port = cfg.port, home = %cfg.home.display(), "starting Bitbucket (simulated)");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let id = node_id(&cfg.home)?;
+    // Bitbucket gives a node a new id every time its process starts (the admin page of a rolling
+    // upgrade shows the old id OFFLINE next to the new one).
+    let id = uuid::Uuid::new_v4().to_string();
+    tracing::info!(%id, "node id for this start");
     let search = search_running(&cfg.home);
     let result = runtime.block_on(serve(cfg, id, search));
     if let Err(e) = &result {
@@ -201,19 +218,6 @@ fn init_logging(home: &Path) -> anyhow::Result<()> {
         .try_init()
         .ok();
     Ok(())
-}
-
-/// A node's id stays with its local home across upgrades and restarts, as Bitbucket's does.
-fn node_id(home: &Path) -> anyhow::Result<String> {
-    let path = home.join(".sim-node-id");
-    if let Ok(id) = std::fs::read_to_string(&path)
-        && !id.trim().is_empty()
-    {
-        return Ok(id.trim().to_string());
-    }
-    let id = uuid::Uuid::new_v4().to_string();
-    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
-    Ok(id)
 }
 
 fn search_running(home: &Path) -> bool {
@@ -241,7 +245,7 @@ async fn serve(cfg: NodeConfig, id: String, search: bool) -> anyhow::Result<()> 
         pid: std::process::id(),
         shared: (!first_run).then(|| SharedHome::new(&cfg.shared_dir())),
         health: RwLock::new(Health::Starting),
-        knobs: RwLock::new(Knobs::new(&cfg.name)),
+        knobs: RwLock::new(Knobs::with_suffixes(cfg.knob_suffixes())),
         traffic: Arc::new(Traffic::default()),
         bundled_search: AtomicBool::new(search),
         left: AtomicBool::new(false),

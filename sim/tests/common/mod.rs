@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bbupgrade_sim::client::{self, HttpResponse};
-use bbupgrade_sim::cluster::{ClusterOptions, SimCluster};
+use bbupgrade_sim::cluster::{ClusterOptions, NodeSetup, SimCluster};
 use serde_json::Value;
 
 pub const STARTUP_MS: u64 = 300;
@@ -29,7 +29,14 @@ pub fn program() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_bitbucket-sim"))
 }
 
+pub const USER_TOKEN: &str = "test-user-token";
+
+/// A cluster as a real install has it: no node names, distinct cluster ports (all on 127.0.0.1).
 pub fn cluster(nodes: usize, version: &str) -> TestCluster {
+    cluster_with(nodes, version, NodeSetup::default())
+}
+
+pub fn cluster_with(nodes: usize, version: &str, setup: NodeSetup) -> TestCluster {
     let dir = tempfile::tempdir().expect("tempdir");
     let opts = ClusterOptions {
         nodes,
@@ -40,7 +47,11 @@ pub fn cluster(nodes: usize, version: &str) -> TestCluster {
         payload_mib: 0,
         run_as_user: None,
     };
-    let cluster = SimCluster::create(dir.path(), opts).expect("create cluster");
+    let setup = NodeSetup {
+        user_token: Some(USER_TOKEN.into()),
+        ..setup
+    };
+    let cluster = SimCluster::create_with(dir.path(), opts, None, setup).expect("create cluster");
     cluster
         .set_shared_property("sim.heartbeat.stale.ms", "1000")
         .expect("property");
@@ -76,15 +87,59 @@ pub fn cluster_state(c: &SimCluster, node: usize) -> String {
         .to_string()
 }
 
-/// The state of the node named `name` as seen from node `from`.
-pub fn node_state(c: &SimCluster, from: usize, name: &str) -> String {
-    let doc = zdu_cluster(c, from);
+/// The cluster (Hazelcast) port node `index` reports as `portNumber`.
+pub fn cluster_port(c: &SimCluster, index: usize) -> u16 {
+    c.nodes()[index].hazelcast_port.unwrap_or(5701)
+}
+
+/// The row of node `index` in a cluster view, found by its address as a client must (names are
+/// "Not configured", ids change on restart): the live row at its port, else an OFFLINE one.
+pub fn row_of(c: &SimCluster, doc: &Value, index: usize) -> Option<Value> {
+    let port = cluster_port(c, index);
+    let rows: Vec<&Value> = doc["nodes"]
+        .as_array()?
+        .iter()
+        .filter(|n| n["portNumber"] == port)
+        .collect();
+    rows.iter()
+        .find(|n| n["state"] != "OFFLINE")
+        .or(rows.first())
+        .map(|n| (*n).clone())
+}
+
+/// The state of node `index` as seen from node `from` (`ABSENT` without a row).
+pub fn node_state(c: &SimCluster, from: usize, index: usize) -> String {
+    row_of(c, &zdu_cluster(c, from), index)
+        .and_then(|n| n["state"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "ABSENT".into())
+}
+
+/// The rows of a cluster view that are not OFFLINE.
+pub fn live_rows(doc: &Value) -> Vec<Value> {
     doc["nodes"]
         .as_array()
-        .and_then(|ns| ns.iter().find(|n| n["name"] == name))
-        .and_then(|n| n["state"].as_str())
-        .unwrap_or("ABSENT")
-        .to_string()
+        .map(|ns| {
+            ns.iter()
+                .filter(|n| n["state"] != "OFFLINE")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A REST call with an explicit `Authorization` header (or none).
+pub fn call_as(
+    c: &SimCluster,
+    node: usize,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+) -> HttpResponse {
+    let url = format!("{}{path}", c.nodes()[node].base_url);
+    let headers: Vec<(&str, &str)> = authorization
+        .map(|a| vec![("Authorization", a)])
+        .unwrap_or_default();
+    client::request(method, &url, &headers, None, Duration::from_secs(5)).expect("request")
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
