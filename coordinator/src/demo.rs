@@ -4,7 +4,7 @@
 
 use crate::cli::{BadInput, Output, UpgradeArgs};
 use crate::report::Summary;
-use crate::sandbox::{Sandbox, SandboxLb, SandboxOptions, sibling_binary};
+use crate::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions, sibling_binary};
 use anyhow::{Context, Result};
 use bbupgrade_sim::load::{LoadOptions, LoadReport};
 use clap::Args;
@@ -106,6 +106,11 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         agent_bin: sibling_binary("BBUPGRADE_AGENT_BIN", "bbupgrade-agent")?,
         sim_bin: sibling_binary("BITBUCKET_SIM_BIN", "bitbucket-sim")?,
         lb_standin: true,
+        // The product as installed (no node names), reached the documented preferred way.
+        bitbucket: BitbucketForm {
+            basic_auth: true,
+            ..BitbucketForm::default()
+        },
     };
     let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox> {
         let s = Sandbox::create(&dir, opts)?;

@@ -8,13 +8,16 @@ use bbupgrade_common::identity::Role;
 use bbupgrade_common::pki::{Ca, IssueRequest};
 use bbupgrade_common::tls::TlsFiles;
 use bbupgrade_sim::archive::{ArchiveInfo, write_archive_with_program};
-use bbupgrade_sim::cluster::{ClusterOptions, SimCluster, free_ports};
+use bbupgrade_sim::cluster::{ClusterOptions, NodeSetup, SimCluster, free_ports};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const ADMIN_TOKEN: &str = "sandbox-admin-token";
+/// The sandbox's Bitbucket system administrator for HTTP Basic.
+pub const ADMIN_USER: &str = "admin";
+pub const ADMIN_PASSWORD: &str = "sandbox-admin-password";
 pub const AGENT_READY_TIMEOUT_SECS: u64 = 20;
 /// The node id of the load-balancer agent of [`SandboxLb::NginxAgent`].
 pub const LB_AGENT_NODE: &str = "lb1";
@@ -50,6 +53,20 @@ pub struct SandboxOptions {
     /// Without HAProxy installed, front the nodes with the simulator's stand-in (the demo) instead
     /// of failing (the tests, which need the real one).
     pub lb_standin: bool,
+    /// How the nodes and the coordinator meet Bitbucket's API.
+    pub bitbucket: BitbucketForm,
+}
+
+/// The forms of the real product the sandbox can present (BITBUCKET-FACTS.md); the default is the
+/// product as installed: no node names, blank fields absent, and a Bearer token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BitbucketForm {
+    /// Start nodes with `-Dcluster.node.name` and put `bitbucket_name` in the inventory.
+    pub node_names: bool,
+    /// OFFLINE and starting rows carry `null` instead of leaving fields out.
+    pub null_fields: bool,
+    /// The inventory authenticates with HTTP Basic (a system administrator's user and password).
+    pub basic_auth: bool,
 }
 
 /// A running sandbox; dropping it stops agents, nodes and the load balancer.
@@ -245,7 +262,7 @@ impl Sandbox {
         let to_archive =
             write_archive_with_program(&opts.to, &archives, opts.payload_mib, &opts.sim_bin)
                 .with_context(|| format!("building the {} archive", opts.to))?;
-        let sim = SimCluster::create(
+        let sim = SimCluster::create_with(
             &dir.join("cluster"),
             ClusterOptions {
                 nodes: opts.nodes,
@@ -256,7 +273,16 @@ impl Sandbox {
                 payload_mib: opts.payload_mib,
                 run_as_user: None,
             },
+            None,
+            NodeSetup {
+                configure_names: opts.bitbucket.node_names,
+                admin_login: Some((ADMIN_USER.into(), ADMIN_PASSWORD.into())),
+                ..NodeSetup::default()
+            },
         )?;
+        if opts.bitbucket.null_fields {
+            sim.set_shared_property("sim.zdu.blank.fields", "null")?;
+        }
         if let Some(user) = &run_user {
             let u = nix::unistd::User::from_name(user)?
                 .with_context(|| format!("there is no user {user}"))?;
@@ -719,14 +745,31 @@ impl Sandbox {
         }
     }
 
+    /// The inventory's credentials lines, with the secret in a file of mode 0600.
+    fn inventory_auth(&self) -> Result<String> {
+        let (file, secret, lines) = if self.opts.bitbucket.basic_auth {
+            let file = self.dir.join("admin.password");
+            let lines = format!(
+                "auth = \"basic\"\nuser = {ADMIN_USER:?}\npassword_file = {:?}\n",
+                file
+            );
+            (file, ADMIN_PASSWORD, lines)
+        } else {
+            let file = self.dir.join("admin.token");
+            let lines = format!("token_file = {file:?}\n");
+            (file, ADMIN_TOKEN, lines)
+        };
+        std::fs::write(&file, format!("{secret}\n"))?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+        Ok(lines)
+    }
+
     fn write_inventory(&self) -> Result<()> {
         let tls = TlsFiles::in_pki_dir(&self.pki, Role::Coordinator, "sandbox-admin");
-        let token = self.dir.join("admin.token");
-        std::fs::write(&token, format!("{ADMIN_TOKEN}\n"))?;
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
+        let auth = self.inventory_auth()?;
         let lb = self.inventory_lb();
         let mut inv = format!(
-            "# Written by the bbupgrade sandbox.\ntls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\nstate = {:?}\n\n[timeouts]\ndrain_secs = 60\nstop_secs = 60\nstart_secs = 120\nactive_secs = 60\nsoak_secs = 1\nagent_connect_ms = 3000\n\n[[clusters]]\nname = \"{}\"\nbitbucket_url = {:?}\nbitbucket_node_urls = {:?}\ntoken_file = {:?}\n{lb}",
+            "# Written by the bbupgrade sandbox.\ntls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\nstate = {:?}\n\n[timeouts]\ndrain_secs = 60\nstop_secs = 60\nstart_secs = 120\nactive_secs = 60\nsoak_secs = 1\nagent_connect_ms = 3000\n\n[[clusters]]\nname = \"{}\"\nbitbucket_url = {:?}\nbitbucket_node_urls = {:?}\n{auth}{lb}",
             tls.ca,
             tls.cert,
             tls.key,
@@ -740,16 +783,19 @@ impl Sandbox {
                 .iter()
                 .map(|n| n.base_url.clone())
                 .collect::<Vec<_>>(),
-            token,
         );
         for (i, (node, addr)) in self.sim.nodes().iter().zip(&self.agent_addrs).enumerate() {
-            // Every simulated node shares 127.0.0.1, so the port in the cluster view tells them apart.
             inv.push_str(&format!(
-                "\n[[clusters.nodes]]\nid = {:?}\nagent = {:?}\nbitbucket_address = \"127.0.0.1:{}\"\n",
-                node.name,
-                addr,
-                node.port
+                "\n[[clusters.nodes]]\nid = {:?}\nagent = {:?}\n",
+                node.name, addr
             ));
+            // Every simulated node shares 127.0.0.1: the cluster port in the view tells them apart.
+            if let Some(port) = node.hazelcast_port {
+                inv.push_str(&format!("bitbucket_address = \"127.0.0.1:{port}\"\n"));
+            }
+            if let Some(name) = &node.cluster_name {
+                inv.push_str(&format!("bitbucket_name = {name:?}\n"));
+            }
             if let Some(server) = self.lb_servers.get(i) {
                 inv.push_str(&format!("lb_server = {server:?}\n"));
             }

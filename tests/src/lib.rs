@@ -64,6 +64,7 @@ pub fn sandbox_options(bins: &Bins, nodes: usize, lb: SandboxLb) -> SandboxOptio
         agent_bin: bins.agent.clone(),
         sim_bin: bins.sim.clone(),
         lb_standin: false,
+        bitbucket: Default::default(),
     }
 }
 
@@ -162,4 +163,22 @@ pub fn fixtures_dir() -> Option<PathBuf> {
         );
         None
     }
+}
+
+/// The row of a simulated node in a `GET /rest/zdu/cluster` document: the live row at its cluster
+/// port, else an OFFLINE one left there (ids change on every restart, names are "Not configured").
+pub fn zdu_row<'a>(
+    view: &'a serde_json::Value,
+    node: &bbupgrade_sim::cluster::SimNode,
+) -> Option<&'a serde_json::Value> {
+    let port = node.hazelcast_port?;
+    let rows: Vec<&serde_json::Value> = view["nodes"]
+        .as_array()?
+        .iter()
+        .filter(|r| r["ipAddress"] == "127.0.0.1" && r["portNumber"].as_u64() == Some(port.into()))
+        .collect();
+    rows.iter()
+        .find(|r| r["state"] != "OFFLINE")
+        .or_else(|| rows.first())
+        .copied()
 }

@@ -75,11 +75,16 @@ async fn wait_cluster(s: &Sandbox, what: &str, pred: impl Fn(&Value) -> bool) {
     }
 }
 
-fn zdu_node<'a>(view: &'a Value, name: &str) -> &'a Value {
-    view["nodes"]
-        .as_array()
-        .and_then(|ns| ns.iter().find(|n| n["name"] == name))
-        .unwrap_or_else(|| panic!("no node {name} in {view:#}"))
+/// The row of the sandbox's node `name` (`node1`, ...): ids change on restart and names are not
+/// configured, so it is the live row at the node's cluster port (else the OFFLINE one left there).
+fn zdu_node<'a>(view: &'a Value, s: &Sandbox, name: &str) -> &'a Value {
+    let node = s
+        .sim
+        .nodes()
+        .iter()
+        .find(|n| n.name == name)
+        .expect("a sandbox node");
+    bbupgrade_tests::zdu_row(view, node).unwrap_or_else(|| panic!("no row for {name} in {view:#}"))
 }
 
 /// What a node's agent says about it (over mutual TLS, as the coordinator asks).
@@ -124,7 +129,7 @@ async fn assert_all_on(s: &Sandbox, version: &str) {
         assert_eq!(info["state"], "RUNNING", "{}: {info:#}", node.name);
         let agent = agent_info(s, &node.name).await;
         assert_eq!(agent.active_version, version, "{}: {agent:?}", node.name);
-        let z = zdu_node(&view, &node.name);
+        let z = zdu_node(&view, &s, &node.name);
         assert_eq!(z["state"], "ACTIVE", "{}: {view:#}", node.name);
         assert_eq!(z["version"], version, "{}: {view:#}", node.name);
     }
@@ -212,8 +217,8 @@ async fn upgrades_every_node_least_busy_first_under_traffic_through_haproxy() {
             .expect("setting background tasks");
     }
     wait_cluster(&s, "background tasks visible", |v| {
-        zdu_node(v, "node1")["tasksTotal"].as_u64() >= Some(30)
-            && zdu_node(v, "node3")["tasksTotal"].as_u64() >= Some(15)
+        zdu_node(v, &s, "node1")["tasksTotal"].as_u64() >= Some(30)
+            && zdu_node(v, &s, "node3")["tasksTotal"].as_u64() >= Some(15)
     })
     .await;
 
@@ -472,8 +477,8 @@ async fn node1_then_node2(s: &Sandbox) {
             .expect("setting background tasks");
     }
     wait_cluster(s, "background tasks visible", |v| {
-        zdu_node(v, "node2")["tasksTotal"].as_u64() >= Some(10)
-            && zdu_node(v, "node3")["tasksTotal"].as_u64() >= Some(20)
+        zdu_node(v, &s, "node2")["tasksTotal"].as_u64() >= Some(10)
+            && zdu_node(v, &s, "node3")["tasksTotal"].as_u64() >= Some(20)
     })
     .await;
     // Set after the sandbox started, so it applies to node2's next start: the new version's.
@@ -563,7 +568,7 @@ async fn auto_rollback_returns_a_failed_node_to_the_old_version_in_service() {
     assert_eq!(status["state"], "RUNNING", "{status:#}");
     assert_eq!(agent_info(&s, "node2").await.active_version, FROM);
     let view = zdu_cluster(&s).await;
-    assert_eq!(zdu_node(&view, "node2")["state"], "ACTIVE", "{view:#}");
+    assert_eq!(zdu_node(&view, &s, "node2")["state"], "ACTIVE", "{view:#}");
     assert_lb_ready(haproxy(&s).as_ref(), "node2").await;
     let notes = summary["notes"].to_string();
     assert!(notes.contains("rolled back"), "{summary:#}");
