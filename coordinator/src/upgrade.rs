@@ -1061,7 +1061,7 @@ async fn drive_inner(
                     break;
                 }
                 if v.state == ClusterState::UpgradeTasksFailed {
-                    bail!("Bitbucket's upgrade tasks failed (UPGRADE_TASKS_FAILED); check the Bitbucket log, then POST /rest/zdu/retryUpgrade or contact support");
+                    bail!("Bitbucket's upgrade tasks failed after approval (UPGRADE_TASKS_FAILED); read atlassian-bitbucket.log on the nodes and contact Atlassian support (Bitbucket's documented API offers no retry)");
                 }
                 if started.elapsed() > Duration::from_secs(FINALIZE_TIMEOUT_SECS) {
                     bail!("the cluster did not become STABLE within {FINALIZE_TIMEOUT_SECS}s after approval (now {})", v.state);

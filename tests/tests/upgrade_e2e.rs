@@ -129,7 +129,7 @@ async fn assert_all_on(s: &Sandbox, version: &str) {
         assert_eq!(info["state"], "RUNNING", "{}: {info:#}", node.name);
         let agent = agent_info(s, &node.name).await;
         assert_eq!(agent.active_version, version, "{}: {agent:?}", node.name);
-        let z = zdu_node(&view, &s, &node.name);
+        let z = zdu_node(&view, s, &node.name);
         assert_eq!(z["state"], "ACTIVE", "{}: {view:#}", node.name);
         assert_eq!(z["version"], version, "{}: {view:#}", node.name);
     }
@@ -477,8 +477,8 @@ async fn node1_then_node2(s: &Sandbox) {
             .expect("setting background tasks");
     }
     wait_cluster(s, "background tasks visible", |v| {
-        zdu_node(v, &s, "node2")["tasksTotal"].as_u64() >= Some(10)
-            && zdu_node(v, &s, "node3")["tasksTotal"].as_u64() >= Some(20)
+        zdu_node(v, s, "node2")["tasksTotal"].as_u64() >= Some(10)
+            && zdu_node(v, s, "node3")["tasksTotal"].as_u64() >= Some(20)
     })
     .await;
     // Set after the sandbox started, so it applies to node2's next start: the new version's.
