@@ -129,7 +129,8 @@ impl OpJournal {
     pub fn begin(&self, id: &str, kind: &str) -> Result<Admission, Status> {
         if !valid_op_id(id) {
             return Err(Status::invalid_argument(format!(
-                "operation id '{id}' is empty or has characters other than letters, digits, '-', '_', '.', ':'"
+                "operation id '{}' is empty, longer than 128 bytes, or has characters other than letters, digits, '-', '_', '.', ':'",
+                bbupgrade_common::echo::quote(id)
             )));
         }
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,7 +171,11 @@ impl OpJournal {
             }
             Err(e) => {
                 rec.state = OpState::Failed;
-                rec.error = Some(e);
+                // Errors quote inputs; a record stays small whatever was sent.
+                rec.error = Some(
+                    bbupgrade_common::echo::truncate(&e, bbupgrade_common::echo::MAX_ERROR_CHARS)
+                        .into_owned(),
+                );
             }
         }
         if let Err(e) = self.write(&rec) {

@@ -241,6 +241,7 @@ impl StandinFleet {
                     ca_pem: ca.cert_pem.clone().into_bytes(),
                     cert_pem: issued.cert_pem.into_bytes(),
                     key_pem: issued.key_pem.into_bytes(),
+                    crl_pem: None,
                 };
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                 let port = listener.local_addr()?.port();
