@@ -137,6 +137,30 @@ fn free_port() -> u16 {
 }
 
 fn spawn_agent(bins: &Bins, config: &Path, dir: &Path) -> (Child, PathBuf) {
+    spawn_agent_with_fd_limit(bins, config, dir, None)
+}
+
+fn set_nofile(soft: u64, hard: u64) -> std::io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct it is given; async-signal-safe (used after fork).
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Starts the agent, optionally with a lower open-files limit (as a unit's `LimitNOFILE` would).
+fn spawn_agent_with_fd_limit(
+    bins: &Bins,
+    config: &Path,
+    dir: &Path,
+    nofile: Option<u64>,
+) -> (Child, PathBuf) {
+    use std::os::unix::process::CommandExt;
     let stderr = dir.join(format!(
         "agent-{}.log",
         std::time::SystemTime::now()
@@ -144,7 +168,14 @@ fn spawn_agent(bins: &Bins, config: &Path, dir: &Path) -> (Child, PathBuf) {
             .unwrap()
             .as_nanos()
     ));
-    let child = Command::new(&bins.agent)
+    let mut cmd = Command::new(&bins.agent);
+    if let Some(n) = nofile {
+        // SAFETY: setrlimit is async-signal-safe and only changes the child's own limit.
+        unsafe {
+            cmd.pre_exec(move || set_nofile(n, n));
+        }
+    }
+    let child = cmd
         .arg("--config")
         .arg(config)
         .env(
@@ -161,9 +192,20 @@ fn spawn_agent(bins: &Bins, config: &Path, dir: &Path) -> (Child, PathBuf) {
 
 /// Starts an agent with the extra config and waits until it accepts connections.
 fn start_agent(bins: &Bins, dir: &Path, pki: &Path, tls_extra: &str, extra: &str) -> AgentProc {
+    start_agent_with_fd_limit(bins, dir, pki, tls_extra, extra, None)
+}
+
+fn start_agent_with_fd_limit(
+    bins: &Bins,
+    dir: &Path,
+    pki: &Path,
+    tls_extra: &str,
+    extra: &str,
+    nofile: Option<u64>,
+) -> AgentProc {
     let port = free_port();
     let config = agent_config(dir, pki, tls_extra, extra, port);
-    let (mut child, stderr) = spawn_agent(bins, &config, dir);
+    let (mut child, stderr) = spawn_agent_with_fd_limit(bins, &config, dir, nofile);
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(AGENT_START_TIMEOUT_SECS);
     while std::net::TcpStream::connect(&addr).is_err() {
@@ -293,11 +335,29 @@ async fn a_revoked_agent_is_refused_by_the_coordinator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_do_not_lock_the_coordinator_out() {
-    const IDLE_CONNECTIONS: usize = 300; // more than the default cap of 256
+    // As reported: 1,100 idle connections against an agent allowed 1,024 open files. The cap
+    // (256 by default) keeps the agent under its limit and the oldest idle ones make room.
+    const IDLE_CONNECTIONS: usize = 1100;
+    const AGENT_NOFILE: u64 = 1024;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let needed = IDLE_CONNECTIONS as u64 + 256;
+    if lim.rlim_cur < needed {
+        assert!(
+            lim.rlim_max >= needed,
+            "this test opens {IDLE_CONNECTIONS} connections; raise the open-files hard limit to {needed} (ulimit -Hn)"
+        );
+        set_nofile(lim.rlim_max, lim.rlim_max).unwrap();
+    }
     let bins = bins!();
     let dir = temp_dir();
     let pki = pki_dir(dir.path());
-    let agent = start_agent(&bins, dir.path(), &pki, "", "");
+    let agent =
+        start_agent_with_fd_limit(&bins, dir.path(), &pki, "", "", Some(AGENT_NOFILE));
     let mut idle = Vec::new();
     for _ in 0..IDLE_CONNECTIONS {
         idle.push(tokio::net::TcpStream::connect(&agent.addr).await.unwrap());
