@@ -141,7 +141,9 @@ pub async fn run(
     let tls = agent_server_config(&settings.tls).context("configuring TLS")?;
     let gate = CoordinatorGate::new(settings.allowed_coordinators.clone());
     match &settings.allowed_coordinators {
-        Some(names) => tracing::info!(coordinators = ?names, "serving only the listed coordinators"),
+        Some(names) => {
+            tracing::info!(coordinators = ?names, "serving only the listed coordinators")
+        }
         None => tracing::warn!(
             "[tls] allowed_coordinators is not set: any coordinator certificate of the CA may drive this agent; list the coordinator names to restrict it"
         ),

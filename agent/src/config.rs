@@ -1,8 +1,8 @@
 //! The agent's configuration: raw TOML as written by the admin, validated into [`Settings`] so the
 //! rest of the agent never sees an unchecked value.
 
-use anyhow::{Context, Result, bail, ensure};
 use crate::url_policy::HostRule;
+use anyhow::{Context, Result, bail, ensure};
 use bbupgrade_common::accept::{
     AcceptLimits, DEFAULT_HANDSHAKE_TIMEOUT_SECS, DEFAULT_MAX_CONNECTIONS,
 };

@@ -6,8 +6,8 @@ use crate::journal::OpJournal;
 use crate::metrics::{Metrics, read_pid};
 use crate::node_state::{NodeState, StateFile, cleanup_candidates, install_version, list_installs};
 use crate::{activate, prepare, service, stage};
-use bbupgrade_common::proto::agent_server::{Agent, AgentServer};
 use bbupgrade_common::echo::{MAX_ERROR_CHARS, truncate};
+use bbupgrade_common::proto::agent_server::{Agent, AgentServer};
 use bbupgrade_common::proto::*;
 use bbupgrade_common::version::Version;
 use serde::{Deserialize, Serialize};
@@ -709,15 +709,15 @@ impl Agent for AgentService {
         check_version(&r.version)?;
         // Decided before any connection is made, and before the journal: a refused host is
         // never contacted.
-        crate::url_policy::check_url(&r.url, self.settings.url_hosts.as_deref()).map_err(
-            |e| match e {
+        crate::url_policy::check_url(&r.url, self.settings.url_hosts.as_deref()).map_err(|e| {
+            match e {
                 crate::url_policy::UrlRefused::HostNotAllowed { .. }
                 | crate::url_policy::UrlRefused::NoHostsAllowed => {
                     Status::permission_denied(e.to_string())
                 }
                 _ => Status::invalid_argument(e.to_string()),
-            },
-        )?;
+            }
+        })?;
         let stage_req = self.stage_request(&r.version, &r.sha256);
         let cache = self.cache.clone();
         let stream = self.stage_stream(r.operation_id.clone(), move |tx| {

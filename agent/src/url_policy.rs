@@ -127,10 +127,7 @@ pub fn redirect_allowed(from: &Url, to: &Url) -> bool {
 /// not shown at all (it could be anything).
 pub fn redact_url(url: &str) -> String {
     let Ok(mut u) = Url::parse(url) else {
-        return format!(
-            "<an unparseable URL of {} bytes>",
-            url.len()
-        );
+        return format!("<an unparseable URL of {} bytes>", url.len());
     };
     let had_userinfo = !u.username().is_empty() || u.password().is_some();
     let had_query = u.query().is_some();
@@ -153,7 +150,10 @@ mod tests {
     use super::*;
 
     fn rules(entries: &[&str]) -> Vec<HostRule> {
-        entries.iter().map(|e| HostRule::parse(e).unwrap()).collect()
+        entries
+            .iter()
+            .map(|e| HostRule::parse(e).unwrap())
+            .collect()
     }
 
     #[test]
@@ -216,6 +216,9 @@ mod tests {
         assert!(redirect_allowed(&from, &u("https://a.example/y")));
         assert!(!redirect_allowed(&from, &u("http://b.example/y")));
         assert!(!redirect_allowed(&from, &u("http://a.example:22/y")));
-        assert!(!redirect_allowed(&u("https://a.example/x"), &u("http://a.example/y")));
+        assert!(!redirect_allowed(
+            &u("https://a.example/x"),
+            &u("http://a.example/y")
+        ));
     }
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 
 /// Refuses a private key file that group or others may read or write, naming the file and the fix.
 pub fn check_private(path: &Path) -> Result<()> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("reading the private key {}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("reading the private key {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         bail!(

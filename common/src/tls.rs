@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
 use rustls::pki_types::CertificateRevocationListDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::collections::BTreeSet;
@@ -183,10 +183,7 @@ impl CoordinatorGate {
 
     /// The gate as a tonic interceptor.
     #[allow(clippy::result_large_err)]
-    pub fn intercept(
-        &self,
-        req: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
+    pub fn intercept(&self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         let certs = req.peer_certs();
         match self.admit(certs.as_deref().map(|c| c.as_slice())) {
             Ok(peer) => {
@@ -252,9 +249,9 @@ impl AgentVerifier {
             webpki::Error::CertRevoked => {
                 rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
             }
-            webpki::Error::UnknownRevocationStatus => rustls::Error::InvalidCertificate(
-                rustls::CertificateError::UnknownRevocationStatus,
-            ),
+            webpki::Error::UnknownRevocationStatus => {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownRevocationStatus)
+            }
             other => rustls::Error::General(format!("checking revocation: {other}")),
         })
     }

@@ -230,7 +230,9 @@ fn pki(cmd: PkiCommand) -> Result<()> {
             }
             let issued = ca.issue(&req).map_err(bad)?;
             let (cert, key) = if force {
-                issued.save_replacing(&dir).context("writing the certificate")?
+                issued
+                    .save_replacing(&dir)
+                    .context("writing the certificate")?
             } else {
                 issued.save(&dir).map_err(bad)?
             };

@@ -215,7 +215,10 @@ fn start_agent_with_fd_limit(
                 std::fs::read_to_string(&stderr).unwrap_or_default()
             );
         }
-        assert!(Instant::now() < deadline, "the agent did not start listening");
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not start listening"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     AgentProc {
@@ -321,7 +324,9 @@ async fn a_revoked_agent_is_refused_by_the_coordinator() {
     let d = pki.display().to_string();
     let out = bbupgrade(
         &bins,
-        &["pki", "revoke", "--dir", &d, "--name", NODE, "--role", "agent"],
+        &[
+            "pki", "revoke", "--dir", &d, "--name", NODE, "--role", "agent",
+        ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let err = node_info(&agent, &coordinator(&pki, "alice", true))
@@ -356,8 +361,7 @@ async fn idle_connections_do_not_lock_the_coordinator_out() {
     let bins = bins!();
     let dir = temp_dir();
     let pki = pki_dir(dir.path());
-    let agent =
-        start_agent_with_fd_limit(&bins, dir.path(), &pki, "", "", Some(AGENT_NOFILE));
+    let agent = start_agent_with_fd_limit(&bins, dir.path(), &pki, "", "", Some(AGENT_NOFILE));
     let mut idle = Vec::new();
     for _ in 0..IDLE_CONNECTIONS {
         idle.push(tokio::net::TcpStream::connect(&agent.addr).await.unwrap());
@@ -476,7 +480,11 @@ async fn a_stalled_upload_fails_and_leaves_no_staging_dir() {
     .await
     .unwrap();
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut events = c.stage_upload(stream).await.expect("upload opened").into_inner();
+    let mut events = c
+        .stage_upload(stream)
+        .await
+        .expect("upload opened")
+        .into_inner();
     let root = agent.install_root();
     wait_until(15, "the stage began (a staging dir exists)", async || {
         !staging_dirs(&root).is_empty()
@@ -658,7 +666,8 @@ async fn a_url_host_not_listed_is_never_contacted() {
     let bins = bins!();
     let dir = temp_dir();
     let pki = pki_dir(dir.path());
-    let (port, hits) = http_server("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into()).await;
+    let (port, hits) =
+        http_server("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into()).await;
     let agent = start_agent(
         &bins,
         dir.path(),
@@ -669,7 +678,11 @@ async fn a_url_host_not_listed_is_never_contacted() {
     let mut c = client(&agent, &coordinator(&pki, "alice", false)).await;
     let status = stage_url_error(&mut c, "scan-1", &format!("http://127.0.0.1:{port}/x")).await;
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains("url_hosts"), "{}", status.message());
+    assert!(
+        status.message().contains("url_hosts"),
+        "{}",
+        status.message()
+    );
     assert_eq!(hits.load(Ordering::SeqCst), 0, "the agent connected anyway");
 
     // No url_hosts at all: no URL is fetched.
@@ -702,7 +715,11 @@ async fn a_redirect_to_another_host_is_refused() {
     );
     let mut c = client(&agent, &coordinator(&pki, "alice", false)).await;
     let status = stage_url_error(&mut c, "redir-1", &format!("http://127.0.0.1:{port}/a")).await;
-    assert!(status.message().contains("redirect"), "{}", status.message());
+    assert!(
+        status.message().contains("redirect"),
+        "{}",
+        status.message()
+    );
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     assert_eq!(
         inner_hits.load(Ordering::SeqCst),
@@ -731,7 +748,10 @@ async fn credentials_in_a_url_never_appear() {
     assert_eq!(hits.load(Ordering::SeqCst), 1, "the listed host is fetched");
     let text = status.message();
     assert!(text.contains("404"), "{text}");
-    assert!(text.contains(&format!("127.0.0.1:{port}/a.tar.gz")), "{text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{port}/a.tar.gz")),
+        "{text}"
+    );
     // A host not listed, with credentials: refused, and not quoted either.
     let status2 = stage_url_error(
         &mut c,
@@ -739,11 +759,7 @@ async fn credentials_in_a_url_never_appear() {
         "https://builder:Pa55w0rd@elsewhere.example/a?token=T0KEN42",
     )
     .await;
-    let everything = format!(
-        "{text}\n{}\n{}",
-        status2.message(),
-        agent.journal_and_log()
-    );
+    let everything = format!("{text}\n{}\n{}", status2.message(), agent.journal_and_log());
     for secret in ["Pa55w0rd", "T0KEN42", "builder"] {
         assert!(
             !everything.contains(secret),
@@ -845,7 +861,16 @@ fn pki_files_have_fixed_modes_and_issue_does_not_overwrite() {
     assert_eq!(mode(&pki.join("ca.key")), 0o600);
 
     let issue = |extra: &[&str]| {
-        let mut args = vec!["pki", "issue", "--dir", &d, "--role", "coordinator", "--name", "ci"];
+        let mut args = vec![
+            "pki",
+            "issue",
+            "--dir",
+            &d,
+            "--role",
+            "coordinator",
+            "--name",
+            "ci",
+        ];
         args.extend_from_slice(extra);
         bbupgrade_umask_000(&bins, &args)
     };

@@ -142,11 +142,10 @@ pub async fn stage_from_url(
         }))
         .build()
         .map_err(|e| StageError::Download(format!("setting up the HTTP client: {}", chain(&e))))?;
-    let mut resp = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| StageError::Download(format!("GET {shown}: {}", chain(&e.without_url()))))?;
+    let mut resp =
+        client.get(url).send().await.map_err(|e| {
+            StageError::Download(format!("GET {shown}: {}", chain(&e.without_url())))
+        })?;
     if !resp.status().is_success() {
         return Err(StageError::Download(format!(
             "GET {shown}: HTTP {}",

@@ -5,7 +5,9 @@
 use super::{CRL_FILE, CRL_VALIDITY_DAYS, Ca, leaf_paths, write_public};
 use crate::identity::Role;
 use anyhow::{Context, Result, bail};
-use rcgen::{CertificateRevocationListParams, Issuer, KeyIdMethod, RevokedCertParams, SerialNumber};
+use rcgen::{
+    CertificateRevocationListParams, Issuer, KeyIdMethod, RevokedCertParams, SerialNumber,
+};
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, pem::PemObject};
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
@@ -144,8 +146,8 @@ fn ca_subject(ca_pem: &str) -> Result<Vec<u8>> {
 /// checked by the TLS verifiers that use it).
 fn read_crl(pem: &[u8], ca_subject: &[u8]) -> Result<(Vec<RevokedSerial>, u64)> {
     let der = CertificateRevocationListDer::from_pem_slice(pem).context("parsing the CRL PEM")?;
-    let (_, crl) = x509_parser::parse_x509_crl(&der)
-        .map_err(|e| anyhow::anyhow!("parsing the CRL: {e}"))?;
+    let (_, crl) =
+        x509_parser::parse_x509_crl(&der).map_err(|e| anyhow::anyhow!("parsing the CRL: {e}"))?;
     if crl.issuer().as_raw() != ca_subject {
         bail!("it was issued by '{}', not by this CA", crl.issuer());
     }
