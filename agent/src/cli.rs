@@ -137,8 +137,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    use bbupgrade_common::tls::{CoordinatorGate, agent_server_config};
-    let tls = agent_server_config(&settings.tls).context("configuring TLS")?;
+    use bbupgrade_common::tls::{AgentServerConfig, CoordinatorGate};
+    let tls = AgentServerConfig::new(settings.tls.clone(), settings.crl_file.clone())
+        .context("configuring TLS")?;
     let gate = CoordinatorGate::new(settings.allowed_coordinators.clone());
     match &settings.allowed_coordinators {
         Some(names) => {

@@ -198,6 +198,8 @@ pub struct Settings {
     pub keep_installs: u32,
     /// The load-balancer role, when `[lb]` is configured.
     pub lb: Option<NginxHost>,
+    /// `[tls] crl`, re-read when it changes.
+    pub crl_file: Option<PathBuf>,
     /// `[tls] allowed_coordinators`; `None`: any coordinator of the CA.
     pub allowed_coordinators: Option<Vec<String>>,
     pub accept: AcceptLimits,
@@ -237,6 +239,7 @@ impl Settings {
                 Ok(names)
             })
             .transpose()?;
+        let crl_file = raw.tls.crl.clone();
         let tls = TlsFiles {
             ca: raw.tls.ca,
             cert: raw.tls.cert,
@@ -368,6 +371,7 @@ impl Settings {
             cache_max_bytes: l.cache_max_bytes.unwrap_or(DEFAULT_CACHE_MAX_BYTES),
             keep_installs: l.keep_installs.unwrap_or(DEFAULT_KEEP_INSTALLS).max(2),
             lb,
+            crl_file,
             allowed_coordinators,
             accept,
             upload_idle_timeout,

@@ -3,7 +3,7 @@
 //! an allowed coordinator certificate is closed to make room, so idle or half-open connections of
 //! anyone who can reach the port cannot lock the coordinator out.
 
-use crate::tls::CoordinatorGate;
+use crate::tls::{AgentServerConfig, CoordinatorGate};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
@@ -172,12 +172,11 @@ impl Connected for Conn {
 /// is dropped.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    config: Arc<AgentServerConfig>,
     gate: CoordinatorGate,
     limits: AcceptLimits,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(16);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let registry: Shared = Arc::default();
     tokio::spawn(async move {
         loop {
@@ -197,9 +196,9 @@ pub fn incoming(
                 tracing::debug!(%remote, "refused a connection: the cap is full of coordinators");
                 continue;
             };
-            let (acceptor, gate, tx) = (acceptor.clone(), gate.clone(), tx.clone());
+            let (config, gate, tx) = (config.clone(), gate.clone(), tx.clone());
             tokio::spawn(handshake(
-                tcp, remote, acceptor, gate, limits, registered, close, tx,
+                tcp, remote, config, gate, limits, registered, close, tx,
             ));
         }
     });
@@ -249,7 +248,7 @@ fn admit(registry: &Shared, max: usize) -> Option<(Registered, oneshot::Receiver
 async fn handshake(
     tcp: TcpStream,
     remote: std::net::SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<AgentServerConfig>,
     gate: CoordinatorGate,
     limits: AcceptLimits,
     registered: Registered,
@@ -257,6 +256,7 @@ async fn handshake(
     tx: mpsc::Sender<io::Result<Conn>>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
     let tls = tokio::select! {
         r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => match r {
             Ok(Ok(tls)) => tls,

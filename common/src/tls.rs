@@ -158,6 +158,70 @@ pub fn agent_server_config(m: &TlsMaterial) -> Result<rustls::ServerConfig> {
     Ok(config)
 }
 
+/// What identifies a version of a file, to notice it was replaced.
+type FileStamp = (std::time::SystemTime, u64, u64);
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// The agent's server configuration, rebuilt when its CRL file changes: a `crl.pem` copied to the
+/// node after `pki revoke` applies to new connections without a restart. A replacement that does
+/// not load (unreadable, another CA's) is logged and the list loaded before stays in force.
+pub struct AgentServerConfig {
+    material: TlsMaterial,
+    crl_file: Option<PathBuf>,
+    current: std::sync::Mutex<(Option<FileStamp>, Arc<rustls::ServerConfig>)>,
+}
+
+impl AgentServerConfig {
+    /// `material` as loaded at start (its CRL from `crl_file`, when set).
+    pub fn new(material: TlsMaterial, crl_file: Option<PathBuf>) -> Result<Self> {
+        let seen = crl_file.as_deref().and_then(stamp);
+        let config = Arc::new(agent_server_config(&material)?);
+        Ok(Self {
+            material,
+            crl_file,
+            current: std::sync::Mutex::new((seen, config)),
+        })
+    }
+
+    /// The configuration for a new connection.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = &self.crl_file {
+            let now = stamp(path);
+            if now != cur.0 {
+                cur.0 = now;
+                match self.reload(path) {
+                    Ok((config, revoked)) => {
+                        tracing::info!(crl = %path.display(), revoked, "loaded the changed revocation list");
+                        cur.1 = Arc::new(config);
+                    }
+                    Err(e) => tracing::error!(
+                        crl = %path.display(),
+                        error = format!("{e:#}"),
+                        "the revocation list changed but cannot be used; the one loaded before stays in force"
+                    ),
+                }
+            }
+        }
+        cur.1.clone()
+    }
+
+    fn reload(&self, path: &Path) -> Result<(rustls::ServerConfig, usize)> {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let revoked = crate::pki::check_crl_of_ca(&pem, &self.material.ca_pem)?;
+        let m = TlsMaterial {
+            crl_pem: Some(pem),
+            ..self.material.clone()
+        };
+        Ok((agent_server_config(&m)?, revoked))
+    }
+}
+
 /// The agent's gate: only coordinator-role peers pass, and only the listed ones when the agent's
 /// config lists them (`[tls] allowed_coordinators`).
 #[derive(Clone, Debug, Default)]

@@ -13,7 +13,7 @@ use bbupgrade_common::identity::Role;
 use bbupgrade_common::pki::{Ca, IssueRequest};
 use bbupgrade_common::proto::agent_server::{Agent, AgentServer};
 use bbupgrade_common::proto::*;
-use bbupgrade_common::tls::{CoordinatorGate, TlsFiles, TlsMaterial, agent_server_config};
+use bbupgrade_common::tls::{AgentServerConfig, CoordinatorGate, TlsFiles, TlsMaterial};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -250,7 +250,7 @@ impl StandinFleet {
                     cluster: ci,
                     node: ni,
                 };
-                let tls = agent_server_config(&material)
+                let tls = AgentServerConfig::new(material, None)
                     .context("configuring the stand-in agent's TLS")?;
                 let gate = CoordinatorGate::default();
                 let interceptor = {

@@ -286,7 +286,7 @@ async fn only_listed_coordinators_are_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_coordinator_is_refused_after_pki_revoke() {
+async fn a_revoked_coordinator_is_refused_after_pki_revoke_without_a_restart() {
     let bins = bins!();
     let dir = temp_dir();
     let pki = pki_dir(dir.path());
@@ -300,9 +300,8 @@ async fn a_revoked_coordinator_is_refused_after_pki_revoke() {
     let d = pki.display().to_string();
     let out = bbupgrade(&bins, &["pki", "revoke", "--dir", &d, "--name", "alice"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    // The agent reads its CRL at start: the admin copies crl.pem and restarts it.
-    drop(agent);
-    let agent = start_agent(&bins, dir.path(), &pki, &crl, "");
+    // The agent's `[tls] crl` is the file `pki revoke` rewrote (as if copied to the node): new
+    // connections see it without a restart.
     let err = node_info(&agent, &alice)
         .await
         .expect_err("a revoked certificate must be refused");
@@ -310,6 +309,18 @@ async fn a_revoked_coordinator_is_refused_after_pki_revoke() {
     node_info(&agent, &coordinator(&pki, "mallory", false))
         .await
         .expect("a coordinator not revoked is still served");
+
+    // A replacement that cannot be used (here: garbage) leaves the loaded list in force.
+    std::fs::write(pki.join("crl.pem"), "not a CRL").unwrap();
+    let err = node_info(&agent, &alice)
+        .await
+        .expect_err("still revoked after a bad CRL replaced the good one");
+    assert!(err.to_lowercase().contains("revoked"), "{err}");
+    node_info(&agent, &coordinator(&pki, "mallory", false))
+        .await
+        .expect("others are still served");
+    let log = std::fs::read_to_string(&agent.stderr).unwrap();
+    assert!(log.contains("cannot be used"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
