@@ -498,4 +498,107 @@ mod tests {
             .is_err()
         );
     }
+
+    /// A config text for a node whose files exist in `dir`, with `extra` appended to `[tls]`
+    /// and `tail` at the end.
+    fn node_config(dir: &Path, tls_extra: &str, tail: &str) -> String {
+        use bbupgrade_common::pki::{Ca, IssueRequest};
+        let pki = dir.join("pki");
+        if !pki.exists() {
+            let ca = Ca::generate().unwrap();
+            ca.save(&pki).unwrap();
+            ca.issue(&IssueRequest::new(Role::Agent, "n1"))
+                .unwrap()
+                .save(&pki)
+                .unwrap();
+            std::fs::create_dir_all(dir.join("install/8.19.3/bin")).unwrap();
+            std::fs::write(dir.join("install/8.19.3/bin/start-bitbucket.sh"), "").unwrap();
+            std::fs::create_dir_all(dir.join("home")).unwrap();
+        }
+        let user = if nix::unistd::geteuid().is_root() {
+            "user = \"nobody\"\n"
+        } else {
+            ""
+        };
+        format!(
+            "node_id = \"n1\"\nlisten = \"127.0.0.1:0\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{tls_extra}\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{user}status_url = \"http://127.0.0.1:1/status\"\n[service]\nkind = \"scripts\"\n{tail}\n",
+            pki.join("ca.pem"),
+            pki.join("agent-n1.pem"),
+            pki.join("agent-n1.key"),
+            dir.join("install"),
+            dir.join("install/8.19.3"),
+            dir.join("home"),
+        )
+    }
+
+    fn load(text: &str) -> Result<Settings> {
+        Settings::validate(toml::from_str(text)?)
+    }
+
+    #[test]
+    fn trust_and_bounds_keys_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let s = load(&node_config(d, "", "")).unwrap();
+        assert!(s.allowed_coordinators.is_none() && s.url_hosts.is_none());
+        assert_eq!(s.accept.max_connections, DEFAULT_MAX_CONNECTIONS);
+
+        let crl = format!("crl = {:?}", d.join("pki/crl.pem"));
+        let s = load(&node_config(
+            d,
+            &format!("{crl}\nallowed_coordinators = [\"alice\", \"ci\"]"),
+            "[stage]\nurl_hosts = [\"artifacts.example.com\"]\n[limits]\nmax_connections = 10\nhandshake_timeout_secs = 2\nupload_idle_timeout_secs = 3\n",
+        ))
+        .unwrap();
+        assert_eq!(s.allowed_coordinators.unwrap(), ["alice", "ci"]);
+        assert!(s.tls.crl_pem.is_some() && s.crl_file.is_some());
+        assert_eq!(s.url_hosts.unwrap().len(), 1);
+        assert_eq!(s.accept.max_connections, 10);
+        assert_eq!(s.upload_idle_timeout, Duration::from_secs(3));
+
+        for (tls_extra, tail, expect) in [
+            ("allowed_coordinators = []", "", "empty"),
+            (
+                "allowed_coordinators = [\"a b\"]",
+                "",
+                "allowed_coordinators",
+            ),
+            // A typo must not silently leave the agent open to every coordinator.
+            (
+                "alowed_coordinators = [\"alice\"]",
+                "",
+                "alowed_coordinators",
+            ),
+            ("crl = \"/nonexistent/crl.pem\"", "", "revocation list"),
+            ("", "[stage]\nurl_hosts = [\"http://x/\"]\n", "url_hosts"),
+            ("", "[limits]\nmax_connections = 0\n", "max_connections"),
+            (
+                "",
+                "[limits]\nhandshake_timeout_secs = 0\n",
+                "handshake_timeout_secs",
+            ),
+        ] {
+            let Err(e) = load(&node_config(d, tls_extra, tail)) else {
+                panic!("{tls_extra} {tail}: accepted");
+            };
+            assert!(
+                format!("{e:#}").contains(expect),
+                "{tls_extra} {tail}: {e:#}"
+            );
+        }
+        // Another CA's list is refused at start, not discovered as refusals later.
+        let other = d.join("other");
+        bbupgrade_common::pki::Ca::generate()
+            .unwrap()
+            .save(&other)
+            .unwrap();
+        let Err(e) = load(&node_config(
+            d,
+            &format!("crl = {:?}", other.join("crl.pem")),
+            "",
+        )) else {
+            panic!("another CA's CRL accepted");
+        };
+        assert!(format!("{e:#}").contains("not one of the CA"), "{e:#}");
+    }
 }

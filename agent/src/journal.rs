@@ -264,4 +264,22 @@ mod tests {
         assert_eq!(j.get("op-3").unwrap().state, OpState::Interrupted);
         assert_eq!(j.begin("op-3", "stage").unwrap(), Admission::Run);
     }
+
+    #[test]
+    fn a_huge_error_is_recorded_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = OpJournal::open(dir.path()).unwrap();
+        assert_eq!(j.begin("big", "stage").unwrap(), Admission::Run);
+        j.finish("big", Err("x".repeat(10 << 20)));
+        let rec = j.get("big").unwrap();
+        assert_eq!(rec.state, OpState::Failed);
+        let err = rec.error.unwrap();
+        assert!(
+            err.len() < 5000 && err.contains("more bytes"),
+            "{}",
+            err.len()
+        );
+        let e = j.begin(&"y".repeat(10 << 20), "stage").unwrap_err();
+        assert!(e.message().len() < 1000, "{}", e.message().len());
+    }
 }

@@ -48,6 +48,9 @@ fn internal(context: &str, e: impl std::fmt::Display) -> Status {
 const MAX_OP_ID_BYTES: usize = 128;
 const MAX_VERSION_BYTES: usize = 64;
 const MAX_SHA256_BYTES: usize = 64;
+const MAX_LB_SERVER_BYTES: usize = 256;
+/// A drain holds a blocking thread while it waits.
+const MAX_DRAIN_TIMEOUT_SECS: u32 = 86_400;
 
 /// Refuses an over-long request field before anything quotes it.
 #[allow(clippy::result_large_err)]
@@ -933,6 +936,16 @@ impl Agent for AgentService {
         req: Request<LbServerRequest>,
     ) -> Result<Response<LbServerResponse>, Status> {
         let r = req.into_inner();
+        check_lengths(&[
+            ("operation_id", &r.operation_id, MAX_OP_ID_BYTES),
+            ("server", &r.server, MAX_LB_SERVER_BYTES),
+        ])?;
+        if r.drain_timeout_secs > MAX_DRAIN_TIMEOUT_SECS {
+            return Err(Status::invalid_argument(format!(
+                "drain_timeout_secs {} is more than {MAX_DRAIN_TIMEOUT_SECS} (a day)",
+                r.drain_timeout_secs
+            )));
+        }
         let settings = self.settings.clone();
         // On its own blocking task: a drain finishes (and the file is left consistent) even when
         // the caller goes away.
