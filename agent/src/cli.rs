@@ -137,24 +137,38 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let tls = bbupgrade_common::tls::server_tls_config(&settings.tls);
+    use bbupgrade_common::tls::{AgentServerConfig, CoordinatorGate};
+    let tls = AgentServerConfig::new(settings.tls.clone(), settings.crl_file.clone())
+        .context("configuring TLS")?;
+    let gate = CoordinatorGate::new(settings.allowed_coordinators.clone());
+    match &settings.allowed_coordinators {
+        Some(names) => {
+            tracing::info!(coordinators = ?names, "serving only the listed coordinators")
+        }
+        None => tracing::warn!(
+            "[tls] allowed_coordinators is not set: any coordinator certificate of the CA may drive this agent; list the coordinator names to restrict it"
+        ),
+    }
+    if settings.tls.crl_pem.is_none() {
+        tracing::info!("[tls] crl is not set: no certificate is treated as revoked");
+    }
     let node = settings.node_id.clone();
     let addr = listener.local_addr()?;
+    let limits = settings.accept;
     let service = AgentService::new(settings)?;
-    let server = tonic::service::interceptor::InterceptedService::new(
-        service.into_server(),
-        bbupgrade_common::tls::require_coordinator,
-    );
+    let interceptor = {
+        let gate = gate.clone();
+        move |req| gate.intercept(req)
+    };
+    let server =
+        tonic::service::interceptor::InterceptedService::new(service.into_server(), interceptor);
     tracing::info!(%node, %addr, "agent listening (mutual TLS, coordinator-role peers only)");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let incoming =
+        bbupgrade_common::accept::incoming(listener, std::sync::Arc::new(tls), gate, limits);
     tonic::transport::Server::builder()
-        .tls_config(tls)
-        .context("configuring TLS")?
         .add_service(server)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serving gRPC")?;
     Ok(())

@@ -1,13 +1,18 @@
 //! The agent's configuration: raw TOML as written by the admin, validated into [`Settings`] so the
 //! rest of the agent never sees an unchecked value.
 
+use crate::url_policy::HostRule;
 use anyhow::{Context, Result, bail, ensure};
+use bbupgrade_common::accept::{
+    AcceptLimits, DEFAULT_HANDSHAKE_TIMEOUT_SECS, DEFAULT_MAX_CONNECTIONS,
+};
 use bbupgrade_common::identity::{Role, validate_name};
 use bbupgrade_common::nginx::{NginxHost, NginxMode, NginxSettings};
 use bbupgrade_common::tls::{TlsFiles, TlsMaterial};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bbupgrade";
 pub const DEFAULT_STOP_TIMEOUT_SECS: u32 = 300;
@@ -15,6 +20,8 @@ pub const DEFAULT_START_TIMEOUT_SECS: u32 = 900;
 pub const DEFAULT_MAX_ARCHIVE_BYTES: u64 = 8 << 30;
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 4 << 30;
 pub const DEFAULT_KEEP_INSTALLS: u32 = 3;
+/// An upload that delivers nothing for this long is given up (staging dir removed, op failed).
+pub const DEFAULT_UPLOAD_IDLE_TIMEOUT_SECS: u64 = 120;
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -23,13 +30,49 @@ pub struct RawConfig {
     pub node_id: String,
     pub listen: String,
     pub state_dir: Option<PathBuf>,
-    pub tls: TlsFiles,
+    pub tls: RawTls,
     pub bitbucket: RawBitbucket,
     pub service: RawService,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub stage: RawStage,
     /// The load-balancer role: this agent runs on the NGINX host and edits its upstream.
     pub lb: Option<RawLb>,
+}
+
+/// `[tls]`: the agent's certificate, the CA it trusts, and who of the CA may drive it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    /// Must be readable by its owner only (0600).
+    pub key: PathBuf,
+    /// The CA's revocation list (`crl.pem` of `bbupgrade pki`).
+    pub crl: Option<PathBuf>,
+    /// The coordinator names served; absent: any coordinator of the CA (warned at start).
+    pub allowed_coordinators: Option<Vec<String>>,
+}
+
+impl From<TlsFiles> for RawTls {
+    fn from(f: TlsFiles) -> Self {
+        Self {
+            ca: f.ca,
+            cert: f.cert,
+            key: f.key,
+            crl: f.crl,
+            allowed_coordinators: None,
+        }
+    }
+}
+
+/// `[stage]`: where `StageFromUrl` may download from.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStage {
+    /// `host` or `host:port` entries; absent: archive URLs are refused.
+    pub url_hosts: Option<Vec<String>>,
 }
 
 /// `[lb]`: the same keys as the coordinator's `kind = "nginx"` load balancer.
@@ -92,6 +135,13 @@ pub struct RawLimits {
     pub max_archive_bytes: Option<u64>,
     pub cache_max_bytes: Option<u64>,
     pub keep_installs: Option<u32>,
+    /// Open connections at most (default 256); at the cap the oldest one without an allowed
+    /// coordinator certificate is closed.
+    pub max_connections: Option<usize>,
+    /// A TLS handshake not done in this time is dropped (default 10).
+    pub handshake_timeout_secs: Option<u64>,
+    /// An upload that sends nothing for this long fails (default 120).
+    pub upload_idle_timeout_secs: Option<u64>,
 }
 
 /// How the node's Bitbucket is run.
@@ -148,6 +198,14 @@ pub struct Settings {
     pub keep_installs: u32,
     /// The load-balancer role, when `[lb]` is configured.
     pub lb: Option<NginxHost>,
+    /// `[tls] crl`, re-read when it changes.
+    pub crl_file: Option<PathBuf>,
+    /// `[tls] allowed_coordinators`; `None`: any coordinator of the CA.
+    pub allowed_coordinators: Option<Vec<String>>,
+    pub accept: AcceptLimits,
+    pub upload_idle_timeout: Duration,
+    /// `[stage] url_hosts`; `None`: no URL is fetched.
+    pub url_hosts: Option<Vec<HostRule>>,
 }
 
 impl Settings {
@@ -167,7 +225,29 @@ impl Settings {
                 raw.listen
             )
         })?;
-        let tls = raw.tls.load().context("[tls]")?;
+        let allowed_coordinators = raw
+            .tls
+            .allowed_coordinators
+            .map(|names| {
+                ensure!(
+                    !names.is_empty(),
+                    "tls.allowed_coordinators is empty, which would refuse every coordinator; list the coordinator names (as in `pki issue --role coordinator --name NAME`) or remove the key"
+                );
+                for n in &names {
+                    validate_name(n).context("tls.allowed_coordinators")?;
+                }
+                Ok(names)
+            })
+            .transpose()?;
+        let crl_file = raw.tls.crl.clone();
+        let tls = TlsFiles {
+            ca: raw.tls.ca,
+            cert: raw.tls.cert,
+            key: raw.tls.key,
+            crl: raw.tls.crl,
+        }
+        .load()
+        .context("[tls]")?;
         let own = tls.own_identity().context("[tls] cert")?;
         ensure!(
             own.role == Role::Agent && own.name == raw.node_id,
@@ -236,7 +316,40 @@ impl Settings {
             );
         }
         let lb = raw.lb.map(validate_lb).transpose().context("[lb]")?;
+        let url_hosts = raw
+            .stage
+            .url_hosts
+            .map(|hosts| {
+                hosts
+                    .iter()
+                    .map(|h| HostRule::parse(h).map_err(anyhow::Error::msg))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()
+            .context("stage.url_hosts")?;
         let l = raw.limits;
+        let positive = |key: &str, v: Option<u64>, default: u64| -> Result<u64> {
+            let v = v.unwrap_or(default);
+            ensure!(v > 0, "limits.{key} must be at least 1");
+            Ok(v)
+        };
+        let accept = AcceptLimits {
+            max_connections: positive(
+                "max_connections",
+                l.max_connections.map(|n| n as u64),
+                DEFAULT_MAX_CONNECTIONS as u64,
+            )? as usize,
+            handshake_timeout: Duration::from_secs(positive(
+                "handshake_timeout_secs",
+                l.handshake_timeout_secs,
+                DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+            )?),
+        };
+        let upload_idle_timeout = Duration::from_secs(positive(
+            "upload_idle_timeout_secs",
+            l.upload_idle_timeout_secs,
+            DEFAULT_UPLOAD_IDLE_TIMEOUT_SECS,
+        )?);
         Ok(Settings {
             node_id: raw.node_id,
             listen,
@@ -258,6 +371,11 @@ impl Settings {
             cache_max_bytes: l.cache_max_bytes.unwrap_or(DEFAULT_CACHE_MAX_BYTES),
             keep_installs: l.keep_installs.unwrap_or(DEFAULT_KEEP_INSTALLS).max(2),
             lb,
+            crl_file,
+            allowed_coordinators,
+            accept,
+            upload_idle_timeout,
+            url_hosts,
         })
     }
 
@@ -379,5 +497,108 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    /// A config text for a node whose files exist in `dir`, with `extra` appended to `[tls]`
+    /// and `tail` at the end.
+    fn node_config(dir: &Path, tls_extra: &str, tail: &str) -> String {
+        use bbupgrade_common::pki::{Ca, IssueRequest};
+        let pki = dir.join("pki");
+        if !pki.exists() {
+            let ca = Ca::generate().unwrap();
+            ca.save(&pki).unwrap();
+            ca.issue(&IssueRequest::new(Role::Agent, "n1"))
+                .unwrap()
+                .save(&pki)
+                .unwrap();
+            std::fs::create_dir_all(dir.join("install/8.19.3/bin")).unwrap();
+            std::fs::write(dir.join("install/8.19.3/bin/start-bitbucket.sh"), "").unwrap();
+            std::fs::create_dir_all(dir.join("home")).unwrap();
+        }
+        let user = if nix::unistd::geteuid().is_root() {
+            "user = \"nobody\"\n"
+        } else {
+            ""
+        };
+        format!(
+            "node_id = \"n1\"\nlisten = \"127.0.0.1:0\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{tls_extra}\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{user}status_url = \"http://127.0.0.1:1/status\"\n[service]\nkind = \"scripts\"\n{tail}\n",
+            pki.join("ca.pem"),
+            pki.join("agent-n1.pem"),
+            pki.join("agent-n1.key"),
+            dir.join("install"),
+            dir.join("install/8.19.3"),
+            dir.join("home"),
+        )
+    }
+
+    fn load(text: &str) -> Result<Settings> {
+        Settings::validate(toml::from_str(text)?)
+    }
+
+    #[test]
+    fn trust_and_bounds_keys_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let s = load(&node_config(d, "", "")).unwrap();
+        assert!(s.allowed_coordinators.is_none() && s.url_hosts.is_none());
+        assert_eq!(s.accept.max_connections, DEFAULT_MAX_CONNECTIONS);
+
+        let crl = format!("crl = {:?}", d.join("pki/crl.pem"));
+        let s = load(&node_config(
+            d,
+            &format!("{crl}\nallowed_coordinators = [\"alice\", \"ci\"]"),
+            "[stage]\nurl_hosts = [\"artifacts.example.com\"]\n[limits]\nmax_connections = 10\nhandshake_timeout_secs = 2\nupload_idle_timeout_secs = 3\n",
+        ))
+        .unwrap();
+        assert_eq!(s.allowed_coordinators.unwrap(), ["alice", "ci"]);
+        assert!(s.tls.crl_pem.is_some() && s.crl_file.is_some());
+        assert_eq!(s.url_hosts.unwrap().len(), 1);
+        assert_eq!(s.accept.max_connections, 10);
+        assert_eq!(s.upload_idle_timeout, Duration::from_secs(3));
+
+        for (tls_extra, tail, expect) in [
+            ("allowed_coordinators = []", "", "empty"),
+            (
+                "allowed_coordinators = [\"a b\"]",
+                "",
+                "allowed_coordinators",
+            ),
+            // A typo must not silently leave the agent open to every coordinator.
+            (
+                "alowed_coordinators = [\"alice\"]",
+                "",
+                "alowed_coordinators",
+            ),
+            ("crl = \"/nonexistent/crl.pem\"", "", "revocation list"),
+            ("", "[stage]\nurl_hosts = [\"http://x/\"]\n", "url_hosts"),
+            ("", "[limits]\nmax_connections = 0\n", "max_connections"),
+            (
+                "",
+                "[limits]\nhandshake_timeout_secs = 0\n",
+                "handshake_timeout_secs",
+            ),
+        ] {
+            let Err(e) = load(&node_config(d, tls_extra, tail)) else {
+                panic!("{tls_extra} {tail}: accepted");
+            };
+            assert!(
+                format!("{e:#}").contains(expect),
+                "{tls_extra} {tail}: {e:#}"
+            );
+        }
+        // Another CA's list is refused at start, not discovered as refusals later.
+        let other = d.join("other");
+        bbupgrade_common::pki::Ca::generate()
+            .unwrap()
+            .save(&other)
+            .unwrap();
+        let Err(e) = load(&node_config(
+            d,
+            &format!("crl = {:?}", other.join("crl.pem")),
+            "",
+        )) else {
+            panic!("another CA's CRL accepted");
+        };
+        assert!(format!("{e:#}").contains("not one of the CA"), "{e:#}");
     }
 }

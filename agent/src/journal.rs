@@ -129,7 +129,8 @@ impl OpJournal {
     pub fn begin(&self, id: &str, kind: &str) -> Result<Admission, Status> {
         if !valid_op_id(id) {
             return Err(Status::invalid_argument(format!(
-                "operation id '{id}' is empty or has characters other than letters, digits, '-', '_', '.', ':'"
+                "operation id '{}' is empty, longer than 128 bytes, or has characters other than letters, digits, '-', '_', '.', ':'",
+                bbupgrade_common::echo::quote(id)
             )));
         }
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,7 +171,11 @@ impl OpJournal {
             }
             Err(e) => {
                 rec.state = OpState::Failed;
-                rec.error = Some(e);
+                // Errors quote inputs; a record stays small whatever was sent.
+                rec.error = Some(
+                    bbupgrade_common::echo::truncate(&e, bbupgrade_common::echo::MAX_ERROR_CHARS)
+                        .into_owned(),
+                );
             }
         }
         if let Err(e) = self.write(&rec) {
@@ -258,5 +263,23 @@ mod tests {
         let j = OpJournal::open(dir.path()).unwrap();
         assert_eq!(j.get("op-3").unwrap().state, OpState::Interrupted);
         assert_eq!(j.begin("op-3", "stage").unwrap(), Admission::Run);
+    }
+
+    #[test]
+    fn a_huge_error_is_recorded_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = OpJournal::open(dir.path()).unwrap();
+        assert_eq!(j.begin("big", "stage").unwrap(), Admission::Run);
+        j.finish("big", Err("x".repeat(10 << 20)));
+        let rec = j.get("big").unwrap();
+        assert_eq!(rec.state, OpState::Failed);
+        let err = rec.error.unwrap();
+        assert!(
+            err.len() < 5000 && err.contains("more bytes"),
+            "{}",
+            err.len()
+        );
+        let e = j.begin(&"y".repeat(10 << 20), "stage").unwrap_err();
+        assert!(e.message().len() < 1000, "{}", e.message().len());
     }
 }

@@ -5,7 +5,8 @@
 //! extract of a release), `prepare` (home and customizations), `service` (stop/start through the
 //! service manager), `activate` (point the service definition at an install), `journal` (operation
 //! ids and their results), `metrics` (load), `lb` (the optional load-balancer role on an NGINX host),
-//! `server` (the gRPC service), `cli` (the binary).
+//! `server` (the gRPC service), `url_policy` (which archive URLs may be fetched, and how they are
+//! quoted), `cli` (the binary).
 
 pub mod activate;
 pub mod cli;
@@ -18,3 +19,4 @@ pub mod prepare;
 pub mod server;
 pub mod service;
 pub mod stage;
+pub mod url_policy;

@@ -6,6 +6,7 @@ use crate::journal::OpJournal;
 use crate::metrics::{Metrics, read_pid};
 use crate::node_state::{NodeState, StateFile, cleanup_candidates, install_version, list_installs};
 use crate::{activate, prepare, service, stage};
+use bbupgrade_common::echo::{MAX_ERROR_CHARS, truncate};
 use bbupgrade_common::proto::agent_server::{Agent, AgentServer};
 use bbupgrade_common::proto::*;
 use bbupgrade_common::version::Version;
@@ -40,7 +41,30 @@ pub struct AgentService {
 }
 
 fn internal(context: &str, e: impl std::fmt::Display) -> Status {
-    Status::internal(format!("{context}: {e}"))
+    Status::internal(truncate(&format!("{context}: {e}"), MAX_ERROR_CHARS).into_owned())
+}
+
+/// Longest accepted request fields (the journal, errors and file names quote them).
+const MAX_OP_ID_BYTES: usize = 128;
+const MAX_VERSION_BYTES: usize = 64;
+const MAX_SHA256_BYTES: usize = 64;
+const MAX_LB_SERVER_BYTES: usize = 256;
+/// A drain holds a blocking thread while it waits.
+const MAX_DRAIN_TIMEOUT_SECS: u32 = 86_400;
+
+/// Refuses an over-long request field before anything quotes it.
+#[allow(clippy::result_large_err)]
+fn check_lengths(fields: &[(&str, &str, usize)]) -> Result<(), Status> {
+    for (name, value, max) in fields {
+        if value.len() > *max {
+            return Err(Status::invalid_argument(format!(
+                "{name} is {} bytes long; at most {max} are accepted (it starts '{}')",
+                value.len(),
+                truncate(value, 32)
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn blocking_join(e: tokio::task::JoinError) -> Status {
@@ -72,10 +96,11 @@ impl From<StageRecord> for StageResult {
 }
 
 fn stage_status(e: stage::StageError) -> Status {
+    let text = truncate(&e.to_string(), MAX_ERROR_CHARS).into_owned();
     if e.is_bad_input() {
-        Status::invalid_argument(e.to_string())
+        Status::invalid_argument(text)
     } else {
-        Status::internal(e.to_string())
+        Status::internal(text)
     }
 }
 
@@ -114,6 +139,7 @@ impl AgentService {
 }
 
 fn check_version(v: &str) -> Result<Version, Status> {
+    check_lengths(&[("version", v, MAX_VERSION_BYTES)])?;
     v.parse::<Version>()
         .map_err(|e| Status::invalid_argument(e.to_string()))
 }
@@ -586,7 +612,16 @@ impl Agent for AgentService {
         req: Request<Streaming<StageUploadMessage>>,
     ) -> Result<Response<EventStream>, Status> {
         let mut inbound = req.into_inner();
-        let header = match inbound.message().await? {
+        let idle = self.settings.upload_idle_timeout;
+        let first = tokio::time::timeout(idle, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no stage header within {}s of opening the upload",
+                    idle.as_secs()
+                ))
+            })??;
+        let header = match first {
             Some(StageUploadMessage {
                 msg: Some(stage_upload_message::Msg::Header(h)),
             }) => h,
@@ -596,6 +631,10 @@ impl Agent for AgentService {
                 ));
             }
         };
+        check_lengths(&[
+            ("operation_id", &header.operation_id, MAX_OP_ID_BYTES),
+            ("sha256", &header.sha256, MAX_SHA256_BYTES),
+        ])?;
         check_version(&header.version)?;
         let stage_req = self.stage_request(&header.version, &header.sha256);
         let cache = self.cache.clone();
@@ -605,7 +644,17 @@ impl Agent for AgentService {
             let (chunk_tx, reader) = stage::chunk_channel(UPLOAD_CHANNEL_CHUNKS);
             tokio::spawn(async move {
                 loop {
-                    match inbound.message().await {
+                    // A stalled upload must not hold its staging dir and operation id forever.
+                    let Ok(next) = tokio::time::timeout(idle, inbound.message()).await else {
+                        let _ = chunk_tx
+                            .send(Err(format!(
+                                "the upload sent nothing for {}s and was given up",
+                                idle.as_secs()
+                            )))
+                            .await;
+                        break;
+                    };
+                    match next {
                         Ok(Some(StageUploadMessage {
                             msg: Some(stage_upload_message::Msg::Chunk(c)),
                         })) => {
@@ -656,13 +705,22 @@ impl Agent for AgentService {
         req: Request<StageFromUrlRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let r = req.into_inner();
+        check_lengths(&[
+            ("operation_id", &r.operation_id, MAX_OP_ID_BYTES),
+            ("sha256", &r.sha256, MAX_SHA256_BYTES),
+        ])?;
         check_version(&r.version)?;
-        if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
-            return Err(Status::invalid_argument(format!(
-                "'{}' is not an http(s) URL",
-                r.url
-            )));
-        }
+        // Decided before any connection is made, and before the journal: a refused host is
+        // never contacted.
+        crate::url_policy::check_url(&r.url, self.settings.url_hosts.as_deref()).map_err(|e| {
+            match e {
+                crate::url_policy::UrlRefused::HostNotAllowed { .. }
+                | crate::url_policy::UrlRefused::NoHostsAllowed => {
+                    Status::permission_denied(e.to_string())
+                }
+                _ => Status::invalid_argument(e.to_string()),
+            }
+        })?;
         let stage_req = self.stage_request(&r.version, &r.sha256);
         let cache = self.cache.clone();
         let stream = self.stage_stream(r.operation_id.clone(), move |tx| {
@@ -878,6 +936,16 @@ impl Agent for AgentService {
         req: Request<LbServerRequest>,
     ) -> Result<Response<LbServerResponse>, Status> {
         let r = req.into_inner();
+        check_lengths(&[
+            ("operation_id", &r.operation_id, MAX_OP_ID_BYTES),
+            ("server", &r.server, MAX_LB_SERVER_BYTES),
+        ])?;
+        if r.drain_timeout_secs > MAX_DRAIN_TIMEOUT_SECS {
+            return Err(Status::invalid_argument(format!(
+                "drain_timeout_secs {} is more than {MAX_DRAIN_TIMEOUT_SECS} (a day)",
+                r.drain_timeout_secs
+            )));
+        }
         let settings = self.settings.clone();
         // On its own blocking task: a drain finishes (and the file is left consistent) even when
         // the caller goes away.
@@ -894,6 +962,7 @@ impl Agent for AgentService {
     ) -> Result<Response<OperationStatusResponse>, Status> {
         use crate::journal::OpState;
         let id = req.into_inner().operation_id;
+        check_lengths(&[("operation_id", &id, MAX_OP_ID_BYTES)])?;
         let resp = match self.journal.get(&id) {
             None => OperationStatusResponse {
                 operation_id: id,

@@ -95,6 +95,10 @@ pub enum IdentityError {
         "the agent certificate names node '{found}', but the inventory expects node '{expected}' at this address"
     )]
     WrongNode { expected: String, found: String },
+    #[error(
+        "coordinator '{0}' is not in this agent's [tls] allowed_coordinators; add it there (and restart the agent) or use a listed coordinator's certificate"
+    )]
+    NotAllowed(String),
 }
 
 /// Names allowed in identities: they end up in URIs, file names and logs.
@@ -165,6 +169,19 @@ pub fn require_coordinator(
         });
     }
     Ok(peer)
+}
+
+/// The agent's rule with its config: a coordinator-role peer, and one of `allowed` when the agent
+/// lists who may drive it.
+pub fn require_allowed_coordinator(
+    peer_certs: Option<&[impl AsRef<[u8]>]>,
+    allowed: Option<&std::collections::BTreeSet<String>>,
+) -> Result<PeerIdentity, IdentityError> {
+    let peer = require_coordinator(peer_certs)?;
+    match allowed {
+        Some(names) if !names.contains(&peer.name) => Err(IdentityError::NotAllowed(peer.name)),
+        _ => Ok(peer),
+    }
 }
 
 /// The coordinator's rule: the agent must be the node the inventory names.
@@ -246,6 +263,18 @@ mod tests {
         assert_eq!(
             require_coordinator(None::<&[Vec<u8>]>).unwrap_err(),
             IdentityError::NoCertificate
+        );
+        let listed: std::collections::BTreeSet<String> = ["ci".to_string()].into();
+        let only_ci = Some(&listed);
+        assert!(matches!(
+            require_allowed_coordinator(Some(std::slice::from_ref(&coord_der)), only_ci),
+            Err(IdentityError::NotAllowed(n)) if n == "admin"
+        ));
+        assert!(require_allowed_coordinator(Some(std::slice::from_ref(&coord_der)), None).is_ok());
+        let listed: std::collections::BTreeSet<String> = ["admin".to_string()].into();
+        assert!(
+            require_allowed_coordinator(Some(std::slice::from_ref(&coord_der)), Some(&listed))
+                .is_ok()
         );
     }
 }

@@ -1,5 +1,6 @@
 //! The private CA and the certificates it issues (rcgen): one CA per installation, a certificate per
-//! agent and per coordinator, the role and name carried in a `spiffe://bbupgrade/<role>/<name>` SAN URI.
+//! agent and per coordinator, the role and name carried in a `spiffe://bbupgrade/<role>/<name>` SAN URI,
+//! and the CA's revocation list (`crl.pem`) that `bbupgrade pki revoke` adds to.
 
 use crate::identity::{PeerIdentity, Role, validate_name};
 use anyhow::{Context, Result, bail};
@@ -14,10 +15,31 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
 
+mod crl;
+pub use crl::{Revocation, check_crl_of_ca};
+
 pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca.key";
+/// The CA's revocation list, written by `pki init` (empty) and `pki revoke`.
+pub const CRL_FILE: &str = "crl.pem";
 pub const CA_VALIDITY_DAYS: i64 = 3650;
-pub const LEAF_VALIDITY_DAYS: i64 = 825;
+/// Agents are long-lived servers; 397 days is the most public CAs may issue for, too.
+pub const AGENT_VALIDITY_DAYS: i64 = 397;
+/// A coordinator certificate is an admin's credential: short-lived, re-issued each quarter.
+pub const COORDINATOR_VALIDITY_DAYS: i64 = 90;
+/// How long a CRL says it is good for. Verifiers here do not enforce it (an expired list must not
+/// lock every coordinator out); it is informative for other tools.
+pub const CRL_VALIDITY_DAYS: i64 = 3650;
+/// Longest validity `--days` accepts.
+pub const MAX_LEAF_VALIDITY_DAYS: i64 = 3650;
+
+/// How long a certificate of `role` lasts unless `--days` says otherwise.
+pub fn default_validity_days(role: Role) -> i64 {
+    match role {
+        Role::Agent => AGENT_VALIDITY_DAYS,
+        Role::Coordinator => COORDINATOR_VALIDITY_DAYS,
+    }
+}
 
 /// A CA certificate with its key, able to issue leaf certificates.
 pub struct Ca {
@@ -51,8 +73,17 @@ impl IssueRequest {
             name: name.into(),
             sans: Vec::new(),
             not_before: now - Duration::minutes(5),
-            not_after: now + Duration::days(LEAF_VALIDITY_DAYS),
+            not_after: now + Duration::days(default_validity_days(role)),
         }
+    }
+
+    /// Valid for `days` from now instead of the role's default.
+    pub fn with_days(mut self, days: i64) -> Result<Self> {
+        if !(1..=MAX_LEAF_VALIDITY_DAYS).contains(&days) {
+            bail!("--days {days}: give a number of days from 1 to {MAX_LEAF_VALIDITY_DAYS}");
+        }
+        self.not_after = OffsetDateTime::now_utc() + Duration::days(days);
+        Ok(self)
     }
 
     pub fn with_sans(mut self, sans: impl IntoIterator<Item = impl Into<String>>) -> Self {
@@ -117,6 +148,7 @@ impl Ca {
                 dir.display()
             )
         })?;
+        crate::keyfile::check_private(&key_path)?;
         let key_pem = fs::read_to_string(&key_path)
             .with_context(|| format!("reading the CA key {}", key_path.display()))?;
         let key = KeyPair::from_pem(&key_pem)
@@ -124,7 +156,8 @@ impl Ca {
         Ok(Self { cert_pem, key })
     }
 
-    /// Writes `ca.pem` and `ca.key` (0600); refuses to overwrite an existing CA.
+    /// Writes `ca.pem` (0644), `ca.key` (0600) and an empty `crl.pem` (0644); refuses to overwrite
+    /// an existing CA.
     pub fn save(&self, dir: &Path) -> Result<()> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let key_path = dir.join(CA_KEY_FILE);
@@ -135,7 +168,9 @@ impl Ca {
             );
         }
         write_secret(&key_path, &self.key.serialize_pem())?;
-        write_public(&dir.join(CA_CERT_FILE), &self.cert_pem)
+        write_public(&dir.join(CA_CERT_FILE), &self.cert_pem)?;
+        let crl = self.sign_crl(&[], 1)?;
+        write_public(&dir.join(CRL_FILE), &crl)
     }
 
     /// Issues a leaf certificate for an agent or a coordinator.
@@ -212,8 +247,24 @@ pub fn leaf_paths(dir: &Path, role: Role, name: &str) -> (PathBuf, PathBuf) {
 }
 
 impl Issued {
-    /// Writes `<role>-<name>.pem` and `.key` (0600) into a PKI directory; returns their paths.
+    /// Writes `<role>-<name>.pem` (0644) and `.key` (0600) into a PKI directory; returns their
+    /// paths. Refuses to replace an existing certificate or key (see [`Issued::save_replacing`]).
     pub fn save(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+        let (cert, key) = leaf_paths(dir, self.identity.role, &self.identity.name);
+        for p in [&cert, &key] {
+            if fs::symlink_metadata(p).is_ok() {
+                bail!(
+                    "{} already exists; refusing to replace the certificate of {} (give --force to replace it, and `bbupgrade pki revoke` the old one if it may be in the wrong hands)",
+                    p.display(),
+                    self.identity
+                );
+            }
+        }
+        self.save_replacing(dir)
+    }
+
+    /// Like [`Issued::save`], replacing an existing certificate and key.
+    pub fn save_replacing(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
         let (cert, key) = leaf_paths(dir, self.identity.role, &self.identity.name);
         write_secret(&key, &self.key_pem)?;
         write_public(&cert, &self.cert_pem)?;
@@ -235,8 +286,24 @@ fn write_secret(path: &Path, text: &str) -> Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Writes a certificate or CRL: 0644 whatever the umask (agents running as another user read it).
 fn write_public(path: &Path, text: &str) -> Result<()> {
-    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("pem.tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    // The umask may have taken bits away from (or, at 000, left group write on) the mode asked
+    // for; set it on the handle.
+    f.set_permissions(fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

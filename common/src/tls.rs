@@ -1,26 +1,34 @@
-//! Mutual TLS between coordinator and agents: loading PEM files, the agent's server configuration
-//! and its coordinator-only gate, and the coordinator's connector that accepts an agent only when its
-//! certificate names the node the inventory expects.
+//! Mutual TLS between coordinator and agents: loading PEM files (refusing private keys others can
+//! read), the agent's server configuration and its coordinator-only gate, and the coordinator's
+//! connector that accepts an agent only when its certificate names the node the inventory expects.
+//! Both sides check the CA's revocation list when their config names one.
 
 use crate::identity::{self, IdentityError, PeerIdentity};
 use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::CertificateRevocationListDer;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Channel, Endpoint};
 
-/// Where a party's CA, certificate and key live.
+/// Where a party's CA, certificate and key live, and the CA's revocation list if it has one.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `crl.pem` of `bbupgrade pki`: certificates on it are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 /// The PEM contents of [`TlsFiles`], read once.
@@ -29,6 +37,8 @@ pub struct TlsMaterial {
     pub ca_pem: Vec<u8>,
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
+    /// The CA's revocation list, when configured.
+    pub crl_pem: Option<Vec<u8>>,
 }
 
 impl TlsFiles {
@@ -39,18 +49,38 @@ impl TlsFiles {
             ca: dir.join(crate::pki::CA_CERT_FILE),
             cert,
             key,
+            crl: None,
         }
     }
 
+    /// Reads and checks the files: a private key others can read, a certificate or CRL that does
+    /// not parse, or a CRL of another CA is an error naming the file.
     pub fn load(&self) -> Result<TlsMaterial> {
         let read = |what: &str, p: &Path| {
             std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
         };
+        crate::keyfile::check_private(&self.key)?;
         let m = TlsMaterial {
             ca_pem: read("CA certificate", &self.ca)?,
             cert_pem: read("certificate", &self.cert)?,
             key_pem: read("private key", &self.key)?,
+            crl_pem: self
+                .crl
+                .as_deref()
+                .map(|p| read("revocation list", p))
+                .transpose()?,
         };
+        if let Some(crl) = &self.crl {
+            m.crls().with_context(|| format!("in {}", crl.display()))?;
+            crate::pki::check_crl_of_ca(m.crl_pem.as_deref().unwrap_or_default(), &m.ca_pem)
+                .with_context(|| {
+                    format!(
+                        "the revocation list {} is not one of the CA {}",
+                        crl.display(),
+                        self.ca.display()
+                    )
+                })?;
+        }
         m.certs()
             .with_context(|| format!("in {}", self.cert.display()))?;
         m.roots()
@@ -85,6 +115,17 @@ impl TlsMaterial {
         Ok(roots)
     }
 
+    fn crls(&self) -> Result<Vec<CertificateRevocationListDer<'static>>> {
+        let Some(pem) = &self.crl_pem else {
+            return Ok(Vec::new());
+        };
+        let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .context("parsing the PEM revocation list")?;
+        anyhow::ensure!(!crls.is_empty(), "no revocation list found in PEM");
+        Ok(crls)
+    }
+
     /// The identity in our own certificate (to check an agent was given its own node's certificate).
     pub fn own_identity(&self) -> Result<PeerIdentity> {
         let certs = self.certs()?;
@@ -92,31 +133,134 @@ impl TlsMaterial {
     }
 }
 
-/// The agent's TLS: its certificate, and client certificates verified against the CA. A client
-/// without a certificate still completes the handshake so [`require_coordinator`] can refuse it
-/// with a reason the caller sees, instead of an opaque alert.
-pub fn server_tls_config(m: &TlsMaterial) -> ServerTlsConfig {
-    ServerTlsConfig::new()
-        .identity(Identity::from_pem(&m.cert_pem, &m.key_pem))
-        .client_ca_root(Certificate::from_pem(&m.ca_pem))
-        .client_auth_optional(true)
+/// The agent's TLS: its certificate, and client certificates verified against the CA (and its
+/// revocation list). A client without a certificate still completes the handshake so
+/// [`CoordinatorGate`] can refuse it with a reason the caller sees, instead of an opaque alert.
+pub fn agent_server_config(m: &TlsMaterial) -> Result<rustls::ServerConfig> {
+    let provider = provider();
+    let mut verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(m.roots()?), provider.clone())
+            .allow_unauthenticated();
+    let crls = m.crls()?;
+    if !crls.is_empty() {
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = verifier
+        .build()
+        .context("building the client certificate verifier")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.certs()?, m.key()?)
+        .context("loading the agent's certificate and key")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
 }
 
-/// The agent's gate, as a tonic interceptor: only coordinator-role peers pass.
-#[allow(clippy::result_large_err)]
-pub fn require_coordinator(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    let certs = req.peer_certs();
-    match identity::require_coordinator(certs.as_deref().map(|c| c.as_slice())) {
-        Ok(peer) => {
-            tracing::debug!(%peer, "accepted peer");
-            Ok(req)
+/// What identifies a version of a file, to notice it was replaced.
+type FileStamp = (std::time::SystemTime, u64, u64);
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// The agent's server configuration, rebuilt when its CRL file changes: a `crl.pem` copied to the
+/// node after `pki revoke` applies to new connections without a restart. A replacement that does
+/// not load (unreadable, another CA's) is logged and the list loaded before stays in force.
+pub struct AgentServerConfig {
+    material: TlsMaterial,
+    crl_file: Option<PathBuf>,
+    current: std::sync::Mutex<(Option<FileStamp>, Arc<rustls::ServerConfig>)>,
+}
+
+impl AgentServerConfig {
+    /// `material` as loaded at start (its CRL from `crl_file`, when set).
+    pub fn new(material: TlsMaterial, crl_file: Option<PathBuf>) -> Result<Self> {
+        let seen = crl_file.as_deref().and_then(stamp);
+        let config = Arc::new(agent_server_config(&material)?);
+        Ok(Self {
+            material,
+            crl_file,
+            current: std::sync::Mutex::new((seen, config)),
+        })
+    }
+
+    /// The configuration for a new connection.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = &self.crl_file {
+            let now = stamp(path);
+            if now != cur.0 {
+                cur.0 = now;
+                match self.reload(path) {
+                    Ok((config, revoked)) => {
+                        tracing::info!(crl = %path.display(), revoked, "loaded the changed revocation list");
+                        cur.1 = Arc::new(config);
+                    }
+                    Err(e) => tracing::error!(
+                        crl = %path.display(),
+                        error = format!("{e:#}"),
+                        "the revocation list changed but cannot be used; the one loaded before stays in force"
+                    ),
+                }
+            }
         }
-        Err(e) => {
-            tracing::warn!(reason = %e, remote = ?req.remote_addr(), "refused a peer");
-            Err(match e {
-                IdentityError::NoCertificate => tonic::Status::unauthenticated(e.to_string()),
-                _ => tonic::Status::permission_denied(e.to_string()),
-            })
+        cur.1.clone()
+    }
+
+    fn reload(&self, path: &Path) -> Result<(rustls::ServerConfig, usize)> {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let revoked = crate::pki::check_crl_of_ca(&pem, &self.material.ca_pem)?;
+        let m = TlsMaterial {
+            crl_pem: Some(pem),
+            ..self.material.clone()
+        };
+        Ok((agent_server_config(&m)?, revoked))
+    }
+}
+
+/// The agent's gate: only coordinator-role peers pass, and only the listed ones when the agent's
+/// config lists them (`[tls] allowed_coordinators`).
+#[derive(Clone, Debug, Default)]
+pub struct CoordinatorGate {
+    allowed: Option<Arc<BTreeSet<String>>>,
+}
+
+impl CoordinatorGate {
+    /// `None`: any coordinator of the CA.
+    pub fn new(allowed: Option<impl IntoIterator<Item = String>>) -> Self {
+        Self {
+            allowed: allowed.map(|names| Arc::new(names.into_iter().collect())),
+        }
+    }
+
+    /// Who the peer is, if it may drive this agent.
+    pub fn admit(
+        &self,
+        peer_certs: Option<&[impl AsRef<[u8]>]>,
+    ) -> Result<PeerIdentity, IdentityError> {
+        identity::require_allowed_coordinator(peer_certs, self.allowed.as_deref())
+    }
+
+    /// The gate as a tonic interceptor.
+    #[allow(clippy::result_large_err)]
+    pub fn intercept(&self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let certs = req.peer_certs();
+        match self.admit(certs.as_deref().map(|c| c.as_slice())) {
+            Ok(peer) => {
+                tracing::debug!(%peer, "accepted peer");
+                Ok(req)
+            }
+            Err(e) => {
+                tracing::warn!(reason = %e, remote = ?req.remote_addr(), "refused a peer");
+                Err(match e {
+                    IdentityError::NoCertificate => tonic::Status::unauthenticated(e.to_string()),
+                    _ => tonic::Status::permission_denied(e.to_string()),
+                })
+            }
         }
     }
 }
@@ -125,13 +269,56 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Verifies an agent's certificate: signed by our CA, valid now, and naming the expected node.
-/// Host names are not checked: the node identity in the SAN URI is what the coordinator trusts.
+/// Verifies an agent's certificate: signed by our CA, valid now, not revoked, and naming the
+/// expected node. Host names are not checked: the node identity in the SAN URI is what the
+/// coordinator trusts.
 #[derive(Debug)]
 struct AgentVerifier {
     roots: RootCertStore,
+    crls: Vec<webpki::CertRevocationList<'static>>,
     expected_node: String,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl AgentVerifier {
+    /// rustls' chain check takes no CRLs (and its verifier with CRLs insists on a host name), so
+    /// revocation is checked with webpki directly, after the chain passed.
+    fn check_revocation(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        if self.crls.is_empty() {
+            return Ok(());
+        }
+        let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
+        let revocation = webpki::RevocationOptionsBuilder::new(&crls)
+            .map_err(|_| rustls::Error::General("no revocation list".into()))?
+            .with_depth(webpki::RevocationCheckDepth::EndEntity)
+            .build();
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::General(format!("parsing the agent certificate: {e}")))?;
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &self.roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            Some(revocation),
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| match e {
+            webpki::Error::CertRevoked => {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            }
+            webpki::Error::UnknownRevocationStatus => {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownRevocationStatus)
+            }
+            other => rustls::Error::General(format!("checking revocation: {other}")),
+        })
+    }
 }
 
 impl ServerCertVerifier for AgentVerifier {
@@ -151,6 +338,7 @@ impl ServerCertVerifier for AgentVerifier {
             now,
             self.algorithms.all,
         )?;
+        self.check_revocation(end_entity, intermediates, now)?;
         identity::require_agent(end_entity, &self.expected_node)
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         Ok(ServerCertVerified::assertion())
@@ -182,8 +370,18 @@ impl ServerCertVerifier for AgentVerifier {
 /// The coordinator's rustls client configuration for one agent.
 pub fn agent_client_config(m: &TlsMaterial, expected_node: &str) -> Result<rustls::ClientConfig> {
     let provider = provider();
+    let crls = m
+        .crls()?
+        .iter()
+        .map(|der| {
+            webpki::OwnedCertRevocationList::from_der(der.as_ref())
+                .map(webpki::CertRevocationList::from)
+                .map_err(|e| anyhow::anyhow!("parsing the revocation list: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let verifier = AgentVerifier {
         roots: m.roots()?,
+        crls,
         expected_node: expected_node.to_string(),
         algorithms: provider.signature_verification_algorithms,
     };

@@ -58,12 +58,12 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum PkiCommand {
-    /// Create the CA (ca.pem, ca.key) in a directory.
+    /// Create the CA (ca.pem, ca.key) and an empty revocation list (crl.pem) in a directory.
     Init {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Issue a certificate for an agent or a coordinator.
+    /// Issue a certificate for an agent (397 days) or a coordinator (90 days).
     Issue {
         #[arg(long)]
         dir: PathBuf,
@@ -74,6 +74,23 @@ pub enum PkiCommand {
         /// DNS name or IP address the holder is reached at (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// Days the certificate is valid (default: 397 for agents, 90 for coordinators).
+        #[arg(long)]
+        days: Option<i64>,
+        /// Replace an existing certificate and key of this role and name.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Revoke a certificate: add it to crl.pem, then copy crl.pem to every agent (`[tls] crl`)
+    /// and to the inventory's `tls.crl`.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Which certificate when an agent and a coordinator share the name.
+        #[arg(long, value_parser = ["agent", "coordinator"])]
+        role: Option<String>,
     },
 }
 
@@ -192,7 +209,7 @@ fn pki(cmd: PkiCommand) -> Result<()> {
                 .save(&dir)
                 .map_err(|e| BadInput(format!("{e:#}")))?;
             println!(
-                "created the CA in {} (ca.pem, ca.key with mode 0600)",
+                "created the CA in {} (ca.pem, ca.key with mode 0600, an empty crl.pem)",
                 dir.display()
             );
         }
@@ -201,18 +218,51 @@ fn pki(cmd: PkiCommand) -> Result<()> {
             role,
             name,
             sans,
+            days,
+            force,
         } => {
+            let bad = |e: anyhow::Error| BadInput(format!("{e:#}"));
             let role: Role = role.parse().map_err(|e| BadInput(format!("{e}")))?;
-            let ca = Ca::load(&dir).map_err(|e| BadInput(format!("{e:#}")))?;
-            let issued = ca
-                .issue(&IssueRequest::new(role, &name).with_sans(sans))
-                .map_err(|e| BadInput(format!("{e:#}")))?;
-            let (cert, key) = issued.save(&dir).context("writing the certificate")?;
+            let ca = Ca::load(&dir).map_err(bad)?;
+            let mut req = IssueRequest::new(role, &name).with_sans(sans);
+            if let Some(d) = days {
+                req = req.with_days(d).map_err(bad)?;
+            }
+            let issued = ca.issue(&req).map_err(bad)?;
+            let (cert, key) = if force {
+                issued
+                    .save_replacing(&dir)
+                    .context("writing the certificate")?
+            } else {
+                issued.save(&dir).map_err(bad)?
+            };
             println!(
-                "issued {} -> {} and {} (0600)",
+                "issued {} valid until {} -> {} and {} (0600)",
                 issued.identity.uri(),
+                req.not_after.date(),
                 cert.display(),
                 key.display()
+            );
+        }
+        PkiCommand::Revoke { dir, name, role } => {
+            let bad = |e: anyhow::Error| BadInput(format!("{e:#}"));
+            let role = role
+                .map(|r| r.parse::<Role>())
+                .transpose()
+                .map_err(|e| BadInput(format!("{e}")))?;
+            let ca = Ca::load(&dir).map_err(bad)?;
+            let r = ca.revoke(&dir, role, &name).map_err(bad)?;
+            println!(
+                "{} {} (serial {}); {} now lists {} revoked certificate(s): copy it to every agent's [tls] crl and the inventory's tls.crl",
+                if r.already_revoked {
+                    "already revoked"
+                } else {
+                    "revoked"
+                },
+                r.cert.display(),
+                r.serial_hex,
+                r.crl.display(),
+                r.revoked_total
             );
         }
     }

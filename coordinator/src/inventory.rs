@@ -175,6 +175,7 @@ impl Inventory {
             ca: rel(&raw.tls.ca),
             cert: rel(&raw.tls.cert),
             key: rel(&raw.tls.key),
+            crl: raw.tls.crl.as_deref().map(rel),
         };
         let mut names = HashSet::new();
         let mut clusters = Vec::new();

@@ -302,13 +302,14 @@ impl Sandbox {
             let tls = TlsFiles::in_pki_dir(&pki, Role::Agent, &node.name);
             let addr = format!("127.0.0.1:{}", ports[i]);
             let cfg = format!(
-                "node_id = {:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n\n[service]\nkind = \"scripts\"\n\n[limits]\nstop_timeout_secs = 60\nstart_timeout_secs = 120\n",
+                "node_id = {:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\nallowed_coordinators = [\"sandbox-admin\"]\n\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n\n[service]\nkind = \"scripts\"\n\n[limits]\nstop_timeout_secs = 60\nstart_timeout_secs = 120\n\n[stage]\nurl_hosts = [\"127.0.0.1\"]\n",
                 node.name,
                 addr,
                 dir.join(format!("agents/{}", node.name)),
                 tls.ca,
                 tls.cert,
                 tls.key,
+                pki.join(bbupgrade_common::pki::CRL_FILE),
                 node.install_root,
                 node.install_dir,
                 node.home,
@@ -618,7 +619,7 @@ impl Sandbox {
         ca.issue(
             &IssueRequest::new(Role::Agent, LB_AGENT_NODE).with_sans(["127.0.0.1", "localhost"]),
         )?
-        .save(&self.pki)?;
+        .save_replacing(&self.pki)?;
         let tls = TlsFiles::in_pki_dir(&self.pki, Role::Agent, LB_AGENT_NODE);
         let node = &self.sim.nodes()[0];
         let addr = format!("127.0.0.1:{port}");

@@ -13,7 +13,7 @@ use bbupgrade_common::identity::Role;
 use bbupgrade_common::pki::{Ca, IssueRequest};
 use bbupgrade_common::proto::agent_server::{Agent, AgentServer};
 use bbupgrade_common::proto::*;
-use bbupgrade_common::tls::{TlsFiles, TlsMaterial, require_coordinator, server_tls_config};
+use bbupgrade_common::tls::{AgentServerConfig, CoordinatorGate, TlsFiles, TlsMaterial};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -257,6 +257,7 @@ impl StandinFleet {
                     ca_pem: ca.cert_pem.clone().into_bytes(),
                     cert_pem: issued.cert_pem.into_bytes(),
                     key_pem: issued.key_pem.into_bytes(),
+                    crl_pem: None,
                 };
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                 let port = listener.local_addr()?.port();
@@ -265,16 +266,23 @@ impl StandinFleet {
                     cluster: ci,
                     node: ni,
                 };
+                let tls = AgentServerConfig::new(material, None)
+                    .context("configuring the stand-in agent's TLS")?;
+                let gate = CoordinatorGate::default();
+                let interceptor = {
+                    let gate = gate.clone();
+                    move |req| gate.intercept(req)
+                };
                 let server = tonic::transport::Server::builder()
-                    .tls_config(server_tls_config(&material))
-                    .context("configuring the stand-in agent's TLS")?
-                    .add_service(AgentServer::with_interceptor(svc, require_coordinator));
+                    .add_service(AgentServer::with_interceptor(svc, interceptor));
+                let incoming = bbupgrade_common::accept::incoming(
+                    listener,
+                    Arc::new(tls),
+                    gate,
+                    Default::default(),
+                );
                 tasks.push(tokio::spawn(async move {
-                    let _ = server
-                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-                            listener,
-                        ))
-                        .await;
+                    let _ = server.serve_with_incoming(incoming).await;
                 }));
                 writeln!(
                     inv,

@@ -1,9 +1,11 @@
 //! Shared pieces of the end-to-end tests: where the binaries are, a sandbox cluster with real agents
-//! and (optionally) a real HAProxy, and running the `bbupgrade` CLI as a process.
+//! and (optionally) a real HAProxy, a lone agent process to attack (`agent_process`), and running
+//! the `bbupgrade` CLI as a process.
 //!
 //! Integration tests get the binary paths with [`bins!`], because `CARGO_BIN_EXE_*` is only set
 //! while compiling the test package's integration tests.
 
+pub mod agent_process;
 pub mod cli_process;
 pub mod faultproxy;
 pub mod fleet_standin;

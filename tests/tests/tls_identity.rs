@@ -7,6 +7,7 @@ use bbupgrade_common::pki::{Ca, IssueRequest, Issued};
 use bbupgrade_common::proto::NodeInfoRequest;
 use bbupgrade_common::proto::agent_client::AgentClient;
 use bbupgrade_common::tls::{TlsFiles, TlsMaterial, connect_agent, error_chain};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -44,6 +45,7 @@ fn material(trusts: &Ca, issued: &Issued) -> TlsMaterial {
         ca_pem: trusts.cert_pem.clone().into_bytes(),
         cert_pem: issued.cert_pem.clone().into_bytes(),
         key_pem: issued.key_pem.clone().into_bytes(),
+        crl_pem: None,
     }
 }
 
@@ -86,16 +88,19 @@ async fn start_agent(node: &str, trusts: &Ca, issued: &Issued) -> InProcessAgent
         "#!/bin/sh\nexit 0\n",
     );
     std::fs::create_dir_all(d.join("home")).unwrap();
+    let key = write(&d.join("agent.key"), &issued.key_pem);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let tls = TlsFiles {
         ca: write(&d.join("ca.pem"), &trusts.cert_pem),
         cert: write(&d.join("agent.pem"), &issued.cert_pem),
-        key: write(&d.join("agent.key"), &issued.key_pem),
+        key,
+        crl: None,
     };
     let raw = bbupgrade_agent::config::RawConfig {
         node_id: node.into(),
         listen: "127.0.0.1:0".into(),
         state_dir: Some(d.join("state")),
-        tls,
+        tls: tls.into(),
         bitbucket: bbupgrade_agent::config::RawBitbucket {
             install_root,
             current_install: current,
@@ -115,6 +120,7 @@ async fn start_agent(node: &str, trusts: &Ca, issued: &Issued) -> InProcessAgent
             systemctl: None,
         },
         limits: Default::default(),
+        stage: Default::default(),
         lb: None,
     };
     let settings = bbupgrade_agent::config::Settings::validate(raw).expect("agent settings");

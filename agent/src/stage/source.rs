@@ -1,5 +1,7 @@
 //! Where archive bytes come from besides a file: chunks pushed by async code (the gRPC upload), and
-//! an HTTP(S) download, both bridged to the blocking one-pass stage.
+//! an HTTP(S) download, both bridged to the blocking one-pass stage. Which URLs may be fetched is
+//! decided before this (`crate::url_policy`); here a redirect may not leave the URL's host, and
+//! errors quote the URL redacted.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -18,6 +20,8 @@ const DOWNLOAD_CHANNEL_CHUNKS: usize = 64;
 const CONNECT_TIMEOUT_SECS: u64 = 30;
 /// A download that delivers nothing for this long is given up.
 const READ_TIMEOUT_SECS: u64 = 120;
+/// Redirects followed at most (each on the URL's own host).
+const MAX_REDIRECTS: usize = 5;
 
 /// The error a [`ChunkReader`] returns once the sending side reported a failure; the stage turns it
 /// into [`StageError::Corrupt`] (the archive is truncated).
@@ -79,7 +83,7 @@ impl Read for ChunkReader {
     }
 }
 
-/// See [`super::stage_from_url`].
+/// See [`super::stage_from_url`]. The caller has checked `url` against `[stage] url_hosts`.
 pub async fn stage_from_url(
     url: &str,
     req: StageRequest,
@@ -118,19 +122,33 @@ pub async fn stage_from_url(
         }
     }
 
+    let shown = crate::url_policy::redact_url(url);
+    let origin = reqwest::Url::parse(url)
+        .map_err(|_| StageError::Download(format!("{shown} is not a valid URL")))?;
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(CONNECT_TIMEOUT_SECS))
         .read_timeout(Duration::from_secs(READ_TIMEOUT_SECS))
+        .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+            } else if crate::url_policy::redirect_allowed(&origin, attempt.url()) {
+                attempt.follow()
+            } else {
+                let to = crate::url_policy::redact_url(attempt.url().as_str());
+                attempt.error(format!(
+                    "refused a redirect to {to}: a download may not leave the URL's host"
+                ))
+            }
+        }))
         .build()
         .map_err(|e| StageError::Download(format!("setting up the HTTP client: {}", chain(&e))))?;
-    let mut resp = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| StageError::Download(format!("GET {url}: {}", chain(&e))))?;
+    let mut resp =
+        client.get(url).send().await.map_err(|e| {
+            StageError::Download(format!("GET {shown}: {}", chain(&e.without_url())))
+        })?;
     if !resp.status().is_success() {
         return Err(StageError::Download(format!(
-            "GET {url}: HTTP {}",
+            "GET {shown}: HTTP {}",
             resp.status()
         )));
     }
@@ -149,7 +167,7 @@ pub async fn stage_from_url(
             }
             Ok(None) => break None,
             Err(e) => {
-                let msg = format!("GET {url}: {}", chain(&e));
+                let msg = format!("GET {shown}: {}", chain(&e.without_url()));
                 let _ = tx.send(Err(msg.clone())).await;
                 break Some(msg);
             }
