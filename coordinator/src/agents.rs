@@ -47,6 +47,10 @@ pub fn status_text(node: &str, s: &tonic::Status) -> String {
             "node '{node}': the agent is unreachable ({})",
             bbupgrade_common::tls::error_chain(s)
         ),
+        // The transport gave up on the call: the link to the agent broke while it was running.
+        tonic::Code::Cancelled => format!(
+            "node '{node}': the connection to the agent was lost during the call ({msg}); the operation may still be running on the node"
+        ),
         _ => format!("node '{node}': {msg}"),
     }
 }
