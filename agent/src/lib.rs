@@ -5,7 +5,8 @@
 //! extract of a release), `prepare` (home and customizations), `service` (stop/start through the
 //! service manager), `activate` (point the service definition at an install), `journal` (operation
 //! ids and their results), `metrics` (load), `lb` (the optional load-balancer role on an NGINX host),
-//! `server` (the gRPC service), `cli` (the binary).
+//! `server` (the gRPC service), `cli` (the binary); `rootfs` is the only way the agent writes files
+//! (directory handles, no links followed).
 
 pub mod activate;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod lb;
 pub mod metrics;
 pub mod node_state;
 pub mod prepare;
+pub mod rootfs;
 pub mod server;
 pub mod service;
 pub mod stage;
