@@ -59,9 +59,7 @@ impl Reader {
     /// Whether this user may write a file or directory with this owner and mode.
     pub fn may_write(&self, st: &Stat) -> bool {
         let mode = st.st_mode;
-        st.st_uid == self.uid
-            || (st.st_gid == self.gid && mode & 0o020 != 0)
-            || mode & 0o002 != 0
+        st.st_uid == self.uid || (st.st_gid == self.gid && mode & 0o020 != 0) || mode & 0o002 != 0
     }
 }
 

@@ -717,6 +717,10 @@ impl Agent for AgentService {
                     new_install: new_install.clone(),
                     home: s.home.clone(),
                     extra_files: s.carry_files.clone(),
+                    bitbucket_user: crate::rootfs::Reader {
+                        uid: s.user.uid,
+                        gid: s.user.gid,
+                    },
                 };
                 let outcome = tokio::task::spawn_blocking(move || prepare::prepare(&input))
                     .await

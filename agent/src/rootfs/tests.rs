@@ -133,7 +133,10 @@ fn reading_refuses_links_fifos_and_missing_files_are_none() {
     assert!(err.to_string().contains("not a regular file"), "{err}");
     assert_eq!(d.read(Path::new("missing")).unwrap(), None);
     assert_eq!(d.read(Path::new("nodir/missing")).unwrap(), None);
-    assert_eq!(d.read(Path::new("victim")).unwrap().unwrap(), b"root secret\n");
+    assert_eq!(
+        d.read(Path::new("victim")).unwrap().unwrap(),
+        b"root secret\n"
+    );
 }
 
 #[test]
@@ -148,9 +151,7 @@ fn read_as_refuses_what_the_user_could_not_read() {
     let d = Dir::open_trusted(t.path()).unwrap();
     // A hard link to a 0600 file of another owner reads as that file: refused for `other`.
     std::fs::hard_link(&v, t.path().join("set-jre-home.sh")).unwrap();
-    let err = d
-        .read_as(Path::new("set-jre-home.sh"), &other)
-        .unwrap_err();
+    let err = d.read_as(Path::new("set-jre-home.sh"), &other).unwrap_err();
     assert!(err.to_string().contains("not readable"), "{err}");
     assert!(!err.to_string().contains("root secret"));
     // Readable by others: fine.
