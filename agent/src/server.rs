@@ -193,9 +193,6 @@ impl AgentService {
             version: version.to_string(),
             sha256: sha256.to_string(),
             install_root: self.settings.install_root.clone(),
-            owner: nix::unistd::geteuid()
-                .is_root()
-                .then_some((self.settings.user.uid, self.settings.user.gid)),
             limits: stage::StageLimits {
                 max_total_bytes: self.settings.max_archive_bytes,
                 ..Default::default()
