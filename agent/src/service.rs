@@ -2,6 +2,12 @@
 //!
 //! Scripts that start the node leave a backgrounded JVM behind which inherits the script's file
 //! descriptors, so their output always goes to a log file, never to a pipe we would wait on.
+//!
+//! Bitbucket's scripts never run as root: with `scripts` the agent drops to the configured user in
+//! the child itself (supplementary groups, gid, uid) before exec; an init script or a script it
+//! runs that the Bitbucket user could edit is refused; a systemd unit must say `User=` that user.
+//! The Bitbucket log is read for an error message only as that user, by a child that dropped
+//! privileges.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,6 +22,8 @@ const POLL_MS: u64 = 200;
 const STATUS_REQUEST_TIMEOUT_MS: u64 = 2000;
 const TAIL_LINES: usize = 20;
 const TAIL_BYTES: usize = 4000;
+/// How long reading the Bitbucket log's tail as the Bitbucket user may take.
+const TAIL_READ_SECS: u64 = 5;
 const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Environment passed through to the product's scripts when the agent has it.
 const PASSED_ENV: [&str; 3] = ["JAVA_HOME", "JRE_HOME", "LANG"];
@@ -42,6 +50,8 @@ pub enum ServiceError {
     },
     #[error("refusing to run {script} as root: {reason}")]
     RefuseRoot { script: String, reason: String },
+    #[error("refusing to run {what}: {reason}")]
+    Unsafe { what: String, reason: String },
     #[error("could not read {}: {source}", file.display())]
     Read {
         file: PathBuf,
@@ -111,12 +121,117 @@ pub fn tail(text: &str, lines: usize) -> String {
     s
 }
 
-/// The tail of a file, or a note that it could not be read.
+/// The tail of a file of the agent's own (its state dir), or a note that it could not be read.
 fn file_tail(path: &Path) -> String {
     match std::fs::read(path) {
         Ok(b) => tail(&String::from_utf8_lossy(&b), TAIL_LINES),
         Err(e) => format!("({} not readable: {e})", path.display()),
     }
+}
+
+/// The tail of a file the Bitbucket user can write (its log), read only as that user: by `tail`
+/// in a child that dropped to it when the agent is root, so no link in that file's path can make
+/// root read anything for it. Bounded to [`TAIL_BYTES`]-ish bytes and a few seconds.
+pub async fn user_file_tail(path: &Path, user: Option<&BitbucketUser>) -> String {
+    let mut cmd = Command::new("tail");
+    cmd.arg("-c")
+        .arg((4 * TAIL_BYTES).to_string())
+        .arg("--")
+        .arg(path)
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    if nix::unistd::geteuid().is_root() {
+        let Some(user) = user else {
+            return format!(
+                "({} not read: the agent reads the Bitbucket log only as the Bitbucket user, and none is configured)",
+                path.display()
+            );
+        };
+        if let Err(e) = drop_privileges(&mut cmd, user) {
+            return format!("({} not read: {e})", path.display());
+        }
+    }
+    let out = tokio::time::timeout(Duration::from_secs(TAIL_READ_SECS), cmd.output()).await;
+    match out {
+        Ok(Ok(o)) if o.status.success() => tail(&String::from_utf8_lossy(&o.stdout), TAIL_LINES),
+        Ok(Ok(_)) => format!("({} not readable by the Bitbucket user)", path.display()),
+        Ok(Err(e)) => format!("({} not read: {e})", path.display()),
+        Err(_) => format!("({} not read within {TAIL_READ_SECS} s)", path.display()),
+    }
+}
+
+/// The Bitbucket user from the agent config, as the child processes need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitbucketUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl BitbucketUser {
+    /// Looks a user up by name (the config does this once at start).
+    pub fn from_name(name: &str) -> Option<Self> {
+        let u = nix::unistd::User::from_name(name).ok().flatten()?;
+        Some(BitbucketUser {
+            name: u.name,
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+        })
+    }
+
+    pub fn reader(&self) -> crate::rootfs::Reader {
+        crate::rootfs::Reader {
+            uid: self.uid,
+            gid: self.gid,
+        }
+    }
+
+    fn home(&self) -> String {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
+            .ok()
+            .flatten()
+            .map(|u| u.dir.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "/".to_string())
+    }
+}
+
+/// Makes `cmd`'s child become `user` before exec: its supplementary groups, gid and uid (real,
+/// effective and saved), checked. The group list is looked up here, in the parent: only plain
+/// system calls run between fork and exec.
+fn drop_privileges(cmd: &mut Command, user: &BitbucketUser) -> std::io::Result<()> {
+    use nix::unistd::{Gid, Uid};
+    if user.uid == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "the Bitbucket user is root",
+        ));
+    }
+    let name = std::ffi::CString::new(user.name.as_str())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let gid = Gid::from_raw(user.gid);
+    let uid = Uid::from_raw(user.uid);
+    let groups = nix::unistd::getgrouplist(&name, gid).map_err(std::io::Error::from)?;
+    // SAFETY: the closure only makes system calls (setgroups, setresgid, setresuid, getuid)
+    // on data prepared before the fork; it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setgroups(&groups)?;
+            nix::unistd::setresgid(gid, gid, gid)?;
+            nix::unistd::setresuid(uid, uid, uid)?;
+            if nix::unistd::getuid() != uid || nix::unistd::geteuid() != uid {
+                return Err(std::io::Error::other(
+                    "could not drop to the Bitbucket user",
+                ));
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 fn describe(cmd: &Command) -> String {
@@ -238,6 +353,8 @@ pub struct Systemd {
     /// The bundled search unit, `atlbitbucket_search.service` by default.
     pub search_unit: String,
     pub timeout: Duration,
+    /// When set (the agent is root): the unit file, and the user its `User=` must name.
+    pub require_user: Option<(PathBuf, String)>,
 }
 
 impl Systemd {
@@ -247,7 +364,51 @@ impl Systemd {
             systemctl: PathBuf::from("systemctl"),
             search_unit: "atlbitbucket_search.service".to_string(),
             timeout: Duration::from_secs(SCRIPT_TIMEOUT_SECS),
+            require_user: None,
         }
+    }
+
+    /// Refuses a unit that would run Bitbucket as anyone but the configured user (root, when it
+    /// has no `User=`), counting drop-ins next to the unit file.
+    fn check_user(&self) -> Result<(), ServiceError> {
+        let Some((unit_path, user)) = &self.require_user else {
+            return Ok(());
+        };
+        let read = |p: &Path| -> Result<Option<String>, ServiceError> {
+            crate::rootfs::read_config_file(p)
+                .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                .map_err(|source| ServiceError::Read {
+                    file: p.to_path_buf(),
+                    source,
+                })
+        };
+        let mut texts = vec![read(unit_path)?.ok_or_else(|| ServiceError::Read {
+            file: unit_path.clone(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?];
+        let mut dropin_dirs = vec![PathBuf::from(format!("{}.d", unit_path.display()))];
+        let etc = Path::new("/etc/systemd/system").join(format!("{}.d", self.unit));
+        if !dropin_dirs.contains(&etc) {
+            dropin_dirs.push(etc);
+        }
+        for dir in dropin_dirs {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut confs: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "conf"))
+                .collect();
+            confs.sort();
+            for c in confs {
+                texts.extend(read(&c)?);
+            }
+        }
+        check_unit_user(&texts, user).map_err(|reason| ServiceError::Unsafe {
+            what: format!("{} ({})", self.unit, unit_path.display()),
+            reason,
+        })
     }
 
     async fn systemctl(&self, args: &[&str]) -> Result<String, ServiceError> {
@@ -265,9 +426,11 @@ impl ServiceManager for Systemd {
         "systemd"
     }
     async fn stop(&self) -> Result<(), ServiceError> {
+        self.check_user()?;
         self.systemctl(&["stop", &self.unit]).await.map(drop)
     }
     async fn start(&self) -> Result<(), ServiceError> {
+        self.check_user()?;
         self.systemctl(&["start", &self.unit]).await.map(drop)
     }
     async fn daemon_reload(&self) -> Result<(), ServiceError> {
@@ -300,7 +463,73 @@ impl ServiceManager for Systemd {
     }
 }
 
-/// init.d: `<script> stop|start`, as root (init scripts switch users themselves).
+/// The user a unit's `[Service]` section runs as: the last `User=` over the unit and its drop-ins
+/// (an empty `User=` resets it), `None` for root.
+pub fn unit_user(texts: &[String]) -> Option<String> {
+    let mut user = None;
+    for text in texts {
+        let mut in_service = false;
+        for line in text.lines() {
+            let t = line.trim();
+            if t.starts_with('[') {
+                in_service = t == "[Service]";
+                continue;
+            }
+            if !in_service {
+                continue;
+            }
+            if let Some(v) = t.strip_prefix("User=") {
+                let v = v.trim().trim_matches('"');
+                user = (!v.is_empty()).then(|| v.to_string());
+            }
+        }
+    }
+    user
+}
+
+/// Refuses a unit that does not run as `user`.
+pub fn check_unit_user(texts: &[String], user: &str) -> Result<(), String> {
+    match unit_user(texts) {
+        Some(u) if u == user => Ok(()),
+        found => Err(format!(
+            "it runs Bitbucket as {}, not as the configured Bitbucket user {user}; set `User={user}` in its [Service] section (and no drop-in overriding it), then systemctl daemon-reload",
+            found.map_or_else(|| "root (no User=)".to_string(), |u| format!("User={u}"))
+        )),
+    }
+}
+
+/// The first path among `paths` (a file or one of its directories) that `user` can write, if any.
+/// Each path is checked as it resolves and where its link sits, up to `/`.
+pub fn user_writable(paths: &[PathBuf], user: &crate::rootfs::Reader) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut chains = Vec::new();
+    for p in paths {
+        chains.extend(std::fs::canonicalize(p).ok());
+        if let Some(parent) = p.parent() {
+            chains.extend(std::fs::canonicalize(parent).ok());
+        }
+    }
+    for chain in chains {
+        for a in chain.ancestors() {
+            let Ok(m) = std::fs::metadata(a) else {
+                continue;
+            };
+            // In a sticky directory (like /tmp) others may add names but not replace the ones
+            // we check next, which are not theirs.
+            let sticky_for_others = m.is_dir() && m.mode() & 0o1000 != 0 && m.uid() != user.uid;
+            let writable = m.uid() == user.uid
+                || (m.gid() == user.gid && m.mode() & 0o020 != 0)
+                || m.mode() & 0o002 != 0;
+            if writable && !sticky_for_others {
+                return Some(a.to_path_buf());
+            }
+        }
+    }
+    None
+}
+
+/// init.d: `<script> stop|start`, as root. Refused when the Bitbucket user could edit the
+/// script or a script of the install it runs.
 #[derive(Debug, Clone)]
 pub struct Initd {
     pub script: PathBuf,
@@ -309,6 +538,9 @@ pub struct Initd {
     /// Where the script's output goes (it backgrounds the JVM, which inherits it).
     pub log_file: PathBuf,
     pub timeout: Duration,
+    /// When set (the agent is root): the Bitbucket user, and the active install whose `bin/*.sh`
+    /// the init script runs.
+    pub guard: Option<(BitbucketUser, Arc<RwLock<PathBuf>>)>,
 }
 
 impl Initd {
@@ -318,10 +550,45 @@ impl Initd {
             search_script: PathBuf::from("/etc/init.d/atlbitbucket_search"),
             log_file: log_file.into(),
             timeout: Duration::from_secs(SCRIPT_TIMEOUT_SECS),
+            guard: None,
+        }
+    }
+
+    /// Refuses to run `script` as root when the Bitbucket user could edit it, a directory above
+    /// it, or a `bin/*.sh` of the active install (which the init script runs).
+    fn check_writable(&self, script: &Path) -> Result<(), ServiceError> {
+        let Some((user, install)) = &self.guard else {
+            return Ok(());
+        };
+        let install = match install.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let mut paths = vec![script.to_path_buf(), install.join("bin")];
+        if let Ok(entries) = std::fs::read_dir(install.join("bin")) {
+            let mut scripts: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sh"))
+                .collect();
+            scripts.sort();
+            paths.extend(scripts);
+        }
+        match user_writable(&paths, &user.reader()) {
+            None => Ok(()),
+            Some(w) => Err(ServiceError::Unsafe {
+                what: format!("{} as root", script.display()),
+                reason: format!(
+                    "the Bitbucket user {} can write {}, so it could make root run anything: make it root-owned and not group/other-writable (chown root:root, chmod go-w), or upgrade to an install bbupgrade staged",
+                    user.name,
+                    w.display()
+                ),
+            }),
         }
     }
 
     async fn run(&self, script: &Path, action: &str) -> Result<(), ServiceError> {
+        self.check_writable(script)?;
         let mut cmd = Command::new(script);
         cmd.arg(action);
         clean_env(&mut cmd, "/root");
@@ -358,47 +625,53 @@ impl ServiceManager for Initd {
     }
 }
 
-/// Whom to run the product's scripts as when the agent is root and `set-bitbucket-user.sh` sets no user.
+/// Whom the product's scripts run as: the configured Bitbucket user (always, when the agent is
+/// root), or the agent's own user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunAs {
     Current,
-    User(String),
+    User(BitbucketUser),
 }
 
 /// How to invoke a product script, decided by [`plan_script_run`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invocation {
-    /// Run it as the agent's own user (a non-root agent, or root when the script switches itself).
+    /// Run it as the agent's own user (an unprivileged agent).
     Direct,
-    /// `runuser -u <user> -- <script> <args>`.
-    AsUser(String),
+    /// Drop to this user in the child, then exec the script.
+    AsUser(BitbucketUser),
 }
 
 /// Decide how to run a product script. `script_user` is the `BITBUCKET_USER` the install's
-/// `bin/set-bitbucket-user.sh` sets (None or empty when unset).
+/// `bin/set-bitbucket-user.sh` sets (None or empty when unset): it must be the configured user
+/// (the agent never lets that file choose whom root becomes), and with root the agent itself
+/// drops to the configured user.
 pub fn plan_script_run(
     is_root: bool,
     script_user: Option<&str>,
     run_as: &RunAs,
 ) -> Result<Invocation, String> {
+    if let (Some(named), RunAs::User(u)) = (script_user.filter(|u| !u.is_empty()), run_as)
+        && named != u.name
+    {
+        return Err(format!(
+            "bin/set-bitbucket-user.sh sets BITBUCKET_USER={named}, but the agent config runs Bitbucket as {}; make them agree (edit that file, or set bitbucket.user in the agent config)",
+            u.name
+        ));
+    }
     if !is_root {
         return Ok(Invocation::Direct);
     }
-    match script_user.filter(|u| !u.is_empty()) {
-        Some("root") => Err("bin/set-bitbucket-user.sh sets BITBUCKET_USER=root".to_string()),
-        // The product's script switches to its user with `runuser -l` itself.
-        Some(_) => Ok(Invocation::Direct),
-        None => match run_as {
-            RunAs::User(u) if !u.is_empty() && u != "root" => Ok(Invocation::AsUser(u.clone())),
-            RunAs::User(_) => Err(
-                "the configured user is root; set run_as to the Bitbucket user in the agent config"
-                    .to_string(),
-            ),
-            RunAs::Current => Err(
-                "bin/set-bitbucket-user.sh sets no BITBUCKET_USER and no user is configured; set run_as to the Bitbucket user in the agent config"
-                    .to_string(),
-            ),
-        },
+    match run_as {
+        RunAs::User(u) if u.uid != 0 && u.name != "root" => Ok(Invocation::AsUser(u.clone())),
+        RunAs::User(_) => Err(
+            "the configured user is root; set bitbucket.user to the Bitbucket user in the agent config"
+                .to_string(),
+        ),
+        RunAs::Current => Err(
+            "no Bitbucket user is configured; set bitbucket.user in the agent config (the agent never runs Bitbucket's scripts as root)"
+                .to_string(),
+        ),
     }
 }
 
@@ -458,16 +731,19 @@ impl Scripts {
         let install = self.active_install();
         let path = install.join("bin").join(script);
         let user_file = install.join("bin/set-bitbucket-user.sh");
-        let script_user = match std::fs::read_to_string(&user_file) {
-            Ok(t) => parse_bitbucket_user(&t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(ServiceError::Read {
-                    file: user_file,
-                    source,
-                });
-            }
+        // The file is the Bitbucket user's to edit in an install that predates bbupgrade: read it
+        // without links, only as that user could.
+        let reader = match &self.run_as {
+            RunAs::User(u) => u.reader(),
+            RunAs::Current => crate::rootfs::Reader::current(),
         };
+        let script_user = crate::rootfs::open_install(&install)
+            .and_then(|d| d.read_as(Path::new("bin/set-bitbucket-user.sh"), &reader))
+            .map_err(|source| ServiceError::Read {
+                file: user_file,
+                source,
+            })?
+            .and_then(|t| parse_bitbucket_user(&String::from_utf8_lossy(&t)));
         let is_root = nix::unistd::geteuid().is_root();
         let plan =
             plan_script_run(is_root, script_user.as_deref(), &self.run_as).map_err(|reason| {
@@ -476,21 +752,18 @@ impl Scripts {
                     reason,
                 }
             })?;
-        let mut cmd = match &plan {
-            Invocation::Direct => Command::new(&path),
-            Invocation::AsUser(user) => {
-                let mut c = Command::new("runuser");
-                c.arg("-u").arg(user).arg("--").arg(&path);
-                c
-            }
-        };
+        // A fixed argument list; no BITBUCKET_USER in the environment, so the product's script
+        // never tries to switch users again.
+        let mut cmd = Command::new(&path);
         cmd.args(args).current_dir(install.join("bin"));
         let home = match &plan {
-            Invocation::AsUser(user) => nix::unistd::User::from_name(user)
-                .ok()
-                .flatten()
-                .map(|u| u.dir.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "/".to_string()),
+            Invocation::AsUser(user) => {
+                drop_privileges(&mut cmd, user).map_err(|source| ServiceError::Spawn {
+                    command: describe(&cmd),
+                    source,
+                })?;
+                user.home()
+            }
             Invocation::Direct => std::env::var("HOME").unwrap_or_else(|_| "/".to_string()),
         };
         clean_env(&mut cmd, &home);
@@ -678,11 +951,13 @@ pub async fn wait_stopped(
     }
 }
 
-/// Poll `/status` until RUNNING. ERROR and FIRST_RUN fail at once; errors carry the log's tail.
+/// Poll `/status` until RUNNING. ERROR and FIRST_RUN fail at once; errors carry the tail of the
+/// Bitbucket log, read as `user` (see [`user_file_tail`]).
 pub async fn wait_running(
     status_url: &str,
     timeout: Duration,
     log_file: &Path,
+    user: Option<&BitbucketUser>,
 ) -> Result<NodeStatus, ServiceError> {
     let client = client();
     let started = tokio::time::Instant::now();
@@ -693,13 +968,13 @@ pub async fn wait_running(
             NodeStatus::Error => {
                 return Err(ServiceError::NodeError {
                     url: status_url.to_string(),
-                    log_tail: file_tail(log_file),
+                    log_tail: user_file_tail(log_file, user).await,
                 });
             }
             NodeStatus::FirstRun => {
                 return Err(ServiceError::FirstRun {
                     url: status_url.to_string(),
-                    log_tail: file_tail(log_file),
+                    log_tail: user_file_tail(log_file, user).await,
                 });
             }
             _ => {}
@@ -709,7 +984,7 @@ pub async fn wait_running(
                 url: status_url.to_string(),
                 secs: timeout.as_secs(),
                 last: status.to_string(),
-                log_tail: file_tail(log_file),
+                log_tail: user_file_tail(log_file, user).await,
             });
         }
         tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
