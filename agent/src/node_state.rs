@@ -35,9 +35,7 @@ impl StateFile {
     }
 
     pub fn save(&self, state: &NodeState) -> std::io::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
-        std::fs::rename(&tmp, &self.path)
+        crate::rootfs::write_config_file(&self.path, &serde_json::to_vec_pretty(state)?, 0o644)
     }
 }
 

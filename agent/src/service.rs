@@ -24,6 +24,8 @@ const TAIL_LINES: usize = 20;
 const TAIL_BYTES: usize = 4000;
 /// How long reading the Bitbucket log's tail as the Bitbucket user may take.
 const TAIL_READ_SECS: u64 = 5;
+/// A pid file holds a number and a newline.
+const PID_FILE_MAX_BYTES: i64 = 64;
 const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Environment passed through to the product's scripts when the agent has it.
 const PASSED_ENV: [&str; 3] = ["JAVA_HOME", "JRE_HOME", "LANG"];
@@ -868,13 +870,29 @@ pub struct StopReport {
     pub waited: Duration,
 }
 
+/// The pid in Bitbucket's pid file (in its home, which the Bitbucket user can write): never read
+/// through a link at the file, and only a few bytes of a regular file.
 fn read_pid(pid_file: &Path) -> Option<i32> {
-    std::fs::read_to_string(pid_file)
-        .ok()?
-        .trim()
-        .parse()
+    let (dir, name) = crate::rootfs::Dir::open_parent_trusted(pid_file).ok()?;
+    let (file, st) = dir.open_file(Path::new(&name)).ok()??;
+    if st.st_size > PID_FILE_MAX_BYTES {
+        return None;
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(file, PID_FILE_MAX_BYTES as u64),
+        &mut text,
+    )
+    .ok()?;
+    text.trim().parse().ok().filter(|p: &i32| *p > 0)
+}
+
+/// The owner of a running process, from `/proc`.
+fn process_uid(pid: i32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}"))
         .ok()
-        .filter(|p: &i32| *p > 0)
+        .map(|m| m.uid())
 }
 
 /// Whether a process exists and is not a zombie waiting to be reaped.
@@ -925,6 +943,13 @@ pub async fn wait_stopped(
         if started.elapsed() >= timeout {
             if kill_after_timeout && let Some(p) = pid.filter(|p| alive(*p)) {
                 use nix::sys::signal::{Signal, kill};
+                // The pid file is the Bitbucket user's to write: never kill a root process for it.
+                if process_uid(p) == Some(0) {
+                    return Err(ServiceError::Unsafe {
+                        what: format!("kill pid {p} (from {})", pid_file.display()),
+                        reason: "it is a root process, and Bitbucket never runs as root: stop it by hand if it really is Bitbucket".to_string(),
+                    });
+                }
                 kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL)
                     .map_err(|source| ServiceError::Kill { pid: p, source })?;
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

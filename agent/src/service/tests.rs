@@ -173,11 +173,16 @@ async fn wait_running_times_out_on_a_silent_node_in_paused_time() {
 }
 
 /// A `sleep` child reaped by a thread, its pid in a pid file.
+/// Under root it runs as `nobody`, as Bitbucket would (a root process is never killed).
 fn sleeper(dir: &Path, secs: &str) -> (PathBuf, i32) {
-    let child = std::process::Command::new("sleep")
-        .arg(secs)
-        .spawn()
-        .unwrap();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg(secs);
+    if nix::unistd::geteuid().is_root() {
+        use std::os::unix::process::CommandExt;
+        let u = nobody();
+        cmd.uid(u.uid).gid(u.gid);
+    }
+    let child = cmd.spawn().unwrap();
     let pid = child.id() as i32;
     let pid_file = dir.join("bitbucket.pid");
     std::fs::write(&pid_file, format!("{pid}\n")).unwrap();
@@ -214,6 +219,39 @@ async fn wait_stopped_times_out_naming_the_pid_or_kills_when_asked() {
         .unwrap();
     assert!(report.killed);
     assert!(!alive(pid));
+}
+
+#[tokio::test]
+async fn a_pid_file_naming_a_root_process_is_never_killed() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIPPED: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid_file = dir.path().join("bitbucket.pid");
+    std::fs::write(&pid_file, format!("{}\n", child.id())).unwrap();
+    let err = wait_stopped(
+        &pid_file,
+        &dead_url().await,
+        Duration::from_millis(300),
+        true,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("root process"), "{err}");
+    assert!(alive(child.id() as i32));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A pid file that is a link is not read at all.
+    let other = dir.path().join("other");
+    std::fs::write(&other, "1\n").unwrap();
+    std::fs::remove_file(&pid_file).unwrap();
+    std::os::unix::fs::symlink(&other, &pid_file).unwrap();
+    assert_eq!(read_pid(&pid_file), None);
 }
 
 #[tokio::test]
