@@ -461,17 +461,14 @@ async fn drive(node: &Node, variant: Variant) -> Result<()> {
         "staged at {}",
         staged.install_path
     );
+    // Installs are root's and not writable by the Bitbucket user (issue 14).
     let meta = std::fs::metadata(m.path(&install(TO)).join("bin/start-bitbucket.sh"))?;
-    let owner = std::fs::read_to_string(m.path("/etc/passwd"))?
-        .lines()
-        .find(|l| l.starts_with(&format!("{USER}:")))
-        .and_then(|l| l.split(':').nth(2).map(str::to_string))
-        .context("no passwd entry")?;
     use std::os::unix::fs::MetadataExt;
     ensure!(
-        meta.uid().to_string() == owner,
-        "staged files are owned by uid {}, not {USER}",
-        meta.uid()
+        meta.uid() == 0 && meta.mode() & 0o022 == 0,
+        "staged files are owned by uid {} with mode {:o}, not root's and read-only to {USER}",
+        meta.uid(),
+        meta.mode()
     );
     let prepared = client
         .prepare(req(PrepareRequest {
