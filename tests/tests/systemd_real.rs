@@ -172,7 +172,18 @@ fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
             bbupgrade_sim::node::settings::ADMIN_TOKEN
         ),
     )?;
-    machine.chroot(&["chown", "-R", &format!("{USER}:{USER}"), INSTALL_ROOT, HOME])?;
+    // An init script runs the install's scripts as root, so the agent refuses an install the
+    // Bitbucket user can write (issue 14): there the install stays root's, as it must. Under
+    // systemd the user's own install (as an installer of old left it) is fine: `User=` runs it.
+    let owned = if variant == Variant::Initd {
+        vec![HOME]
+    } else {
+        vec![INSTALL_ROOT, HOME]
+    };
+    let owner = format!("{USER}:{USER}");
+    let mut chown = vec!["chown", "-R", owner.as_str()];
+    chown.extend(owned);
+    machine.chroot(&chown)?;
 
     // The service definition.
     match variant {
