@@ -576,6 +576,26 @@ impl Initd {
             scripts.sort();
             paths.extend(scripts);
         }
+        // The installer's init script lets start-bitbucket.sh switch to the user this file names.
+        let user_file = Path::new("bin/set-bitbucket-user.sh");
+        let named = crate::rootfs::open_install(&install)
+            .and_then(|d| d.read(user_file))
+            .ok()
+            .flatten()
+            .and_then(|t| parse_bitbucket_user(&String::from_utf8_lossy(&t)))
+            .filter(|n| !n.is_empty());
+        if let Some(named) = named
+            && named != user.name
+        {
+            return Err(ServiceError::Unsafe {
+                what: script.display().to_string(),
+                reason: format!(
+                    "{} sets BITBUCKET_USER={named}, but the agent config runs Bitbucket as {}; make them agree (edit that file, or set bitbucket.user in the agent config)",
+                    install.join(user_file).display(),
+                    user.name
+                ),
+            });
+        }
         match user_writable(&paths, &user.reader()) {
             None => Ok(()),
             Some(w) => Err(ServiceError::Unsafe {

@@ -526,6 +526,17 @@ async fn initd_refuses_scripts_the_bitbucket_user_can_write() {
         nix::unistd::chown(path.as_path(), Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    // A root-owned set-bitbucket-user.sh naming another user than the config's is refused too.
+    std::fs::write(
+        install.join("bin/set-bitbucket-user.sh"),
+        "BITBUCKET_USER=\"root\"\n",
+    )
+    .unwrap();
+    let err = m.start().await.unwrap_err().to_string();
+    assert!(
+        err.contains("BITBUCKET_USER=root") && err.contains("nobody"),
+        "{err}"
+    );
     assert_eq!(std::fs::read_to_string(&record).unwrap(), "start\n");
 }
 
