@@ -5,6 +5,11 @@
 //! copies them to the cache), and hands them over; the extractor inflates and writes the entries.
 //! Layout: `rules` decides (pure), `extract` writes, `cache` keeps verified archives, `source`
 //! bridges async chunk streams and downloads.
+//!
+//! The install is the agent's (root's), never the Bitbucket user's: the staging directory is made
+//! 0700 under the install root and everything is created relative to its handle ([`crate::rootfs`]),
+//! so the install root may even be the Bitbucket user's without a race reaching anything else; only
+//! after the rename (checked to have moved that very directory) does the install get its 0755.
 
 mod cache;
 mod extract;

@@ -87,7 +87,7 @@ pub fn parse_bitbucket_user(script: &str) -> Option<String> {
 
 /// The tail of a file the Bitbucket user can write (its log), read only as that user: by `tail`
 /// in a child that dropped to it when the agent is root, so no link in that file's path can make
-/// root read anything for it. Bounded to [`TAIL_BYTES`]-ish bytes and a few seconds.
+/// root read anything for it. Bounded to a few KiB and a few seconds.
 pub async fn user_file_tail(path: &Path, user: Option<&BitbucketUser>) -> String {
     let mut cmd = Command::new("tail");
     cmd.arg("-c")
