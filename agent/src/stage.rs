@@ -63,8 +63,9 @@ pub struct StageLimits {
     /// Decompressed bytes (the tar stream as it inflates, not what headers claim).
     pub max_total_bytes: u64,
     pub max_entries: u64,
-    /// Free bytes the stage must leave on the install root's filesystem: each entry is checked
-    /// against it by the size its header gives before it is written, and again while it is.
+    /// Free bytes the stage must leave on the install root's filesystem (at most 5 % of it):
+    /// each entry is checked against it by the size its header gives before it is written, and
+    /// again while it is.
     pub min_free_bytes: u64,
 }
 

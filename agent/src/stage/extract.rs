@@ -27,6 +27,8 @@ const META_BYTES_PER_ENTRY: u64 = 1 << 20;
 const DEFAULT_DIR_MODE: u32 = 0o755;
 /// Mode of directories while extracting: only we can write there until the stage is complete.
 const STAGING_DIR_MODE: u32 = 0o700;
+/// The free-disk reserve is at most this fraction (1/20 = 5 %) of the filesystem's size.
+const RESERVE_MAX_FRACTION: u64 = 20;
 /// While a file is written, the free disk is checked again after this many bytes.
 const SPACE_CHECK_BYTES: u64 = 64 << 20;
 /// Folders whose files get hashed into the manifest (customizations live there).
@@ -56,7 +58,9 @@ impl ExtractCtx<'_> {
             )
         })?;
         let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
-        if !space_ok(free, needed, self.limits.min_free_bytes) {
+        let size = vfs.f_blocks.saturating_mul(vfs.f_frsize);
+        let reserve = reserve(size, self.limits.min_free_bytes);
+        if !space_ok(free, needed, reserve) {
             return Err(StageError::DiskFull {
                 path: self
                     .root
@@ -67,7 +71,7 @@ impl ExtractCtx<'_> {
                 entry: entry.to_string(),
                 needed,
                 free,
-                reserve: self.limits.min_free_bytes,
+                reserve,
             });
         }
         Ok(())
@@ -77,6 +81,12 @@ impl ExtractCtx<'_> {
 /// Whether `needed` bytes fit in `free` while keeping `reserve` free.
 pub fn space_ok(free: u64, needed: u64, reserve: u64) -> bool {
     needed.checked_add(reserve).is_some_and(|n| free >= n)
+}
+
+/// What a stage keeps free on a filesystem of `size` bytes: the configured bytes, but never more
+/// than 1/[`RESERVE_MAX_FRACTION`] of the filesystem, so a small disk can still be staged on.
+pub fn reserve(size: u64, min_free: u64) -> u64 {
+    min_free.min(size / RESERVE_MAX_FRACTION)
 }
 
 /// The last parent directory opened, reused while entries stay in one folder (tar order).

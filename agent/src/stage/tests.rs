@@ -778,44 +778,46 @@ fn an_install_is_the_agents_with_modes_masked_and_0700_until_in_place() {
 
 #[test]
 fn space_ok_keeps_the_reserve() {
-    use super::extract::space_ok;
+    use super::extract::{reserve, space_ok};
     assert!(space_ok(100, 60, 40));
     assert!(!space_ok(100, 61, 40));
     assert!(!space_ok(100, 0, 101));
     assert!(!space_ok(u64::MAX, u64::MAX, 1));
+    // The configured reserve, but at most 5 % of the filesystem.
+    assert_eq!(reserve(100 * GIB, 512 << 20), 512 << 20);
+    assert_eq!(reserve(40 << 20, 512 << 20), 2 << 20);
 }
 
 #[test]
-fn refuses_to_fill_the_disk_and_leaves_nothing() {
-    // A reserve larger than any disk: the very first check refuses, before anything is written.
+fn refuses_to_fill_the_disk_by_the_header_size_and_leaves_nothing() {
+    // A header claiming more than the disk holds: refused before its data is read or written
+    // (the size limit lifted so only the disk check stands in the way).
     let site = Site::new();
-    let archive = ok_prefix().gz();
+    let big = format!("{TOP}/app/huge.jar");
+    let mut h = tar::Header::new_gnu();
+    h.set_path(&big).expect("path");
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(1 << 60);
+    h.set_cksum();
+    let mut tar = ok_prefix().tar();
+    tar.truncate(tar.len() - 1024); // drop the end-of-archive blocks
+    tar.extend_from_slice(h.as_bytes());
+    tar.extend(std::iter::repeat_n(0u8, 4096));
+    let archive = gz(&tar);
     let mut req = site.req(&sha(&archive));
-    req.limits.min_free_bytes = u64::MAX / 2;
+    req.limits.max_total_bytes = u64::MAX;
     let err = stage_bytes(&archive, &req).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, StageError::DiskFull { .. }), "{msg}");
+    assert!(
+        matches!(&err, StageError::DiskFull { entry, needed, .. } if entry == &big && *needed == 1 << 60),
+        "{msg}"
+    );
     assert!(
         msg.contains("not enough free disk") && msg.contains("nothing was left behind"),
         "{msg}"
     );
     assert!(!err.is_bad_input());
-    site.assert_untouched();
-    // A reserve that leaves room for the small files but not for a big one: refused by the size
-    // its header gives, before its data is written.
-    let free = {
-        let v = rustix::fs::statvfs(&site.root).expect("statvfs");
-        v.f_bavail * v.f_frsize
-    };
-    let big = format!("{TOP}/app/big.jar");
-    let archive = ok_prefix().file(&big, 0o644, &vec![1u8; 4 << 20]).gz();
-    let mut req = site.req(&sha(&archive));
-    req.limits.min_free_bytes = free.saturating_sub(2 << 20);
-    let err = stage_bytes(&archive, &req).unwrap_err();
-    assert!(
-        matches!(&err, StageError::DiskFull { entry, .. } if entry == &big),
-        "{err}"
-    );
     site.assert_untouched();
 }
 
