@@ -59,6 +59,20 @@ fn log_with_lines(dir: &Path) -> PathBuf {
     p
 }
 
+/// Whether the test runs as root; without root it fails under `CI=true` and skips elsewhere.
+fn root_or_skip(why: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "{why}, and CI runs as root"
+    );
+    println!("SKIPPED: {why}");
+    false
+}
+
 /// The Bitbucket user of these tests: `nobody`.
 fn nobody() -> BitbucketUser {
     BitbucketUser::from_name("nobody").expect("a user nobody")
@@ -223,8 +237,7 @@ async fn wait_stopped_times_out_naming_the_pid_or_kills_when_asked() {
 
 #[tokio::test]
 async fn a_pid_file_naming_a_root_process_is_never_killed() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("SKIPPED: needs root");
+    if !root_or_skip("needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -466,8 +479,7 @@ async fn scripts_never_run_as_root_and_refuse_another_user_in_set_bitbucket_user
 
 #[tokio::test]
 async fn a_symlinked_log_is_never_read_as_root() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("SKIPPED: needs root to read as nobody");
+    if !root_or_skip("needs root to read as nobody") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -489,8 +501,7 @@ async fn a_symlinked_log_is_never_read_as_root() {
 
 #[tokio::test]
 async fn initd_refuses_scripts_the_bitbucket_user_can_write() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("SKIPPED: needs root to own the scripts");
+    if !root_or_skip("needs root to own the scripts") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
