@@ -19,8 +19,7 @@ mod edit;
 pub use edit::{edit_initd_script, edit_systemd_unit, install_in_unit};
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// How the node's Bitbucket service is defined.
@@ -148,7 +147,7 @@ pub fn activate(
         let backup = backup_path(&path, old_install);
         // The first run saves the definition as it was; a re-run (after the file was already
         // edited) must not overwrite that backup with the edited text.
-        if !backup.exists() {
+        if fs::symlink_metadata(&backup).is_err() {
             write_atomic(&backup, text.as_bytes(), Some(&path))?;
             outcome.notes.push(format!(
                 "kept the previous definition in {}",
@@ -206,7 +205,9 @@ pub fn restore(
     if let Some(path) = path {
         let backup = backup_path(path, old_install);
         let current = read_text(path)?;
-        match fs::read(&backup) {
+        match crate::rootfs::read_config_file(&backup)
+            .and_then(|b| b.ok_or_else(|| std::io::ErrorKind::NotFound.into()))
+        {
             Ok(saved) => {
                 if saved != current.as_bytes() {
                     write_atomic(path, &saved, Some(path))?;
@@ -264,57 +265,32 @@ pub fn restore(
 }
 
 fn read_text(path: &Path) -> Result<String, ActivateError> {
-    fs::read_to_string(path).map_err(|source| ActivateError::Io {
+    let bytes = crate::rootfs::read_config_file(path)
+        .and_then(|b| b.ok_or_else(|| std::io::ErrorKind::NotFound.into()))
+        .map_err(|source| ActivateError::Io {
+            file: path.to_path_buf(),
+            action: "read",
+            source,
+        })?;
+    String::from_utf8(bytes).map_err(|e| ActivateError::Io {
         file: path.to_path_buf(),
         action: "read",
-        source,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })
 }
 
-fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.bbupgrade-tmp"))
-}
-
-/// Write `bytes` to `path` through a temp file in the same directory and a rename, copying mode
-/// and owner from `like` when it exists.
-pub(crate) fn write_atomic(
-    path: &Path,
-    bytes: &[u8],
-    like: Option<&Path>,
-) -> Result<(), ActivateError> {
-    let io = |action: &'static str, file: &Path| {
-        let file = file.to_path_buf();
-        move |source| ActivateError::Io {
-            file,
-            action,
-            source,
-        }
-    };
-    let tmp = temp_sibling(path);
-    let meta = like.and_then(|l| fs::metadata(l).ok());
-    {
-        let mut f = fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        f.write_all(bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("sync", &tmp))?;
-    }
-    if let Some(meta) = &meta {
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(io("set the mode of", &tmp))?;
-        // Keeping the owner needs root unless it is already ours; a non-root agent only edits
-        // files it owns, so a failure here is not worth failing the step for.
-        let _ = std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()));
-    }
-    fs::rename(&tmp, path).map_err(io("rename into place", path))?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
+/// Write `bytes` to `path` through [`crate::rootfs`] (exclusive temp file in the same directory,
+/// rename, root-owned), with the mode of `like` when it exists (masked with 0o022).
+fn write_atomic(path: &Path, bytes: &[u8], like: Option<&Path>) -> Result<(), ActivateError> {
+    let mode = like
+        .and_then(|l| fs::symlink_metadata(l).ok())
+        .filter(|m| m.file_type().is_file())
+        .map_or(0o644, |m| m.mode() & 0o7777);
+    crate::rootfs::write_config_file(path, bytes, mode).map_err(|source| ActivateError::Io {
+        file: path.to_path_buf(),
+        action: "write",
+        source,
+    })
 }
 
 /// Point the symlink `link` at `target` atomically (new symlink beside it, then rename).
@@ -346,14 +322,9 @@ pub fn switch_link(link: &Path, target: &Path) -> Result<String, ActivateError> 
             });
         }
     }
-    let tmp = temp_sibling(link);
-    let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp).map_err(|source| ActivateError::Io {
-        file: tmp.clone(),
-        action: "create symlink",
-        source,
-    })?;
-    fs::rename(&tmp, link).map_err(|source| ActivateError::Io {
+    let switched = crate::rootfs::Dir::open_parent_trusted(link)
+        .and_then(|(dir, name)| dir.replace_symlink(&name, target));
+    switched.map_err(|source| ActivateError::Io {
         file: link.to_path_buf(),
         action: "switch symlink",
         source,

@@ -119,9 +119,7 @@ impl OpJournal {
 
     fn write(&self, rec: &OpRecord) -> std::io::Result<()> {
         let path = self.path(&rec.operation_id);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(rec)?)?;
-        std::fs::rename(&tmp, &path)
+        crate::rootfs::write_config_file(&path, &serde_json::to_vec_pretty(rec)?, 0o644)
     }
 
     /// Starts an operation, or says it completed before (with its result).

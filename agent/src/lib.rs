@@ -6,7 +6,8 @@
 //! service manager), `activate` (point the service definition at an install), `journal` (operation
 //! ids and their results), `metrics` (load), `lb` (the optional load-balancer role on an NGINX host),
 //! `server` (the gRPC service), `url_policy` (which archive URLs may be fetched, and how they are
-//! quoted), `cli` (the binary).
+//! quoted), `cli` (the binary); `rootfs` is the only way the agent writes files (directory handles,
+//! no links followed).
 
 pub mod activate;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod lb;
 pub mod metrics;
 pub mod node_state;
 pub mod prepare;
+pub mod rootfs;
 pub mod server;
 pub mod service;
 pub mod stage;

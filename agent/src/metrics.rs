@@ -17,8 +17,11 @@ impl Default for Metrics {
 }
 
 /// The PID recorded in a Bitbucket PID file, if the file holds one.
+/// The file is in the Bitbucket user's home: a link at it is not followed.
 pub fn read_pid(pid_file: &Path) -> Option<u32> {
-    std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()
+    let (dir, name) = crate::rootfs::Dir::open_parent_trusted(pid_file).ok()?;
+    let bytes = dir.read(Path::new(&name)).ok()??;
+    String::from_utf8_lossy(&bytes).trim().parse().ok()
 }
 
 /// Free bytes on the file system holding `path`: the disk with the longest mount point prefix.

@@ -35,17 +35,20 @@ impl StateFile {
     }
 
     pub fn save(&self, state: &NodeState) -> std::io::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
-        std::fs::rename(&tmp, &self.path)
+        crate::rootfs::write_config_file(&self.path, &serde_json::to_vec_pretty(state)?, 0o644)
     }
 }
 
 /// The version of an install: `app/WEB-INF/classes/build.properties` (`version=`), else the
 /// directory name (`8.19.3` or `atlassian-bitbucket-8.19.3`).
 pub fn install_version(install: &Path) -> Option<String> {
-    let props = install.join("app/WEB-INF/classes/build.properties");
-    if let Ok(text) = std::fs::read_to_string(props) {
+    // An install from before bbupgrade may be the Bitbucket user's: no link in it is followed.
+    let props = crate::rootfs::open_install(install)
+        .and_then(|d| d.read(Path::new("app/WEB-INF/classes/build.properties")))
+        .ok()
+        .flatten()
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
+    if let Some(text) = props {
         for line in text.lines() {
             if let Some(v) = line.trim().strip_prefix("version=") {
                 return Some(v.trim().to_string());

@@ -5,13 +5,11 @@
 //! shipped, as recorded in `<install>/.bbupgrade-manifest.json` at stage time.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::activate::write_atomic;
+use crate::rootfs::{self, Dir, Reader};
 
 /// The manifest staging writes, relative to the install.
 pub const MANIFEST_FILE: &str = ".bbupgrade-manifest.json";
@@ -39,6 +37,8 @@ pub struct PrepareInput {
     pub home: PathBuf,
     /// Relative paths named in the agent config, carried whole when they differ.
     pub extra_files: Vec<String>,
+    /// The Bitbucket user: files of the running install are read only as it could read them.
+    pub bitbucket_user: Reader,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,11 +82,14 @@ pub enum PrepareError {
         "extra file `{path}` in the agent config must be a relative path inside the install, without `..`"
     )]
     BadExtraPath { path: String },
-    #[error("{}: {source}", file.display())]
-    Write {
-        file: PathBuf,
-        #[source]
-        source: crate::activate::ActivateError,
+    #[error(
+        "{} is not an install bbupgrade staged (owner uid {uid}, mode {mode:o}; staged installs are the agent's and not group/other-writable): stage the version again",
+        install.display()
+    )]
+    NotOurs {
+        install: PathBuf,
+        uid: u32,
+        mode: u32,
     },
 }
 
@@ -308,25 +311,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn read_manifest(install: &Path) -> Result<Option<Manifest>, PrepareError> {
-    let file = install.join(MANIFEST_FILE);
-    match fs::read(&file) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| PrepareError::Manifest { file, source }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io("read", &file)(e)),
-    }
-}
-
-fn read_opt(path: &Path) -> Result<Option<Vec<u8>>, PrepareError> {
-    match fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io("read", path)(e)),
-    }
-}
-
 fn safe_relative(rel: &str) -> Result<&Path, PrepareError> {
     let p = Path::new(rel);
     if rel.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
@@ -337,41 +321,132 @@ fn safe_relative(rel: &str) -> Result<&Path, PrepareError> {
     Ok(p)
 }
 
-/// Write `bytes` to `dest` if it differs, with the mode of `mode_from` (or dest's own).
-fn write_if_different(dest: &Path, bytes: &[u8], mode_from: &Path) -> Result<bool, PrepareError> {
-    let same_bytes = read_opt(dest)?.as_deref() == Some(bytes);
-    let want_mode = fs::metadata(mode_from)
-        .map_err(io("inspect", mode_from))?
-        .mode()
-        & 0o7777;
-    let same_mode = fs::metadata(dest).is_ok_and(|m| m.mode() & 0o7777 == want_mode);
-    if same_bytes && same_mode {
-        return Ok(false);
+/// The two installs, opened once. The new one is root's and written through its handle; the
+/// running one may belong to the Bitbucket user (installed before bbupgrade) and is only read,
+/// never through a link and only what that user could read itself.
+struct Installs {
+    cur: Option<Dir>,
+    cur_path: PathBuf,
+    new: Dir,
+    new_path: PathBuf,
+    reader: Reader,
+}
+
+impl Installs {
+    fn open(input: &PrepareInput) -> Result<Self, PrepareError> {
+        let new_path = input.new_install.clone();
+        let new = rootfs::open_install(&new_path).map_err(io("open", &new_path))?;
+        let st = new.stat().map_err(io("inspect", &new_path))?;
+        let me = rustix::process::geteuid().as_raw();
+        if st.st_uid != me || st.st_mode & 0o022 != 0 {
+            return Err(PrepareError::NotOurs {
+                install: new_path,
+                uid: st.st_uid,
+                mode: st.st_mode & 0o7777,
+            });
+        }
+        let cur_path = input.current_install.clone();
+        let cur = match rootfs::open_install(&cur_path) {
+            Ok(d) => Some(d),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io("open", &cur_path)(e)),
+        };
+        Ok(Installs {
+            cur,
+            cur_path,
+            new,
+            new_path,
+            reader: input.bitbucket_user,
+        })
     }
-    if let Some(dir) = dest.parent() {
-        fs::create_dir_all(dir).map_err(io("create", dir))?;
+
+    fn read_new(&self, rel: &Path) -> Result<Option<Vec<u8>>, PrepareError> {
+        self.new
+            .read(rel)
+            .map_err(io("read", &self.new_path.join(rel)))
     }
-    // Owner from the new install's copy when there is one (staging chowned it to the Bitbucket
-    // user); mode from `mode_from`.
-    let like = if dest.exists() { dest } else { mode_from };
-    write_atomic(dest, bytes, Some(like)).map_err(|source| PrepareError::Write {
-        file: dest.to_path_buf(),
-        source,
-    })?;
-    fs::set_permissions(dest, fs::Permissions::from_mode(want_mode))
-        .map_err(io("set the mode of", dest))?;
-    Ok(true)
+
+    /// A file of the running install, read as the Bitbucket user could.
+    fn read_cur(&self, rel: &Path) -> Result<Option<Vec<u8>>, PrepareError> {
+        match &self.cur {
+            None => Ok(None),
+            Some(cur) => cur
+                .read_as(rel, &self.reader)
+                .map_err(io("read", &self.cur_path.join(rel))),
+        }
+    }
+
+    fn cur_mode(&self, rel: &Path) -> Result<u32, PrepareError> {
+        let st = match &self.cur {
+            None => None,
+            Some(cur) => cur
+                .lstat(rel)
+                .map_err(io("inspect", &self.cur_path.join(rel)))?,
+        };
+        Ok(st.map_or(0o644, |s| s.st_mode & 0o7777))
+    }
+
+    fn new_mode(&self, rel: &Path) -> Result<u32, PrepareError> {
+        let st = self
+            .new
+            .lstat(rel)
+            .map_err(io("inspect", &self.new_path.join(rel)))?;
+        Ok(st.map_or(0o644, |s| s.st_mode & 0o7777))
+    }
+
+    fn manifest(&self, of_new: bool) -> Result<Option<Manifest>, PrepareError> {
+        let rel = Path::new(MANIFEST_FILE);
+        let (bytes, file) = if of_new {
+            (self.read_new(rel)?, self.new_path.join(rel))
+        } else {
+            (self.read_cur(rel)?, self.cur_path.join(rel))
+        };
+        bytes
+            .map(|b| {
+                serde_json::from_slice(&b).map_err(|source| PrepareError::Manifest { file, source })
+            })
+            .transpose()
+    }
+
+    /// Writes `bytes` to `rel` in the new install if it differs, root-owned, `mode` masked.
+    fn write_if_different(
+        &self,
+        rel: &Path,
+        bytes: &[u8],
+        mode: u32,
+    ) -> Result<bool, PrepareError> {
+        let dest = self.new_path.join(rel);
+        let want_mode = mode & rootfs::MODE_MASK;
+        let same_bytes = self.read_new(rel)?.as_deref() == Some(bytes);
+        let same_mode = self.new_mode(rel)? == want_mode;
+        if same_bytes && same_mode {
+            return Ok(false);
+        }
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let dir = self
+            .new
+            .create_dir_all(parent, 0o755)
+            .map_err(io("create", &self.new_path.join(parent)))?;
+        let name = rel.file_name().unwrap_or_default();
+        dir.write_atomic(name, bytes, want_mode)
+            .map_err(io("write", &dest))?;
+        Ok(true)
+    }
 }
 
 /// Blocking and idempotent: set the home in the new install and carry customizations over.
 pub fn prepare(input: &PrepareInput) -> Result<PrepareOutcome, PrepareError> {
     let mut outcome = PrepareOutcome::default();
+    let at = Installs::open(input)?;
     let cur = &input.current_install;
-    let new = &input.new_install;
 
     // 1. The home line.
-    let home_file = new.join(HOME_SCRIPT);
-    let script = fs::read_to_string(&home_file).map_err(io("read", &home_file))?;
+    let home_rel = Path::new(HOME_SCRIPT);
+    let home_file = input.new_install.join(HOME_SCRIPT);
+    let script = at
+        .read_new(home_rel)?
+        .ok_or_else(|| io("read", &home_file)(std::io::ErrorKind::NotFound.into()))?;
+    let script = String::from_utf8_lossy(&script).into_owned();
     let edited = set_home_line(&script, &input.home).map_err(|e| match e {
         PrepareError::NoHomeLine { .. } => PrepareError::NoHomeLine {
             file: home_file.display().to_string(),
@@ -379,7 +454,7 @@ pub fn prepare(input: &PrepareInput) -> Result<PrepareOutcome, PrepareError> {
         other => other,
     })?;
     if edited != script {
-        write_if_different(&home_file, edited.as_bytes(), &home_file)?;
+        at.write_if_different(home_rel, edited.as_bytes(), at.new_mode(home_rel)?)?;
     }
     {
         outcome.notes.push(format!(
@@ -390,8 +465,8 @@ pub fn prepare(input: &PrepareInput) -> Result<PrepareOutcome, PrepareError> {
     }
 
     // 2. What counts as shipped.
-    let cur_manifest = read_manifest(cur)?;
-    let new_manifest = read_manifest(new)?;
+    let cur_manifest = at.manifest(false)?;
+    let new_manifest = at.manifest(true)?;
     if cur_manifest.is_none() {
         outcome.notes.push(format!(
             "no manifest {} was found (the install was not staged by bbupgrade), so listed files that differ from the new release's copy were carried",
@@ -413,17 +488,16 @@ pub fn prepare(input: &PrepareInput) -> Result<PrepareOutcome, PrepareError> {
 
     // 3. Whole files from the default list.
     for rel in DEFAULT_CARRIED {
-        let src = cur.join(rel);
-        let Some(bytes) = read_opt(&src)? else {
+        let relp = Path::new(rel);
+        let Some(bytes) = at.read_cur(relp)? else {
             continue;
         };
-        let dest = new.join(rel);
-        let dest_bytes = read_opt(&dest)?;
+        let dest_bytes = at.read_new(relp)?;
         let reference = new_shipped(rel, dest_bytes.as_deref());
         if !is_customized(&sha256_hex(&bytes), shipped(rel), reference.as_deref()) {
             continue;
         }
-        write_if_different(&dest, &bytes, &src)?;
+        at.write_if_different(relp, &bytes, at.cur_mode(relp)?)?;
         let reason = if shipped(rel).is_some() {
             "changed from how its release shipped it (manifest hash differs); copied whole"
         } else {
@@ -436,9 +510,8 @@ pub fn prepare(input: &PrepareInput) -> Result<PrepareOutcome, PrepareError> {
     }
 
     // 4. The JVM settings of _start-webapp.sh.
-    let src = cur.join(START_WEBAPP);
-    let dest = new.join(START_WEBAPP);
-    if let (Some(old_b), Some(new_b)) = (read_opt(&src)?, read_opt(&dest)?) {
+    let webapp = Path::new(START_WEBAPP);
+    if let (Some(old_b), Some(new_b)) = (at.read_cur(webapp)?, at.read_new(webapp)?) {
         let reference = new_shipped(START_WEBAPP, Some(&new_b));
         if is_customized(
             &sha256_hex(&old_b),
@@ -460,7 +533,7 @@ pub fn prepare(input: &PrepareInput) -> Result<PrepareOutcome, PrepareError> {
             } else {
                 names
             };
-            write_if_different(&dest, merged.as_bytes(), &dest)?;
+            at.write_if_different(webapp, merged.as_bytes(), at.new_mode(webapp)?)?;
             if !carried_names.is_empty() {
                 outcome.carried.push(Carried {
                     path: START_WEBAPP.to_string(),
@@ -476,27 +549,25 @@ pub fn prepare(input: &PrepareInput) -> Result<PrepareOutcome, PrepareError> {
     // 5. Files the admin listed.
     for rel in &input.extra_files {
         let relp = safe_relative(rel)?;
-        let src = cur.join(relp);
-        let Some(bytes) = read_opt(&src)? else {
+        let Some(bytes) = at.read_cur(relp)? else {
             outcome.notes.push(format!(
                 "extra file {rel} is not in {}; nothing to carry",
                 cur.display()
             ));
             continue;
         };
-        let dest = new.join(relp);
         // Compare with what the new release shipped, so a re-run reports the same.
         let differs = match new_manifest.as_ref() {
             Some(m) => m
                 .files
                 .get(rel.as_str())
                 .is_none_or(|h| !h.eq_ignore_ascii_case(&sha256_hex(&bytes))),
-            None => read_opt(&dest)?.as_deref() != Some(&bytes[..]),
+            None => at.read_new(relp)?.as_deref() != Some(&bytes[..]),
         };
         if !differs {
             continue;
         }
-        write_if_different(&dest, &bytes, &src)?;
+        at.write_if_different(relp, &bytes, at.cur_mode(relp)?)?;
         outcome.carried.push(Carried {
             path: rel.clone(),
             reason: "listed in the agent config; copied whole".to_string(),

@@ -219,9 +219,6 @@ impl AgentService {
             version: version.to_string(),
             sha256: sha256.to_string(),
             install_root: self.settings.install_root.clone(),
-            owner: nix::unistd::geteuid()
-                .is_root()
-                .then_some((self.settings.user.uid, self.settings.user.gid)),
             limits: stage::StageLimits {
                 max_total_bytes: self.settings.max_archive_bytes,
                 ..Default::default()
@@ -297,6 +294,7 @@ impl AgentService {
             &self.settings.status_url,
             timeout,
             &self.settings.log_file(),
+            Some(&bitbucket_user(&self.settings)),
         )
         .await
         .map_err(|e| Status::failed_precondition(e.to_string()))?;
@@ -493,28 +491,42 @@ fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// The configured Bitbucket user, as the service code needs it.
+fn bitbucket_user(settings: &Settings) -> service::BitbucketUser {
+    service::BitbucketUser {
+        name: settings.user.name.clone(),
+        uid: settings.user.uid,
+        gid: settings.user.gid,
+    }
+}
+
 fn service_manager(
     settings: &Settings,
     active_install: Arc<RwLock<PathBuf>>,
 ) -> Arc<dyn service::ServiceManager> {
     // Script output goes to a file the agent owns, never to a pipe the backgrounded JVM inherits.
     let log = settings.state_dir.join("service-commands.log");
+    let user = bitbucket_user(settings);
+    let root = nix::unistd::geteuid().is_root();
     match &settings.service {
         ServiceSettings::Systemd {
-            unit, systemctl, ..
+            unit,
+            systemctl,
+            unit_path,
         } => {
             let mut m = service::Systemd::new(unit.clone());
             m.systemctl = systemctl.clone();
+            m.require_user = root.then(|| (unit_path.clone(), user.name.clone()));
             Arc::new(m)
         }
-        ServiceSettings::Initd { script } => Arc::new(service::Initd::new(script.clone(), log)),
+        ServiceSettings::Initd { script } => {
+            let mut m = service::Initd::new(script.clone(), log);
+            m.guard = root.then_some((user, active_install));
+            Arc::new(m)
+        }
         ServiceSettings::Scripts => Arc::new(service::Scripts::new(
             active_install,
-            if nix::unistd::geteuid().is_root() {
-                service::RunAs::User(settings.user.name.clone())
-            } else {
-                service::RunAs::Current
-            },
+            service::RunAs::User(user),
             log,
         )),
     }
@@ -775,6 +787,10 @@ impl Agent for AgentService {
                     new_install: new_install.clone(),
                     home: s.home.clone(),
                     extra_files: s.carry_files.clone(),
+                    bitbucket_user: crate::rootfs::Reader {
+                        uid: s.user.uid,
+                        gid: s.user.gid,
+                    },
                 };
                 let outcome = tokio::task::spawn_blocking(move || prepare::prepare(&input))
                     .await

@@ -2,6 +2,12 @@
 //!
 //! Scripts that start the node leave a backgrounded JVM behind which inherits the script's file
 //! descriptors, so their output always goes to a log file, never to a pipe we would wait on.
+//!
+//! Bitbucket's scripts never run as root: with `scripts` the agent drops to the configured user in
+//! the child itself (supplementary groups, gid, uid) before exec; an init script or a script it
+//! runs that the Bitbucket user could edit is refused; a systemd unit must say `User=` that user.
+//! The Bitbucket log is read for an error message only as that user, by a child that dropped
+//! privileges.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,12 +16,22 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+use as_user::drop_privileges;
+pub use as_user::{
+    BitbucketUser, Invocation, RunAs, check_unit_user, parse_bitbucket_user, plan_script_run,
+    unit_user, user_file_tail, user_writable,
+};
+
 /// How long a start/stop script or `systemctl` may run.
 pub const SCRIPT_TIMEOUT_SECS: u64 = 120;
 const POLL_MS: u64 = 200;
 const STATUS_REQUEST_TIMEOUT_MS: u64 = 2000;
 const TAIL_LINES: usize = 20;
 const TAIL_BYTES: usize = 4000;
+/// How long reading the Bitbucket log's tail as the Bitbucket user may take.
+const TAIL_READ_SECS: u64 = 5;
+/// A pid file holds a number and a newline.
+const PID_FILE_MAX_BYTES: i64 = 64;
 const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Environment passed through to the product's scripts when the agent has it.
 const PASSED_ENV: [&str; 3] = ["JAVA_HOME", "JRE_HOME", "LANG"];
@@ -42,6 +58,8 @@ pub enum ServiceError {
     },
     #[error("refusing to run {script} as root: {reason}")]
     RefuseRoot { script: String, reason: String },
+    #[error("refusing to run {what}: {reason}")]
+    Unsafe { what: String, reason: String },
     #[error("could not read {}: {source}", file.display())]
     Read {
         file: PathBuf,
@@ -111,7 +129,7 @@ pub fn tail(text: &str, lines: usize) -> String {
     s
 }
 
-/// The tail of a file, or a note that it could not be read.
+/// The tail of a file of the agent's own (its state dir), or a note that it could not be read.
 fn file_tail(path: &Path) -> String {
     match std::fs::read(path) {
         Ok(b) => tail(&String::from_utf8_lossy(&b), TAIL_LINES),
@@ -238,6 +256,8 @@ pub struct Systemd {
     /// The bundled search unit, `atlbitbucket_search.service` by default.
     pub search_unit: String,
     pub timeout: Duration,
+    /// When set (the agent is root): the unit file, and the user its `User=` must name.
+    pub require_user: Option<(PathBuf, String)>,
 }
 
 impl Systemd {
@@ -247,7 +267,51 @@ impl Systemd {
             systemctl: PathBuf::from("systemctl"),
             search_unit: "atlbitbucket_search.service".to_string(),
             timeout: Duration::from_secs(SCRIPT_TIMEOUT_SECS),
+            require_user: None,
         }
+    }
+
+    /// Refuses a unit that would run Bitbucket as anyone but the configured user (root, when it
+    /// has no `User=`), counting drop-ins next to the unit file.
+    fn check_user(&self) -> Result<(), ServiceError> {
+        let Some((unit_path, user)) = &self.require_user else {
+            return Ok(());
+        };
+        let read = |p: &Path| -> Result<Option<String>, ServiceError> {
+            crate::rootfs::read_config_file(p)
+                .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                .map_err(|source| ServiceError::Read {
+                    file: p.to_path_buf(),
+                    source,
+                })
+        };
+        let mut texts = vec![read(unit_path)?.ok_or_else(|| ServiceError::Read {
+            file: unit_path.clone(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?];
+        let mut dropin_dirs = vec![PathBuf::from(format!("{}.d", unit_path.display()))];
+        let etc = Path::new("/etc/systemd/system").join(format!("{}.d", self.unit));
+        if !dropin_dirs.contains(&etc) {
+            dropin_dirs.push(etc);
+        }
+        for dir in dropin_dirs {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut confs: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "conf"))
+                .collect();
+            confs.sort();
+            for c in confs {
+                texts.extend(read(&c)?);
+            }
+        }
+        check_unit_user(&texts, user).map_err(|reason| ServiceError::Unsafe {
+            what: format!("{} ({})", self.unit, unit_path.display()),
+            reason,
+        })
     }
 
     async fn systemctl(&self, args: &[&str]) -> Result<String, ServiceError> {
@@ -265,9 +329,11 @@ impl ServiceManager for Systemd {
         "systemd"
     }
     async fn stop(&self) -> Result<(), ServiceError> {
+        self.check_user()?;
         self.systemctl(&["stop", &self.unit]).await.map(drop)
     }
     async fn start(&self) -> Result<(), ServiceError> {
+        self.check_user()?;
         self.systemctl(&["start", &self.unit]).await.map(drop)
     }
     async fn daemon_reload(&self) -> Result<(), ServiceError> {
@@ -300,7 +366,8 @@ impl ServiceManager for Systemd {
     }
 }
 
-/// init.d: `<script> stop|start`, as root (init scripts switch users themselves).
+/// init.d: `<script> stop|start`, as root. Refused when the Bitbucket user could edit the
+/// script or a script of the install it runs.
 #[derive(Debug, Clone)]
 pub struct Initd {
     pub script: PathBuf,
@@ -309,6 +376,9 @@ pub struct Initd {
     /// Where the script's output goes (it backgrounds the JVM, which inherits it).
     pub log_file: PathBuf,
     pub timeout: Duration,
+    /// When set (the agent is root): the Bitbucket user, and the active install whose `bin/*.sh`
+    /// the init script runs.
+    pub guard: Option<(BitbucketUser, Arc<RwLock<PathBuf>>)>,
 }
 
 impl Initd {
@@ -318,10 +388,65 @@ impl Initd {
             search_script: PathBuf::from("/etc/init.d/atlbitbucket_search"),
             log_file: log_file.into(),
             timeout: Duration::from_secs(SCRIPT_TIMEOUT_SECS),
+            guard: None,
+        }
+    }
+
+    /// Refuses to run `script` as root when the Bitbucket user could edit it, a directory above
+    /// it, or a `bin/*.sh` of the active install (which the init script runs).
+    fn check_writable(&self, script: &Path) -> Result<(), ServiceError> {
+        let Some((user, install)) = &self.guard else {
+            return Ok(());
+        };
+        let install = match install.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let mut paths = vec![script.to_path_buf(), install.join("bin")];
+        if let Ok(entries) = std::fs::read_dir(install.join("bin")) {
+            let mut scripts: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sh"))
+                .collect();
+            scripts.sort();
+            paths.extend(scripts);
+        }
+        // The installer's init script lets start-bitbucket.sh switch to the user this file names.
+        let user_file = Path::new("bin/set-bitbucket-user.sh");
+        let named = crate::rootfs::open_install(&install)
+            .and_then(|d| d.read(user_file))
+            .ok()
+            .flatten()
+            .and_then(|t| parse_bitbucket_user(&String::from_utf8_lossy(&t)))
+            .filter(|n| !n.is_empty());
+        if let Some(named) = named
+            && named != user.name
+        {
+            return Err(ServiceError::Unsafe {
+                what: script.display().to_string(),
+                reason: format!(
+                    "{} sets BITBUCKET_USER={named}, but the agent config runs Bitbucket as {}; make them agree (edit that file, or set bitbucket.user in the agent config)",
+                    install.join(user_file).display(),
+                    user.name
+                ),
+            });
+        }
+        match user_writable(&paths, &user.reader()) {
+            None => Ok(()),
+            Some(w) => Err(ServiceError::Unsafe {
+                what: format!("{} as root", script.display()),
+                reason: format!(
+                    "the Bitbucket user {} can write {}, so it could make root run anything: make it root-owned and not group/other-writable (chown root:root, chmod go-w), or upgrade to an install bbupgrade staged",
+                    user.name,
+                    w.display()
+                ),
+            }),
         }
     }
 
     async fn run(&self, script: &Path, action: &str) -> Result<(), ServiceError> {
+        self.check_writable(script)?;
         let mut cmd = Command::new(script);
         cmd.arg(action);
         clean_env(&mut cmd, "/root");
@@ -358,74 +483,6 @@ impl ServiceManager for Initd {
     }
 }
 
-/// Whom to run the product's scripts as when the agent is root and `set-bitbucket-user.sh` sets no user.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RunAs {
-    Current,
-    User(String),
-}
-
-/// How to invoke a product script, decided by [`plan_script_run`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Invocation {
-    /// Run it as the agent's own user (a non-root agent, or root when the script switches itself).
-    Direct,
-    /// `runuser -u <user> -- <script> <args>`.
-    AsUser(String),
-}
-
-/// Decide how to run a product script. `script_user` is the `BITBUCKET_USER` the install's
-/// `bin/set-bitbucket-user.sh` sets (None or empty when unset).
-pub fn plan_script_run(
-    is_root: bool,
-    script_user: Option<&str>,
-    run_as: &RunAs,
-) -> Result<Invocation, String> {
-    if !is_root {
-        return Ok(Invocation::Direct);
-    }
-    match script_user.filter(|u| !u.is_empty()) {
-        Some("root") => Err("bin/set-bitbucket-user.sh sets BITBUCKET_USER=root".to_string()),
-        // The product's script switches to its user with `runuser -l` itself.
-        Some(_) => Ok(Invocation::Direct),
-        None => match run_as {
-            RunAs::User(u) if !u.is_empty() && u != "root" => Ok(Invocation::AsUser(u.clone())),
-            RunAs::User(_) => Err(
-                "the configured user is root; set run_as to the Bitbucket user in the agent config"
-                    .to_string(),
-            ),
-            RunAs::Current => Err(
-                "bin/set-bitbucket-user.sh sets no BITBUCKET_USER and no user is configured; set run_as to the Bitbucket user in the agent config"
-                    .to_string(),
-            ),
-        },
-    }
-}
-
-/// The `BITBUCKET_USER` a `set-bitbucket-user.sh` assigns (the last active assignment), if any.
-pub fn parse_bitbucket_user(script: &str) -> Option<String> {
-    script
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let l = l.strip_prefix("export ").unwrap_or(l);
-            l.strip_prefix("BITBUCKET_USER=")
-        })
-        .map(|v| {
-            let v = v.trim_start();
-            let v = match v.chars().next() {
-                Some(q @ ('"' | '\'')) => v[1..].split(q).next().unwrap_or(""),
-                _ => v
-                    .split(|c: char| c.is_whitespace() || c == '#')
-                    .next()
-                    .unwrap_or(""),
-            };
-            v.to_string()
-        })
-        .next_back()
-}
-
 /// No service manager: the product's `bin/start-bitbucket.sh --no-search` / `stop-bitbucket.sh`.
 #[derive(Debug, Clone)]
 pub struct Scripts {
@@ -458,16 +515,19 @@ impl Scripts {
         let install = self.active_install();
         let path = install.join("bin").join(script);
         let user_file = install.join("bin/set-bitbucket-user.sh");
-        let script_user = match std::fs::read_to_string(&user_file) {
-            Ok(t) => parse_bitbucket_user(&t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(ServiceError::Read {
-                    file: user_file,
-                    source,
-                });
-            }
+        // The file is the Bitbucket user's to edit in an install that predates bbupgrade: read it
+        // without links, only as that user could.
+        let reader = match &self.run_as {
+            RunAs::User(u) => u.reader(),
+            RunAs::Current => crate::rootfs::Reader::current(),
         };
+        let script_user = crate::rootfs::open_install(&install)
+            .and_then(|d| d.read_as(Path::new("bin/set-bitbucket-user.sh"), &reader))
+            .map_err(|source| ServiceError::Read {
+                file: user_file,
+                source,
+            })?
+            .and_then(|t| parse_bitbucket_user(&String::from_utf8_lossy(&t)));
         let is_root = nix::unistd::geteuid().is_root();
         let plan =
             plan_script_run(is_root, script_user.as_deref(), &self.run_as).map_err(|reason| {
@@ -476,21 +536,18 @@ impl Scripts {
                     reason,
                 }
             })?;
-        let mut cmd = match &plan {
-            Invocation::Direct => Command::new(&path),
-            Invocation::AsUser(user) => {
-                let mut c = Command::new("runuser");
-                c.arg("-u").arg(user).arg("--").arg(&path);
-                c
-            }
-        };
+        // A fixed argument list; no BITBUCKET_USER in the environment, so the product's script
+        // never tries to switch users again.
+        let mut cmd = Command::new(&path);
         cmd.args(args).current_dir(install.join("bin"));
         let home = match &plan {
-            Invocation::AsUser(user) => nix::unistd::User::from_name(user)
-                .ok()
-                .flatten()
-                .map(|u| u.dir.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "/".to_string()),
+            Invocation::AsUser(user) => {
+                drop_privileges(&mut cmd, user).map_err(|source| ServiceError::Spawn {
+                    command: describe(&cmd),
+                    source,
+                })?;
+                user.home()
+            }
             Invocation::Direct => std::env::var("HOME").unwrap_or_else(|_| "/".to_string()),
         };
         clean_env(&mut cmd, &home);
@@ -595,13 +652,29 @@ pub struct StopReport {
     pub waited: Duration,
 }
 
+/// The pid in Bitbucket's pid file (in its home, which the Bitbucket user can write): never read
+/// through a link at the file, and only a few bytes of a regular file.
 fn read_pid(pid_file: &Path) -> Option<i32> {
-    std::fs::read_to_string(pid_file)
-        .ok()?
-        .trim()
-        .parse()
+    let (dir, name) = crate::rootfs::Dir::open_parent_trusted(pid_file).ok()?;
+    let (file, st) = dir.open_file(Path::new(&name)).ok()??;
+    if st.st_size > PID_FILE_MAX_BYTES {
+        return None;
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(file, PID_FILE_MAX_BYTES as u64),
+        &mut text,
+    )
+    .ok()?;
+    text.trim().parse().ok().filter(|p: &i32| *p > 0)
+}
+
+/// The owner of a running process, from `/proc`.
+fn process_uid(pid: i32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}"))
         .ok()
-        .filter(|p: &i32| *p > 0)
+        .map(|m| m.uid())
 }
 
 /// Whether a process exists and is not a zombie waiting to be reaped.
@@ -652,6 +725,13 @@ pub async fn wait_stopped(
         if started.elapsed() >= timeout {
             if kill_after_timeout && let Some(p) = pid.filter(|p| alive(*p)) {
                 use nix::sys::signal::{Signal, kill};
+                // The pid file is the Bitbucket user's to write: never kill a root process for it.
+                if process_uid(p) == Some(0) {
+                    return Err(ServiceError::Unsafe {
+                        what: format!("kill pid {p} (from {})", pid_file.display()),
+                        reason: "it is a root process, and Bitbucket never runs as root: stop it by hand if it really is Bitbucket".to_string(),
+                    });
+                }
                 kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL)
                     .map_err(|source| ServiceError::Kill { pid: p, source })?;
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -678,11 +758,13 @@ pub async fn wait_stopped(
     }
 }
 
-/// Poll `/status` until RUNNING. ERROR and FIRST_RUN fail at once; errors carry the log's tail.
+/// Poll `/status` until RUNNING. ERROR and FIRST_RUN fail at once; errors carry the tail of the
+/// Bitbucket log, read as `user` (see [`user_file_tail`]).
 pub async fn wait_running(
     status_url: &str,
     timeout: Duration,
     log_file: &Path,
+    user: Option<&BitbucketUser>,
 ) -> Result<NodeStatus, ServiceError> {
     let client = client();
     let started = tokio::time::Instant::now();
@@ -693,13 +775,13 @@ pub async fn wait_running(
             NodeStatus::Error => {
                 return Err(ServiceError::NodeError {
                     url: status_url.to_string(),
-                    log_tail: file_tail(log_file),
+                    log_tail: user_file_tail(log_file, user).await,
                 });
             }
             NodeStatus::FirstRun => {
                 return Err(ServiceError::FirstRun {
                     url: status_url.to_string(),
-                    log_tail: file_tail(log_file),
+                    log_tail: user_file_tail(log_file, user).await,
                 });
             }
             _ => {}
@@ -709,12 +791,13 @@ pub async fn wait_running(
                 url: status_url.to_string(),
                 secs: timeout.as_secs(),
                 last: status.to_string(),
-                log_tail: file_tail(log_file),
+                log_tail: user_file_tail(log_file, user).await,
             });
         }
         tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
     }
 }
 
+mod as_user;
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,11 @@
 //! copies them to the cache), and hands them over; the extractor inflates and writes the entries.
 //! Layout: `rules` decides (pure), `extract` writes, `cache` keeps verified archives, `source`
 //! bridges async chunk streams and downloads.
+//!
+//! The install is the agent's (root's), never the Bitbucket user's: the staging directory is made
+//! 0700 under the install root and everything is created relative to its handle ([`crate::rootfs`]),
+//! so the install root may even be the Bitbucket user's without a race reaching anything else; only
+//! after the rename (checked to have moved that very directory) does the install get its 0755.
 
 mod cache;
 mod extract;
@@ -14,10 +19,10 @@ mod source;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::fs::{self, DirBuilder, File};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +30,8 @@ use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::rootfs;
 
 pub use cache::ArchiveCache;
 pub use rules::{EntryHeader, EntryKind, SafeEntry, Tree, check_entry};
@@ -44,10 +51,9 @@ pub struct StageRequest {
     pub version: String,
     /// Expected SHA-256 of the compressed archive, hex (either case).
     pub sha256: String,
-    /// The install goes to `install_root/<version>`.
+    /// The install goes to `install_root/<version>`, owned by the agent's user (root) and
+    /// writable by nobody else.
     pub install_root: PathBuf,
-    /// uid/gid every created file and directory is given (set it when running as root).
-    pub owner: Option<(u32, u32)>,
     pub limits: StageLimits,
 }
 
@@ -57,6 +63,10 @@ pub struct StageLimits {
     /// Decompressed bytes (the tar stream as it inflates, not what headers claim).
     pub max_total_bytes: u64,
     pub max_entries: u64,
+    /// Free bytes the stage must leave on the install root's filesystem (at most 5 % of it):
+    /// each entry is checked against it by the size its header gives before it is written, and
+    /// again while it is.
+    pub min_free_bytes: u64,
 }
 
 impl Default for StageLimits {
@@ -64,6 +74,7 @@ impl Default for StageLimits {
         Self {
             max_total_bytes: 8 * GIB,
             max_entries: 500_000,
+            min_free_bytes: 512 << 20,
         }
     }
 }
@@ -119,6 +130,17 @@ pub enum StageError {
         "archive too large: it unpacks to more than {limit} bytes (at entry '{entry}'); refused as a possible decompression bomb"
     )]
     TooLarge { entry: String, limit: u64 },
+    #[error(
+        "not enough free disk in {} to stage: entry '{entry}' needs {needed} bytes, {free} are free and {reserve} must stay free; free some space (remove old installs) and stage again; nothing was left behind",
+        path.display()
+    )]
+    DiskFull {
+        path: PathBuf,
+        entry: String,
+        needed: u64,
+        free: u64,
+        reserve: u64,
+    },
     #[error("archive has more than {limit} entries; refused")]
     TooManyEntries { limit: u64 },
     #[error(
@@ -155,7 +177,10 @@ impl StageError {
     pub fn is_bad_input(&self) -> bool {
         !matches!(
             self,
-            Self::Io { .. } | Self::AlreadyExistsDifferent { .. } | Self::Download(_)
+            Self::Io { .. }
+                | Self::AlreadyExistsDifferent { .. }
+                | Self::Download(_)
+                | Self::DiskFull { .. }
         )
     }
 }
@@ -185,14 +210,19 @@ pub struct Manifest {
 impl Manifest {
     pub const FILE_NAME: &'static str = ".bbupgrade-manifest.json";
 
-    /// The manifest of `install`, or `None` when it has none (not a complete stage).
+    /// The manifest of `install`, or `None` when it has none (not a complete stage). Neither the
+    /// install nor the manifest is reached through a link.
     pub fn load(install: &Path) -> io::Result<Option<Manifest>> {
-        match fs::read(install.join(Self::FILE_NAME)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
+        let dir = match rootfs::open_install(install) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match dir.read(Path::new(Self::FILE_NAME))? {
+            Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+            None => Ok(None),
         }
     }
 }
@@ -249,30 +279,31 @@ pub fn run_local_stage(
         version: version.to_string(),
         sha256: sha256.to_string(),
         install_root: install_root.to_path_buf(),
-        owner: None,
         limits: StageLimits::default(),
     };
     stage_from_file(archive, &req, None, &mut |_| {})
 }
 
-/// Removes `.staging-*` directories a crash left under `install_root`; returns what it removed.
+/// Removes `.staging-*` directories a crash left under `install_root` (only the agent's own, never
+/// through a link); returns what it removed.
 pub fn clean_leftovers(install_root: &Path) -> io::Result<Vec<PathBuf>> {
-    let entries = match fs::read_dir(install_root) {
-        Ok(entries) => entries,
+    let root = match rootfs::Dir::open_trusted(install_root) {
+        Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
+    let me = rustix::process::geteuid().as_raw();
     let mut removed = Vec::new();
-    for entry in entries {
-        let entry = entry?;
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(STAGING_PREFIX)
-            && entry.file_type()?.is_dir()
-        {
-            remove_tree(&entry.path())?;
-            removed.push(entry.path());
+    for name in root.entries()? {
+        if !name.to_string_lossy().starts_with(STAGING_PREFIX) {
+            continue;
+        }
+        let ours = root
+            .lstat(Path::new(&name))?
+            .is_some_and(|st| st.st_uid == me && st.st_mode & 0o170000 == 0o040000);
+        if ours {
+            root.remove_tree(&name)?;
+            removed.push(install_root.join(&name));
         }
     }
     removed.sort();
@@ -348,63 +379,80 @@ pub(crate) fn random_suffix() -> String {
     format!("{:016x}", h.finish())
 }
 
-/// The staging directory; removed on drop unless the stage completed.
+/// The staging directory, root-owned 0700 until it is renamed into place; removed on drop unless
+/// the stage completed. Everything in it is written through its handle, so renaming it away or
+/// planting a link at its name (the install root may be the Bitbucket user's) changes nothing.
 struct Staging {
+    root: rootfs::Dir,
+    name: OsString,
+    dir: rootfs::Dir,
     path: PathBuf,
     keep: bool,
 }
 
 impl Staging {
     fn create(req: &StageRequest) -> Result<Self, StageError> {
-        fs::create_dir_all(&req.install_root)
+        let root = rootfs::Dir::create_trusted(&req.install_root, 0o755)
             .map_err(|e| io_err(format!("creating {}", req.install_root.display()), e))?;
-        let path = req.install_root.join(format!(
+        let name = OsString::from(format!(
             "{STAGING_PREFIX}{}-{}",
             req.version,
             random_suffix()
         ));
-        DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
+        let path = req.install_root.join(&name);
+        let dir = root
+            .mkdir(&name, 0o700)
             .map_err(|e| io_err(format!("creating {}", path.display()), e))?;
-        let staging = Self { path, keep: false };
-        if let Some((uid, gid)) = req.owner {
-            std::os::unix::fs::lchown(&staging.path, Some(uid), Some(gid))
-                .map_err(|e| io_err(format!("chowning {}", staging.path.display()), e))?;
+        let staging = Self {
+            root,
+            name,
+            dir,
+            path,
+            keep: false,
+        };
+        // What we opened must be the empty directory we made, not one swapped in meanwhile.
+        let st = staging
+            .dir
+            .stat()
+            .map_err(|e| io_err(format!("inspecting {}", staging.path.display()), e))?;
+        let empty = staging.dir.entries().is_ok_and(|e| e.is_empty());
+        if st.st_uid != rustix::process::geteuid().as_raw()
+            || st.st_mode & 0o7777 != 0o700
+            || !empty
+        {
+            return Err(io_err(
+                format!("creating {}", staging.path.display()),
+                io::Error::other(
+                    "the new staging directory was replaced by another one: someone else can write the install root; make it writable by root only",
+                ),
+            ));
         }
         Ok(staging)
+    }
+
+    /// Whether `name` in the install root is still the directory we staged into.
+    fn is_at(&self, name: &OsStr) -> io::Result<bool> {
+        let ours = self.dir.stat()?;
+        Ok(self
+            .root
+            .lstat(Path::new(name))?
+            .is_some_and(|st| st.st_dev == ours.st_dev && st.st_ino == ours.st_ino))
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.keep
-            && let Err(e) = remove_tree(&self.path)
-        {
+        if self.keep {
+            return;
+        }
+        // Only the directory we made: if something else took its name, leave that alone.
+        let removed = match self.is_at(&self.name) {
+            Ok(true) => self.root.remove_tree(&self.name),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = removed {
             tracing::warn!(path = %self.path.display(), error = %e, "could not remove the staging directory");
-        }
-    }
-}
-
-/// `remove_dir_all` that first makes read-only directories (from an archive's modes) writable.
-fn remove_tree(path: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            make_writable(path);
-            fs::remove_dir_all(path)
-        }
-        _ => Ok(()),
-    }
-}
-
-fn make_writable(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-    if let Ok(entries) = fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                make_writable(&entry.path());
-            }
         }
     }
 }
@@ -434,10 +482,9 @@ pub(crate) fn stage_stream<R: Read>(
     };
     let files = AtomicU64::new(0);
     let ctx = extract::ExtractCtx {
-        root: &staging.path,
+        root: &staging.dir,
         top: format!("atlassian-bitbucket-{}", req.version),
         limits: req.limits,
-        owner: req.owner,
         files: &files,
     };
     let mut hasher = Sha256::new();
@@ -504,11 +551,15 @@ pub(crate) fn stage_stream<R: Read>(
         staged_files: extracted.files,
         staged_bytes: extracted.bytes,
     };
-    write_manifest(&staging.path, &manifest, req.owner)?;
-    extract::finish_dirs(&staging.path, &extracted.dirs)?;
+    write_manifest(&staging.dir, &manifest)?;
+    let root_mode = extract::finish_dirs(&staging.dir, &extracted.dirs)?;
     let install = req.install_root.join(&req.version);
-    match rename_no_replace(&staging.path, &install) {
-        Ok(()) => staging.keep = true,
+    let version = OsString::from(&req.version);
+    match staging
+        .root
+        .rename_no_replace(&staging.name, &staging.root, &version)
+    {
+        Ok(()) => {}
         // Someone staged the same version meanwhile: fine if it is this archive.
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             drop(staging);
@@ -528,6 +579,30 @@ pub(crate) fn stage_stream<R: Read>(
             ));
         }
     }
+    // The name now holds what we renamed: if it is not our directory (the staging name was
+    // swapped in a user-writable install root), refuse and keep it from looking staged.
+    if !staging
+        .is_at(&version)
+        .map_err(|e| io_err(format!("inspecting {}", install.display()), e))?
+    {
+        staging.keep = true;
+        return Err(io_err(
+            format!(
+                "renaming {} to {}",
+                staging.path.display(),
+                install.display()
+            ),
+            io::Error::other(format!(
+                "{} is not the directory that was staged (the install root is writable by someone else): remove it and make {} writable by root only",
+                install.display(),
+                req.install_root.display()
+            )),
+        ));
+    }
+    staging.keep = true;
+    // Open to the Bitbucket user only now that it is complete and in place.
+    extract::finish_root(&staging.dir, root_mode)
+        .map_err(|e| io_err(format!("setting the mode of {}", install.display()), e))?;
     File::open(&req.install_root)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_err(format!("syncing {}", req.install_root.display()), e))?;
@@ -574,30 +649,17 @@ fn fill<R: Read>(reader: &mut R, buf: &mut [u8], offset: u64) -> Result<usize, S
     Ok(filled)
 }
 
-fn write_manifest(root: &Path, m: &Manifest, owner: Option<(u32, u32)>) -> Result<(), StageError> {
-    let path = root.join(Manifest::FILE_NAME);
+fn write_manifest(root: &rootfs::Dir, m: &Manifest) -> Result<(), StageError> {
     let json =
         serde_json::to_vec_pretty(m).map_err(|e| io_err("encoding the manifest", e.into()))?;
-    fs::write(&path, json).map_err(|e| io_err(format!("writing {}", path.display()), e))?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-            .map_err(|e| io_err(format!("chowning {}", path.display()), e))?;
-    }
-    Ok(())
-}
-
-/// Renames a directory, failing with `AlreadyExists` rather than replacing anything at `to`.
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
-        Ok(()) => Ok(()),
-        // Filesystems without RENAME_NOREPLACE: a plain rename still refuses a non-empty target.
-        Err(nix::errno::Errno::EINVAL) => {
-            if fs::symlink_metadata(to).is_ok() {
-                return Err(io::ErrorKind::AlreadyExists.into());
-            }
-            fs::rename(from, to)
-        }
-        Err(e) => Err(e.into()),
-    }
+    root.write_atomic(OsStr::new(Manifest::FILE_NAME), &json, 0o644)
+        .map_err(|e| {
+            io_err(
+                format!(
+                    "writing {}",
+                    root.path().join(Manifest::FILE_NAME).display()
+                ),
+                e,
+            )
+        })
 }

@@ -16,6 +16,7 @@ use bbupgrade_common::proto::*;
 use bbupgrade_common::tls::{AgentServerConfig, CoordinatorGate, TlsFiles, TlsMaterial};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -184,6 +185,7 @@ impl StandinFleet {
             .save(&pki)?;
         let token = dir.join("token");
         std::fs::write(&token, TOKEN)?;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
         let names: Vec<String> = (0..spec.clusters).map(cluster_name).collect();
         let world = Arc::new(World {
             clusters: names

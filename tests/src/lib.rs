@@ -146,6 +146,19 @@ pub async fn node_version(base_url: &str) -> Result<String> {
     Ok(v["version"].as_str().unwrap_or_default().to_string())
 }
 
+/// The pid of the node's process as it reports it on `/sim/info` (the foreground `-fg` form of the
+/// product's scripts writes no pid file, so this is how a test finds the "JVM").
+pub async fn node_pid(base_url: &str) -> Result<u32> {
+    let v: serde_json::Value = reqwest::get(format!("{base_url}/sim/info"))
+        .await?
+        .json()
+        .await?;
+    v["pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .with_context(|| format!("{base_url}/sim/info reports no pid: {v}"))
+}
+
 /// Reads a file, for assertions.
 pub fn read(path: impl AsRef<Path>) -> String {
     std::fs::read_to_string(path.as_ref())

@@ -175,11 +175,16 @@ async fn stage_prepare_stop_activate_start_rollback() {
     assert!(staged.files > 0 && !staged.already_staged, "{staged:?}");
     assert!(install.join("bin/start-bitbucket.sh").is_file());
     assert_eq!(extra_entries(&s), ["8.19.6"], "no staging leftovers");
-    if let Some(user) = &s.run_user {
+    if s.run_user.is_some() {
+        // Installs are root's, not the Bitbucket user's (issue 14).
         use std::os::unix::fs::MetadataExt;
-        let u = nix::unistd::User::from_name(user).unwrap().unwrap();
         let meta = std::fs::metadata(install.join("bin/start-bitbucket.sh")).unwrap();
-        assert_eq!(meta.uid(), u.uid.as_raw(), "staged files belong to {user}");
+        assert_eq!(meta.uid(), 0, "staged files belong to root");
+        assert_eq!(
+            meta.mode() & 0o022,
+            0,
+            "staged files are not group/other-writable"
+        );
     }
 
     // Prepare: the home and the node's JVM arguments carried into the new install.

@@ -172,7 +172,18 @@ fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
             bbupgrade_sim::node::settings::ADMIN_TOKEN
         ),
     )?;
-    machine.chroot(&["chown", "-R", &format!("{USER}:{USER}"), INSTALL_ROOT, HOME])?;
+    // An init script runs the install's scripts as root, so the agent refuses an install the
+    // Bitbucket user can write (issue 14): there the install stays root's, as it must. Under
+    // systemd the user's own install (as an installer of old left it) is fine: `User=` runs it.
+    let owned = if variant == Variant::Initd {
+        vec![HOME]
+    } else {
+        vec![INSTALL_ROOT, HOME]
+    };
+    let owner = format!("{USER}:{USER}");
+    let mut chown = vec!["chown", "-R", owner.as_str()];
+    chown.extend(owned);
+    machine.chroot(&chown)?;
 
     // The service definition.
     match variant {
@@ -363,7 +374,7 @@ async fn check_running(node: &Node, variant: Variant, version: &str) -> Result<(
             );
         }
         let cgroup = m.show(UNIT, "ControlGroup")?;
-        let pid = bitbucket_pid(m).context("no bitbucket.pid")?;
+        let pid = bbupgrade_tests::node_pid(&url).await?;
         let procs = m.run(&["cat", &format!("/sys/fs/cgroup{cgroup}/cgroup.procs")])?;
         ensure!(
             procs.split_whitespace().any(|p| p == pid.to_string()),
@@ -461,17 +472,14 @@ async fn drive(node: &Node, variant: Variant) -> Result<()> {
         "staged at {}",
         staged.install_path
     );
+    // Installs are root's and not writable by the Bitbucket user (issue 14).
     let meta = std::fs::metadata(m.path(&install(TO)).join("bin/start-bitbucket.sh"))?;
-    let owner = std::fs::read_to_string(m.path("/etc/passwd"))?
-        .lines()
-        .find(|l| l.starts_with(&format!("{USER}:")))
-        .and_then(|l| l.split(':').nth(2).map(str::to_string))
-        .context("no passwd entry")?;
     use std::os::unix::fs::MetadataExt;
     ensure!(
-        meta.uid().to_string() == owner,
-        "staged files are owned by uid {}, not {USER}",
-        meta.uid()
+        meta.uid() == 0 && meta.mode() & 0o022 == 0,
+        "staged files are owned by uid {} with mode {:o}, not root's and read-only to {USER}",
+        meta.uid(),
+        meta.mode()
     );
     let prepared = client
         .prepare(req(PrepareRequest {

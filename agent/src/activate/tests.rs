@@ -1,6 +1,7 @@
 //! Tests of activation: every real-world unit and init script, and the file drivers.
 
 use super::*;
+use std::os::unix::fs::PermissionsExt;
 
 fn fixtures() -> Option<PathBuf> {
     let dir = PathBuf::from(concat!(

@@ -1,6 +1,8 @@
 //! Tests of prepare on the real 7.21.17 release scripts and their customized copies.
 
 use super::*;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 fn fixtures() -> Option<PathBuf> {
     let dir = PathBuf::from(concat!(
@@ -253,6 +255,7 @@ fn prepare_carries_customizations_and_is_idempotent() {
         new_install: new.clone(),
         home: PathBuf::from("/var/atlassian/application-data/bitbucket"),
         extra_files: vec!["conf/custom.properties".into()],
+        bitbucket_user: crate::rootfs::Reader::current(),
     };
     let first = prepare(&input).unwrap();
     let paths: Vec<&str> = first.carried.iter().map(|c| c.path.as_str()).collect();
@@ -318,6 +321,7 @@ fn prepare_without_manifest_notes_it() {
         new_install: new.clone(),
         home: PathBuf::from("/h"),
         extra_files: vec![],
+        bitbucket_user: crate::rootfs::Reader::current(),
     };
     let out = prepare(&input).unwrap();
     assert!(
@@ -348,6 +352,7 @@ fn extra_files_must_stay_inside_the_install() {
             new_install: new.clone(),
             home: PathBuf::from("/h"),
             extra_files: vec![bad.into()],
+            bitbucket_user: crate::rootfs::Reader::current(),
         };
         assert!(matches!(
             prepare(&input),
@@ -365,4 +370,109 @@ fn unit_home_is_read_from_environment_lines() {
     let err =
         super::check_unit_home(unit, std::path::Path::new("/var/atlassian/bitbucket")).unwrap_err();
     assert!(err.contains("BITBUCKET_HOME=/srv/bb"), "{err}");
+}
+
+/// A 0600 file of the agent's (root's) that the Bitbucket user must never get to read.
+fn secret(dir: &Path) -> PathBuf {
+    let s = dir.join("secret");
+    fs::write(&s, "TOPSECRET-root-only\n").unwrap();
+    fs::set_permissions(&s, fs::Permissions::from_mode(0o600)).unwrap();
+    s
+}
+
+/// The Bitbucket user as a uid/gid other than the test's own.
+fn other_user() -> crate::rootfs::Reader {
+    let me = crate::rootfs::Reader::current();
+    crate::rootfs::Reader {
+        uid: me.uid + 4242,
+        gid: me.gid + 4242,
+    }
+}
+
+fn attack_input(cur: &Path, new: &Path) -> PrepareInput {
+    PrepareInput {
+        current_install: cur.to_path_buf(),
+        new_install: new.to_path_buf(),
+        home: PathBuf::from("/h"),
+        extra_files: vec![],
+        bitbucket_user: other_user(),
+    }
+}
+
+#[test]
+fn a_symlinked_customization_is_refused_and_its_target_never_copied() {
+    let Some(fx) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let release = fx.join("release-7.21.17");
+    let s = secret(tmp.path());
+    let cur = install(tmp.path(), "8.19.3", &release);
+    let new = install(tmp.path(), "8.19.6", &release);
+    fs::remove_file(cur.join("bin/set-jre-home.sh")).unwrap();
+    std::os::unix::fs::symlink(&s, cur.join("bin/set-jre-home.sh")).unwrap();
+    let before = fs::read(new.join("bin/set-jre-home.sh")).unwrap();
+    let err = prepare(&attack_input(&cur, &new)).unwrap_err().to_string();
+    assert!(err.contains("symbolic link"), "{err}");
+    assert!(err.contains("set-jre-home.sh"), "{err}");
+    assert!(!err.contains("TOPSECRET"), "{err}");
+    assert_eq!(fs::read(new.join("bin/set-jre-home.sh")).unwrap(), before);
+}
+
+#[test]
+fn a_hard_linked_or_unreadable_file_is_not_read_for_the_user() {
+    let Some(fx) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let release = fx.join("release-7.21.17");
+    let s = secret(tmp.path());
+    let cur = install(tmp.path(), "8.19.3", &release);
+    let new = install(tmp.path(), "8.19.6", &release);
+    fs::remove_file(cur.join("bin/set-jre-home.sh")).unwrap();
+    fs::hard_link(&s, cur.join("bin/set-jre-home.sh")).unwrap();
+    let err = prepare(&attack_input(&cur, &new)).unwrap_err().to_string();
+    assert!(err.contains("refusing to read it"), "{err}");
+    assert!(!err.contains("TOPSECRET"), "{err}");
+    assert!(!read(&new, "bin/set-jre-home.sh").contains("TOPSECRET"));
+}
+
+#[test]
+fn a_symlinked_directory_in_the_running_install_is_refused() {
+    let Some(fx) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let release = fx.join("release-7.21.17");
+    let cur = install(tmp.path(), "8.19.3", &release);
+    let new = install(tmp.path(), "8.19.6", &release);
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::rename(cur.join("bin"), &elsewhere).unwrap();
+    fs::write(elsewhere.join("set-jre-home.sh"), "JRE_HOME=/x\n").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, cur.join("bin")).unwrap();
+    let err = prepare(&attack_input(&cur, &new)).unwrap_err().to_string();
+    assert!(err.contains("symbolic link"), "{err}");
+    assert!(!read(&new, "bin/set-jre-home.sh").contains("JRE_HOME=/x"));
+}
+
+#[test]
+fn a_link_planted_at_the_temp_name_in_the_new_install_is_not_followed() {
+    let Some(fx) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let release = fx.join("release-7.21.17");
+    let s = secret(tmp.path());
+    let cur = install(tmp.path(), "8.19.3", &release);
+    let new = install(tmp.path(), "8.19.6", &release);
+    std::os::unix::fs::symlink(&s, new.join("bin/.set-bitbucket-home.sh.bbupgrade-tmp")).unwrap();
+    prepare(&attack_input(&cur, &new)).unwrap();
+    assert_eq!(fs::read_to_string(&s).unwrap(), "TOPSECRET-root-only\n");
+    assert_eq!(fs::metadata(&s).unwrap().mode() & 0o7777, 0o600);
+    assert!(read(&new, "bin/set-bitbucket-home.sh").contains("BITBUCKET_HOME=/h"));
+}
+
+#[test]
+fn a_new_install_others_can_write_is_refused() {
+    let Some(fx) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let release = fx.join("release-7.21.17");
+    let cur = install(tmp.path(), "8.19.3", &release);
+    let new = install(tmp.path(), "8.19.6", &release);
+    fs::set_permissions(&new, fs::Permissions::from_mode(0o777)).unwrap();
+    let err = prepare(&attack_input(&cur, &new)).unwrap_err();
+    assert!(matches!(err, PrepareError::NotOurs { .. }), "{err}");
+    assert!(err.to_string().contains("stage the version again"), "{err}");
 }

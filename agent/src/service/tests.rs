@@ -49,11 +49,33 @@ async fn dead_url() -> String {
     format!("http://{addr}/status")
 }
 
+/// A log the Bitbucket user (`nobody` under root) can read.
 fn log_with_lines(dir: &Path) -> PathBuf {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let p = dir.join("atlassian-bitbucket.log");
     let text: String = (1..=30).map(|i| format!("log line {i}\n")).collect();
     std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
     p
+}
+
+/// Whether the test runs as root; without root it fails under `CI=true` and skips elsewhere.
+fn root_or_skip(why: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "{why}, and CI runs as root"
+    );
+    println!("SKIPPED: {why}");
+    false
+}
+
+/// The Bitbucket user of these tests: `nobody`.
+fn nobody() -> BitbucketUser {
+    BitbucketUser::from_name("nobody").expect("a user nobody")
 }
 
 #[test]
@@ -78,9 +100,14 @@ fn status_bodies_parse() {
 async fn wait_running_sees_starting_then_running() {
     let url = status_server(vec![(503, "STARTING"), (503, "STARTING"), (200, "RUNNING")]).await;
     let dir = tempfile::tempdir().unwrap();
-    let got = wait_running(&url, Duration::from_secs(10), &log_with_lines(dir.path()))
-        .await
-        .unwrap();
+    let got = wait_running(
+        &url,
+        Duration::from_secs(10),
+        &log_with_lines(dir.path()),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(got, NodeStatus::Running);
 }
 
@@ -88,9 +115,15 @@ async fn wait_running_sees_starting_then_running() {
 async fn wait_running_fails_at_once_on_error_with_the_log_tail() {
     let url = status_server(vec![(500, "ERROR")]).await;
     let dir = tempfile::tempdir().unwrap();
-    let err = wait_running(&url, Duration::from_secs(30), &log_with_lines(dir.path()))
-        .await
-        .unwrap_err();
+    let user = nobody();
+    let err = wait_running(
+        &url,
+        Duration::from_secs(30),
+        &log_with_lines(dir.path()),
+        Some(&user),
+    )
+    .await
+    .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ServiceError::NodeError { .. }), "{msg}");
     assert!(
@@ -104,9 +137,14 @@ async fn wait_running_fails_at_once_on_error_with_the_log_tail() {
 async fn wait_running_refuses_first_run() {
     let url = status_server(vec![(200, "FIRST_RUN")]).await;
     let dir = tempfile::tempdir().unwrap();
-    let err = wait_running(&url, Duration::from_secs(30), &dir.path().join("none.log"))
-        .await
-        .unwrap_err();
+    let err = wait_running(
+        &url,
+        Duration::from_secs(30),
+        &dir.path().join("none.log"),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(
         err.to_string().contains("BITBUCKET_HOME is wrong or empty"),
         "{err}"
@@ -121,6 +159,7 @@ async fn wait_running_times_out_with_the_last_state() {
         &url,
         Duration::from_millis(600),
         &log_with_lines(dir.path()),
+        None,
     )
     .await
     .unwrap_err();
@@ -137,6 +176,7 @@ async fn wait_running_times_out_on_a_silent_node_in_paused_time() {
         "http://",
         Duration::from_secs(300),
         Path::new("/nonexistent"),
+        None,
     )
     .await
     .unwrap_err();
@@ -147,11 +187,16 @@ async fn wait_running_times_out_on_a_silent_node_in_paused_time() {
 }
 
 /// A `sleep` child reaped by a thread, its pid in a pid file.
+/// Under root it runs as `nobody`, as Bitbucket would (a root process is never killed).
 fn sleeper(dir: &Path, secs: &str) -> (PathBuf, i32) {
-    let child = std::process::Command::new("sleep")
-        .arg(secs)
-        .spawn()
-        .unwrap();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg(secs);
+    if nix::unistd::geteuid().is_root() {
+        use std::os::unix::process::CommandExt;
+        let u = nobody();
+        cmd.uid(u.uid).gid(u.gid);
+    }
+    let child = cmd.spawn().unwrap();
     let pid = child.id() as i32;
     let pid_file = dir.join("bitbucket.pid");
     std::fs::write(&pid_file, format!("{pid}\n")).unwrap();
@@ -191,6 +236,38 @@ async fn wait_stopped_times_out_naming_the_pid_or_kills_when_asked() {
 }
 
 #[tokio::test]
+async fn a_pid_file_naming_a_root_process_is_never_killed() {
+    if !root_or_skip("needs root") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid_file = dir.path().join("bitbucket.pid");
+    std::fs::write(&pid_file, format!("{}\n", child.id())).unwrap();
+    let err = wait_stopped(
+        &pid_file,
+        &dead_url().await,
+        Duration::from_millis(300),
+        true,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("root process"), "{err}");
+    assert!(alive(child.id() as i32));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A pid file that is a link is not read at all.
+    let other = dir.path().join("other");
+    std::fs::write(&other, "1\n").unwrap();
+    std::fs::remove_file(&pid_file).unwrap();
+    std::os::unix::fs::symlink(&other, &pid_file).unwrap();
+    assert_eq!(read_pid(&pid_file), None);
+}
+
+#[tokio::test]
 async fn wait_stopped_also_waits_for_status_to_go_away() {
     let dir = tempfile::tempdir().unwrap();
     let url = status_server(vec![(503, "STOPPING")]).await;
@@ -207,34 +284,68 @@ async fn wait_stopped_also_waits_for_status_to_go_away() {
 
 #[test]
 fn script_run_plans() {
-    let user = RunAs::User("atlbitbucket".into());
+    let bb = BitbucketUser {
+        name: "atlbitbucket".into(),
+        uid: 1001,
+        gid: 1001,
+    };
+    let user = RunAs::User(bb.clone());
     assert_eq!(
         plan_script_run(false, None, &RunAs::Current),
         Ok(Invocation::Direct)
     );
     assert_eq!(
-        plan_script_run(false, Some("x"), &user),
+        plan_script_run(false, Some("atlbitbucket"), &user),
         Ok(Invocation::Direct)
     );
-    assert_eq!(
-        plan_script_run(true, Some("x"), &user),
-        Ok(Invocation::Direct)
-    );
-    assert_eq!(
-        plan_script_run(true, Some("x"), &RunAs::Current),
-        Ok(Invocation::Direct)
-    );
-    assert_eq!(
-        plan_script_run(true, Some(""), &user),
-        Ok(Invocation::AsUser("atlbitbucket".into()))
-    );
-    assert_eq!(
-        plan_script_run(true, None, &user),
-        Ok(Invocation::AsUser("atlbitbucket".into()))
-    );
+    // Root always drops to the configured user itself, whatever the script would do.
+    for named in [None, Some(""), Some("atlbitbucket")] {
+        assert_eq!(
+            plan_script_run(true, named, &user),
+            Ok(Invocation::AsUser(bb.clone())),
+            "{named:?}"
+        );
+    }
+    // A set-bitbucket-user.sh naming another user (root included) is refused, root or not.
+    for named in ["x", "root"] {
+        let err = plan_script_run(true, Some(named), &user).unwrap_err();
+        assert!(
+            err.contains(&format!("BITBUCKET_USER={named}")) && err.contains("atlbitbucket"),
+            "{err}"
+        );
+        assert!(plan_script_run(false, Some(named), &user).is_err());
+    }
     assert!(plan_script_run(true, None, &RunAs::Current).is_err());
-    assert!(plan_script_run(true, None, &RunAs::User("root".into())).is_err());
-    assert!(plan_script_run(true, Some("root"), &user).is_err());
+    let root = RunAs::User(BitbucketUser {
+        name: "root".into(),
+        uid: 0,
+        gid: 0,
+    });
+    assert!(plan_script_run(true, None, &root).is_err());
+}
+
+#[test]
+fn unit_user_is_the_last_user_of_the_service_section() {
+    let unit = "[Unit]\nUser=nope\n[Service]\nUser=atlbitbucket\nExecStart=/x\n".to_string();
+    assert_eq!(
+        unit_user(std::slice::from_ref(&unit)),
+        Some("atlbitbucket".into())
+    );
+    let dropin = "[Service]\nUser=\n".to_string();
+    assert_eq!(unit_user(&[unit.clone(), dropin]), None);
+    let dropin = "[Service]\nUser=root\n".to_string();
+    assert_eq!(
+        unit_user(&[unit.clone(), dropin.clone()]),
+        Some("root".into())
+    );
+    assert!(check_unit_user(std::slice::from_ref(&unit), "atlbitbucket").is_ok());
+    let err = check_unit_user(&[unit, dropin], "atlbitbucket").unwrap_err();
+    assert!(
+        err.contains("User=root") && err.contains("User=atlbitbucket"),
+        "{err}"
+    );
+    let err = check_unit_user(&["[Service]\nExecStart=/x\n".to_string()], "bb").unwrap_err();
+    assert!(err.contains("root (no User=)"), "{err}");
 }
 
 #[test]
@@ -300,11 +411,7 @@ async fn scripts_run_as_the_configured_user_with_no_search() {
     let dir = tempfile::tempdir().unwrap();
     let install = fake_install(dir.path(), "");
     let log = dir.path().join("start.log");
-    let m = Scripts::new(
-        Arc::new(RwLock::new(install)),
-        RunAs::User("nobody".into()),
-        &log,
-    );
+    let m = Scripts::new(Arc::new(RwLock::new(install)), RunAs::User(nobody()), &log);
     assert_eq!(m.kind(), "scripts");
     let started = std::time::Instant::now();
     m.start().await.unwrap();
@@ -326,27 +433,159 @@ async fn scripts_run_as_the_configured_user_with_no_search() {
 }
 
 #[tokio::test]
-async fn scripts_refuse_root_without_a_user_and_run_directly_when_the_script_switches() {
+async fn scripts_never_run_as_root_and_refuse_another_user_in_set_bitbucket_user() {
     let dir = tempfile::tempdir().unwrap();
     let install = fake_install(dir.path(), "");
     let log = dir.path().join("start.log");
     let m = Scripts::new(Arc::new(RwLock::new(install.clone())), RunAs::Current, &log);
-    if nix::unistd::geteuid().is_root() {
-        let err = m.start().await.unwrap_err();
-        assert!(matches!(err, ServiceError::RefuseRoot { .. }), "{err}");
-        assert!(err.to_string().contains("run_as"), "{err}");
-        // With BITBUCKET_USER set, the product's script switches itself: run it as root.
-        std::fs::write(
-            install.join("bin/set-bitbucket-user.sh"),
-            "BITBUCKET_USER=\"nobody\"\n",
-        )
-        .unwrap();
+    if !nix::unistd::geteuid().is_root() {
         m.start().await.unwrap();
-        let record = std::fs::read_to_string(dir.path().join("record")).unwrap();
-        assert_eq!(record, "start-bitbucket.sh root --no-search\n");
-    } else {
-        m.start().await.unwrap();
+        return;
     }
+    let err = m.start().await.unwrap_err();
+    assert!(matches!(err, ServiceError::RefuseRoot { .. }), "{err}");
+    assert!(err.to_string().contains("bitbucket.user"), "{err}");
+    // With BITBUCKET_USER set, the agent still drops to the user itself: the script never runs
+    // as root, and is not asked to switch again.
+    std::fs::write(
+        install.join("bin/set-bitbucket-user.sh"),
+        "BITBUCKET_USER=\"nobody\"\n",
+    )
+    .unwrap();
+    let m = Scripts::new(
+        Arc::new(RwLock::new(install.clone())),
+        RunAs::User(nobody()),
+        &log,
+    );
+    m.start().await.unwrap();
+    let record = std::fs::read_to_string(dir.path().join("record")).unwrap();
+    assert_eq!(record, "start-bitbucket.sh nobody --no-search\n");
+    // Naming another user is refused with the fix, and nothing runs.
+    std::fs::write(
+        install.join("bin/set-bitbucket-user.sh"),
+        "BITBUCKET_USER=\"root\"\n",
+    )
+    .unwrap();
+    let err = m.start().await.unwrap_err().to_string();
+    assert!(
+        err.contains("BITBUCKET_USER=root") && err.contains("nobody"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("record")).unwrap(),
+        record
+    );
+}
+
+#[tokio::test]
+async fn a_symlinked_log_is_never_read_as_root() {
+    if !root_or_skip("needs root to read as nobody") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "TOPSECRET\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let log = dir.path().join("atlassian-bitbucket.log");
+    std::os::unix::fs::symlink(&secret, &log).unwrap();
+    let got = user_file_tail(&log, Some(&nobody())).await;
+    assert!(!got.contains("TOPSECRET"), "{got}");
+    assert!(got.contains("not readable by the Bitbucket user"), "{got}");
+    let got = user_file_tail(&log, None).await;
+    assert!(
+        !got.contains("TOPSECRET") && got.contains("not read"),
+        "{got}"
+    );
+}
+
+#[tokio::test]
+async fn initd_refuses_scripts_the_bitbucket_user_can_write() {
+    if !root_or_skip("needs root to own the scripts") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let install = dir.path().join("8.19.6");
+    std::fs::create_dir_all(install.join("bin")).unwrap();
+    let start = install.join("bin/start-bitbucket.sh");
+    write_script(&start, "exit 0");
+    let record = dir.path().join("args");
+    let script = dir.path().join("atlbitbucket");
+    write_script(&script, &format!("echo \"$*\" >> {}", record.display()));
+    let mut m = Initd::new(&script, dir.path().join("initd.log"));
+    m.guard = Some((nobody(), Arc::new(RwLock::new(install.clone()))));
+    m.start().await.unwrap();
+    let nobody_uid = nix::unistd::Uid::from_raw(nobody().uid);
+    for (path, how) in [
+        (&start, "owner"),
+        (&start, "other-writable"),
+        (&install.join("bin"), "owner"),
+        (&script, "owner"),
+    ] {
+        if how == "owner" {
+            nix::unistd::chown(path.as_path(), Some(nobody_uid), None).unwrap();
+        } else {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o757)).unwrap();
+        }
+        let err = m.start().await.unwrap_err().to_string();
+        assert!(
+            err.contains("can write") && err.contains(&path.display().to_string()),
+            "{how} {}: {err}",
+            path.display()
+        );
+        nix::unistd::chown(path.as_path(), Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // A root-owned set-bitbucket-user.sh naming another user than the config's is refused too.
+    std::fs::write(
+        install.join("bin/set-bitbucket-user.sh"),
+        "BITBUCKET_USER=\"root\"\n",
+    )
+    .unwrap();
+    let err = m.start().await.unwrap_err().to_string();
+    assert!(
+        err.contains("BITBUCKET_USER=root") && err.contains("nobody"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&record).unwrap(), "start\n");
+}
+
+#[tokio::test]
+async fn systemd_refuses_a_unit_without_the_configured_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let (systemctl, record) = fake_systemctl(dir.path(), false);
+    let unit = dir.path().join("bitbucket.service");
+    std::fs::write(
+        &unit,
+        "[Service]\nExecStart=/opt/b/bin/start-bitbucket.sh\n",
+    )
+    .unwrap();
+    let mut m = Systemd::new("bitbucket.service");
+    m.systemctl = systemctl;
+    m.require_user = Some((unit.clone(), "nobody".into()));
+    let err = m.start().await.unwrap_err().to_string();
+    assert!(
+        err.contains("bitbucket.service")
+            && err.contains("root (no User=)")
+            && err.contains("User=nobody"),
+        "{err}"
+    );
+    std::fs::write(&unit, "[Service]\nUser=nobody\nExecStart=/x\n").unwrap();
+    m.start().await.unwrap();
+    // A drop-in next to the unit file overrides it.
+    std::fs::create_dir(dir.path().join("bitbucket.service.d")).unwrap();
+    std::fs::write(
+        dir.path().join("bitbucket.service.d/x.conf"),
+        "[Service]\nUser=root\n",
+    )
+    .unwrap();
+    let err = m.stop().await.unwrap_err().to_string();
+    assert!(err.contains("User=root"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        "start bitbucket.service\n"
+    );
 }
 
 #[tokio::test]
@@ -359,7 +598,7 @@ async fn failing_script_reports_command_code_and_output() {
     );
     let m = Scripts::new(
         Arc::new(RwLock::new(install)),
-        RunAs::User("nobody".into()),
+        RunAs::User(nobody()),
         dir.path().join("log"),
     );
     let err = m.stop().await.unwrap_err();
@@ -378,7 +617,7 @@ async fn script_timeout_kills_it() {
     write_script(&install.join("bin/stop-bitbucket.sh"), "exec sleep 30");
     let mut m = Scripts::new(
         Arc::new(RwLock::new(install)),
-        RunAs::User("nobody".into()),
+        RunAs::User(nobody()),
         dir.path().join("log"),
     );
     m.timeout = Duration::from_millis(300);

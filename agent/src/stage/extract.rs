@@ -1,21 +1,22 @@
 //! The extracting half of the one-pass stage: gunzip and untar entry by entry into the staging
 //! directory, applying the rules, counting every decompressed byte against the limits.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, DirBuilder, File, FileTimes, OpenOptions};
+use std::ffi::OsStr;
 use std::io::{self, BufRead, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{self as rfs, AtFlags, Mode, Timespec, Timestamps, UTIME_OMIT};
 
 use flate2::bufread::MultiGzDecoder;
 use sha2::{Digest, Sha256};
 
 use super::rules::{EntryHeader, EntryKind, SafeEntry, Tree, check_entry, lossy};
 use super::{StageError, StageLimits, io_err};
+use crate::rootfs::{Dir, MODE_MASK};
 
 /// Size of the buffer file data is inflated into and written from.
 pub const WRITE_BUF_BYTES: usize = 1 << 20;
@@ -26,17 +27,112 @@ const META_BYTES_PER_ENTRY: u64 = 1 << 20;
 const DEFAULT_DIR_MODE: u32 = 0o755;
 /// Mode of directories while extracting: only we can write there until the stage is complete.
 const STAGING_DIR_MODE: u32 = 0o700;
+/// The free-disk reserve is at most this fraction (1/20 = 5 %) of the filesystem's size.
+const RESERVE_MAX_FRACTION: u64 = 20;
+/// While a file is written, the free disk is checked again after this many bytes.
+const SPACE_CHECK_BYTES: u64 = 64 << 20;
 /// Folders whose files get hashed into the manifest (customizations live there).
 const MANIFEST_DIRS: [&str; 2] = ["bin", "conf"];
 
-/// What the extractor needs to know.
+/// What the extractor needs to know. Every entry is created relative to `root`'s handle, its
+/// parent directory reached one component at a time without following a link.
 pub struct ExtractCtx<'a> {
-    pub root: &'a Path,
+    pub root: &'a Dir,
     pub top: String,
     pub limits: StageLimits,
-    pub owner: Option<(u32, u32)>,
     /// Non-directory entries written so far, read by the progress reporter on the other thread.
     pub files: &'a AtomicU64,
+}
+
+impl ExtractCtx<'_> {
+    fn path(&self, rel: &Path) -> PathBuf {
+        self.root.path().join(rel)
+    }
+
+    /// Fails when writing `needed` more bytes would leave less than the configured free space.
+    fn check_space(&self, needed: u64, entry: &str) -> Result<(), StageError> {
+        let vfs = rfs::fstatvfs(self.root.as_fd()).map_err(|e| {
+            io_err(
+                format!("checking free disk in {}", self.root.path().display()),
+                e.into(),
+            )
+        })?;
+        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        let size = vfs.f_blocks.saturating_mul(vfs.f_frsize);
+        let reserve = reserve(size, self.limits.min_free_bytes);
+        if !space_ok(free, needed, reserve) {
+            return Err(StageError::DiskFull {
+                path: self
+                    .root
+                    .path()
+                    .parent()
+                    .unwrap_or(self.root.path())
+                    .to_path_buf(),
+                entry: entry.to_string(),
+                needed,
+                free,
+                reserve,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Whether `needed` bytes fit in `free` while keeping `reserve` free.
+pub fn space_ok(free: u64, needed: u64, reserve: u64) -> bool {
+    needed.checked_add(reserve).is_some_and(|n| free >= n)
+}
+
+/// What a stage keeps free on a filesystem of `size` bytes: the configured bytes, but never more
+/// than 1/[`RESERVE_MAX_FRACTION`] of the filesystem, so a small disk can still be staged on.
+pub fn reserve(size: u64, min_free: u64) -> u64 {
+    min_free.min(size / RESERVE_MAX_FRACTION)
+}
+
+/// The last parent directory opened, reused while entries stay in one folder (tar order).
+#[derive(Default)]
+struct Parents {
+    last: RefCell<Option<(PathBuf, std::rc::Rc<Dir>)>>,
+}
+
+impl Parents {
+    /// The directory holding `rel`, opened without links, and `rel`'s file name.
+    fn of<'r>(
+        &self,
+        ctx: &ExtractCtx<'_>,
+        rel: &'r Path,
+    ) -> Result<(std::rc::Rc<Dir>, &'r OsStr), StageError> {
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let name = rel.file_name().ok_or_else(|| {
+            io_err(
+                format!("creating {}", ctx.path(rel).display()),
+                io::Error::from(io::ErrorKind::InvalidInput),
+            )
+        })?;
+        if let Some((p, d)) = self.last.borrow().as_ref()
+            && p == parent
+        {
+            return Ok((d.clone(), name));
+        }
+        let dir = std::rc::Rc::new(
+            ctx.root
+                .open_dir(parent)
+                .map_err(|e| io_err(format!("opening {}", ctx.path(parent).display()), e))?,
+        );
+        *self.last.borrow_mut() = Some((parent.to_path_buf(), dir.clone()));
+        Ok((dir, name))
+    }
+}
+
+fn timestamps(mtime: u64) -> Timestamps {
+    let t = Timespec {
+        tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX),
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
 }
 
 /// What was extracted; directory modes and times are applied by the caller once the checksum holds.
@@ -195,6 +291,8 @@ pub fn extract<B: BufRead>(src: B, ctx: &ExtractCtx<'_>) -> Result<Extracted, St
     out.dirs.insert(PathBuf::new(), (DEFAULT_DIR_MODE, None));
     let mut buf = vec![0u8; WRITE_BUF_BYTES];
     let mut last = String::from("(start of archive)");
+    let parents = Parents::default();
+    ctx.check_space(0, &last)?;
     {
         let mut entries = archive.entries().map_err(|e| meter.explain(e, &last))?;
         let mut tree = Tree::default();
@@ -233,8 +331,9 @@ pub fn extract<B: BufRead>(src: B, ctx: &ExtractCtx<'_>) -> Result<Extracted, St
                 });
             }
             let admitted = tree.admit(&safe, &last)?;
+            ctx.check_space(size, &last)?;
             for dir in &admitted.missing_parents {
-                make_dir(ctx, dir)?;
+                make_dir(ctx, &parents, dir)?;
                 out.dirs.insert(dir.clone(), (DEFAULT_DIR_MODE, None));
             }
             match safe {
@@ -244,7 +343,7 @@ pub fn extract<B: BufRead>(src: B, ctx: &ExtractCtx<'_>) -> Result<Extracted, St
                 }
                 SafeEntry::Dir { rel, mode } => {
                     if !admitted.exists {
-                        make_dir(ctx, &rel)?;
+                        make_dir(ctx, &parents, &rel)?;
                     }
                     out.dirs.insert(rel, (mode, mtime));
                 }
@@ -252,7 +351,7 @@ pub fn extract<B: BufRead>(src: B, ctx: &ExtractCtx<'_>) -> Result<Extracted, St
                     meter.enter(Phase::Data);
                     let hash = wants_hash(&rel);
                     let (written, digest) = write_file(
-                        ctx, &rel, mode, mtime, &mut entry, &mut buf, hash, &meter, &last,
+                        ctx, &parents, &rel, mode, mtime, &mut entry, &mut buf, hash, &meter, &last,
                     )?;
                     if written != size {
                         return Err(StageError::Corrupt(format!(
@@ -265,26 +364,45 @@ pub fn extract<B: BufRead>(src: B, ctx: &ExtractCtx<'_>) -> Result<Extracted, St
                     }
                 }
                 SafeEntry::Symlink { rel, target } => {
-                    let path = ctx.root.join(&rel);
-                    std::os::unix::fs::symlink(&target, &path)
-                        .map_err(|e| io_err(format!("creating symlink {}", path.display()), e))?;
-                    if let Some((uid, gid)) = ctx.owner {
-                        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-                            .map_err(|e| io_err(format!("chowning {}", path.display()), e))?;
-                    }
+                    let path = ctx.path(&rel);
+                    let (dir, name) = parents.of(ctx, &rel)?;
+                    rfs::symlinkat(&target, dir.as_fd(), name).map_err(|e| {
+                        io_err(format!("creating symlink {}", path.display()), e.into())
+                    })?;
                     if let Some(t) = mtime {
-                        set_symlink_mtime(&path, t)?;
+                        rfs::utimensat(
+                            dir.as_fd(),
+                            name,
+                            &timestamps(t),
+                            AtFlags::SYMLINK_NOFOLLOW,
+                        )
+                        .map_err(|e| {
+                            io_err(format!("setting the time of {}", path.display()), e.into())
+                        })?;
                     }
                 }
                 SafeEntry::Hardlink { rel, target } => {
-                    let (from, to) = (ctx.root.join(&target), ctx.root.join(&rel));
-                    fs::hard_link(&from, &to).map_err(|e| {
-                        io_err(format!("linking {} to {}", to.display(), from.display()), e)
+                    let (from, to) = (ctx.path(&target), ctx.path(&rel));
+                    let (from_dir, from_name) = Parents::default().of(ctx, &target)?;
+                    let (dir, name) = parents.of(ctx, &rel)?;
+                    // No AT_SYMLINK_FOLLOW: the link is to the entry itself, never through a link.
+                    rfs::linkat(
+                        from_dir.as_fd(),
+                        from_name,
+                        dir.as_fd(),
+                        name,
+                        AtFlags::empty(),
+                    )
+                    .map_err(|e| {
+                        io_err(
+                            format!("linking {} to {}", to.display(), from.display()),
+                            e.into(),
+                        )
                     })?;
                     if wants_hash(&rel) {
                         let digest = match out.manifest_files.get(&manifest_key(&target)) {
                             Some(d) => d.clone(),
-                            None => hash_file(&to)?,
+                            None => hash_file(ctx, &rel)?,
                         };
                         out.manifest_files.insert(manifest_key(&rel), digest);
                     }
@@ -324,22 +442,20 @@ fn manifest_key(rel: &Path) -> String {
     rel.to_string_lossy().into_owned()
 }
 
-fn make_dir(ctx: &ExtractCtx<'_>, rel: &Path) -> Result<(), StageError> {
-    let path = ctx.root.join(rel);
-    DirBuilder::new()
-        .mode(STAGING_DIR_MODE)
-        .create(&path)
-        .map_err(|e| io_err(format!("creating directory {}", path.display()), e))?;
-    if let Some((uid, gid)) = ctx.owner {
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-            .map_err(|e| io_err(format!("chowning {}", path.display()), e))?;
-    }
-    Ok(())
+fn make_dir(ctx: &ExtractCtx<'_>, parents: &Parents, rel: &Path) -> Result<(), StageError> {
+    let (dir, name) = parents.of(ctx, rel)?;
+    rfs::mkdirat(dir.as_fd(), name, Mode::from_raw_mode(STAGING_DIR_MODE)).map_err(|e| {
+        io_err(
+            format!("creating directory {}", ctx.path(rel).display()),
+            e.into(),
+        )
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
 fn write_file<R: Read>(
     ctx: &ExtractCtx<'_>,
+    parents: &Parents,
     rel: &Path,
     mode: u32,
     mtime: Option<u64>,
@@ -349,17 +465,16 @@ fn write_file<R: Read>(
     meter: &Meter,
     name: &str,
 ) -> Result<(u64, Option<String>), StageError> {
-    let path = ctx.root.join(rel);
+    let path = ctx.path(rel);
     let ctx_err = |what: &str, e| io_err(format!("{what} {}", path.display()), e);
-    // create_new: never follow or reuse something already at that path.
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
+    let (dir, file_name) = parents.of(ctx, rel)?;
+    // O_CREAT|O_EXCL|O_NOFOLLOW: never follow or reuse something already at that name.
+    let mut file = dir
+        .create_new(file_name)
         .map_err(|e| ctx_err("creating", e))?;
     let mut hasher = hash.then(Sha256::new);
     let mut written = 0u64;
+    let mut next_check = SPACE_CHECK_BYTES;
     loop {
         // Fill the whole buffer before writing: inflate lands directly in it, one write per MiB.
         let mut filled = 0;
@@ -386,65 +501,72 @@ fn write_file<R: Read>(
                 limit: ctx.limits.max_total_bytes,
             });
         }
+        if written >= next_check {
+            // Others share the disk: check again while a large file is written.
+            ctx.check_space(0, name)?;
+            next_check = written + SPACE_CHECK_BYTES;
+        }
     }
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(|e| ctx_err("setting the mode of", e))?;
+    rfs::fchmod(&file, Mode::from_raw_mode(mode & MODE_MASK))
+        .map_err(|e| ctx_err("setting the mode of", e.into()))?;
     if let Some(t) = mtime {
-        let t = UNIX_EPOCH + Duration::from_secs(t);
-        file.set_times(FileTimes::new().set_modified(t).set_accessed(t))
-            .map_err(|e| ctx_err("setting the time of", e))?;
-    }
-    if let Some((uid, gid)) = ctx.owner {
-        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
-            .map_err(|e| ctx_err("chowning", e))?;
+        rfs::futimens(&file, &timestamps(t))
+            .map_err(|e| ctx_err("setting the time of", e.into()))?;
     }
     Ok((written, hasher.map(|h| hex::encode(h.finalize()))))
 }
 
-fn hash_file(path: &Path) -> Result<String, StageError> {
-    let mut f = File::open(path).map_err(|e| io_err(format!("reading {}", path.display()), e))?;
+fn hash_file(ctx: &ExtractCtx<'_>, rel: &Path) -> Result<String, StageError> {
+    let path = ctx.path(rel);
+    let (mut f, _) = ctx
+        .root
+        .open_file(rel)
+        .and_then(|f| f.ok_or_else(|| io::ErrorKind::NotFound.into()))
+        .map_err(|e| io_err(format!("reading {}", path.display()), e))?;
     let mut h = Sha256::new();
     io::copy(&mut f, &mut h).map_err(|e| io_err(format!("reading {}", path.display()), e))?;
     Ok(hex::encode(h.finalize()))
 }
 
-fn set_symlink_mtime(path: &Path, secs: u64) -> Result<(), StageError> {
-    use nix::sys::stat::{UtimensatFlags, utimensat};
-    use nix::sys::time::TimeSpec;
-    let t = TimeSpec::new(i64::try_from(secs).unwrap_or(i64::MAX), 0);
-    utimensat(
-        nix::fcntl::AT_FDCWD,
-        path,
-        &t,
-        &t,
-        UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|e| io_err(format!("setting the time of {}", path.display()), e.into()))
-}
-
-/// Applies directory modes and times, deepest first so a read-only parent never blocks a child.
+/// Applies directory modes (masked with 0o022) and times below the staging root, deepest first so
+/// a read-only parent never blocks a child; returns the mode and time for the root itself, which
+/// stays 0700 until the install is renamed into place ([`finish_root`]).
 pub fn finish_dirs(
-    root: &Path,
+    root: &Dir,
     dirs: &HashMap<PathBuf, (u32, Option<u64>)>,
-) -> Result<(), StageError> {
+) -> Result<(u32, Option<u64>), StageError> {
     let mut ordered: Vec<_> = dirs.iter().collect();
     ordered.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+    let mut root_mode = (DEFAULT_DIR_MODE, None);
     for (rel, (mode, mtime)) in ordered {
-        let path = root.join(rel);
-        // Times first: the directory is still ours to open whatever mode it ends up with.
-        if let Some(t) = mtime {
-            let t = UNIX_EPOCH + Duration::from_secs(*t);
-            let set = File::open(&path).and_then(|d| {
-                d.set_times(
-                    FileTimes::new()
-                        .set_modified(t)
-                        .set_accessed(SystemTime::now()),
-                )
-            });
-            set.map_err(|e| io_err(format!("setting the time of {}", path.display()), e))?;
+        if rel.as_os_str().is_empty() {
+            root_mode = (*mode, *mtime);
+            continue;
         }
-        fs::set_permissions(&path, fs::Permissions::from_mode(*mode))
+        let path = root.path().join(rel);
+        let dir = root
+            .open_dir(rel)
+            .map_err(|e| io_err(format!("opening {}", path.display()), e))?;
+        set_dir(&dir, *mode, *mtime)
             .map_err(|e| io_err(format!("setting the mode of {}", path.display()), e))?;
     }
+    Ok(root_mode)
+}
+
+/// The install's own mode and time, once it is in place.
+pub fn finish_root(root: &Dir, (mode, mtime): (u32, Option<u64>)) -> io::Result<()> {
+    set_dir(root, mode, mtime)
+}
+
+fn set_dir(dir: &Dir, mode: u32, mtime: Option<u64>) -> io::Result<()> {
+    if let Some(t) = mtime {
+        let mut ts = timestamps(t);
+        ts.last_access = Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        };
+        rfs::futimens(dir.as_fd(), &ts)?;
+    }
+    rfs::fchmod(dir.as_fd(), Mode::from_raw_mode(mode & MODE_MASK))?;
     Ok(())
 }

@@ -105,7 +105,6 @@ impl Site {
             version: V.into(),
             sha256: sha256.into(),
             install_root: self.root.clone(),
-            owner: None,
             limits: StageLimits::default(),
         }
     }
@@ -197,11 +196,7 @@ fn happy_path_stages_strips_the_top_folder_and_repeats_as_already_staged() {
         )
         .gz();
     let site = Site::new();
-    let mut req = site.req(&sha(&archive).to_uppercase());
-    req.owner = Some((
-        nix::unistd::getuid().as_raw(),
-        nix::unistd::getgid().as_raw(),
-    ));
+    let req = site.req(&sha(&archive).to_uppercase());
     let mut calls = Vec::new();
     let cache_dir = tempfile::tempdir().expect("tempdir");
     let cache = ArchiveCache::new(cache_dir.path().to_path_buf(), u64::MAX).expect("cache");
@@ -750,4 +745,145 @@ fn cache_evicts_least_recently_used_beyond_its_bound() {
         .map(|e| e.file_name())
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn an_install_is_the_agents_with_modes_masked_and_0700_until_in_place() {
+    let archive = Tar::new()
+        .dir(&format!("{TOP}/"), 0o777)
+        .dir(&format!("{TOP}/bin/"), 0o777)
+        .file(
+            &format!("{TOP}/bin/start-bitbucket.sh"),
+            0o777,
+            b"#!/bin/sh\n",
+        )
+        .file(&format!("{TOP}/conf/server.xml"), 0o666, b"<Server/>\n")
+        .gz();
+    let site = Site::new();
+    let out = stage_bytes(&archive, &site.req(&sha(&archive))).expect("stage");
+    let me = rustix::process::geteuid().as_raw();
+    for (rel, want) in [
+        ("", 0o755),
+        ("bin", 0o755),
+        ("bin/start-bitbucket.sh", 0o755),
+        ("conf", 0o755),
+        ("conf/server.xml", 0o644),
+        (Manifest::FILE_NAME, 0o644),
+    ] {
+        let m = fs::symlink_metadata(out.install_path.join(rel)).expect("meta");
+        assert_eq!(m.mode() & 0o7777, want, "{rel}");
+        assert_eq!(m.uid(), me, "{rel}");
+    }
+}
+
+#[test]
+fn space_ok_keeps_the_reserve() {
+    use super::extract::{reserve, space_ok};
+    assert!(space_ok(100, 60, 40));
+    assert!(!space_ok(100, 61, 40));
+    assert!(!space_ok(100, 0, 101));
+    assert!(!space_ok(u64::MAX, u64::MAX, 1));
+    // The configured reserve, but at most 5 % of the filesystem.
+    assert_eq!(reserve(100 * GIB, 512 << 20), 512 << 20);
+    assert_eq!(reserve(40 << 20, 512 << 20), 2 << 20);
+}
+
+#[test]
+fn refuses_to_fill_the_disk_by_the_header_size_and_leaves_nothing() {
+    // A header claiming more than the disk holds: refused before its data is read or written
+    // (the size limit lifted so only the disk check stands in the way).
+    let site = Site::new();
+    let big = format!("{TOP}/app/huge.jar");
+    let mut h = tar::Header::new_gnu();
+    h.set_path(&big).expect("path");
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(1 << 60);
+    h.set_cksum();
+    let mut tar = ok_prefix().tar();
+    tar.truncate(tar.len() - 1024); // drop the end-of-archive blocks
+    tar.extend_from_slice(h.as_bytes());
+    tar.extend(std::iter::repeat_n(0u8, 4096));
+    let archive = gz(&tar);
+    let mut req = site.req(&sha(&archive));
+    req.limits.max_total_bytes = u64::MAX;
+    let err = stage_bytes(&archive, &req).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, StageError::DiskFull { entry, needed, .. } if entry == &big && *needed == 1 << 60),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("not enough free disk") && msg.contains("nothing was left behind"),
+        "{msg}"
+    );
+    assert!(!err.is_bad_input());
+    site.assert_untouched();
+}
+
+/// Reads an archive and, before its last two chunks, swaps the staging directory for a link to a
+/// victim directory (what a user who can write the install root could try).
+struct SwapBeforeTheLastChunks<'a> {
+    inner: &'a [u8],
+    root: PathBuf,
+    victim: PathBuf,
+    swapped: bool,
+}
+
+impl Read for SwapBeforeTheLastChunks<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.swapped && self.inner.len() < 2 * CHUNK_BYTES {
+            // Give the extractor time to open the staging directory and start writing.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let staging = fs::read_dir(&self.root)
+                .expect("read_dir")
+                .flatten()
+                .find(|e| e.file_name().to_string_lossy().starts_with(STAGING_PREFIX))
+                .expect("a staging dir")
+                .path();
+            fs::rename(&staging, self.root.join("moved-away")).expect("rename");
+            std::os::unix::fs::symlink(&self.victim, &staging).expect("symlink");
+            self.swapped = true;
+        }
+        self.inner.read(buf)
+    }
+}
+
+#[test]
+fn a_staging_dir_swapped_for_a_link_mid_extraction_writes_nothing_through_it() {
+    let site = Site::new();
+    let victim = site.root.parent().expect("parent").join("victim");
+    fs::create_dir(&victim).expect("mkdir");
+    let mut tar = ok_prefix();
+    for i in 0..8 {
+        // Incompressible data (xorshift) so the archive spans several chunks.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ i;
+        let data: Vec<u8> = (0..CHUNK_BYTES)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        tar = tar.file(&format!("{TOP}/lib/f{i}.jar"), 0o644, &data);
+    }
+    let archive = tar.gz();
+    assert!(archive.len() > 3 * CHUNK_BYTES, "{}", archive.len());
+    let req = site.req(&sha(&archive));
+    let reader = SwapBeforeTheLastChunks {
+        inner: &archive,
+        root: site.root.clone(),
+        victim: victim.clone(),
+        swapped: false,
+    };
+    let err = stage_from_reader(reader, &req, None, &mut |_| {}).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is not the directory that was staged"),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(&victim).expect("victim").count(), 0);
+    // Everything went into the directory that was opened, wherever it was moved.
+    assert!(site.root.join("moved-away/lib/f7.jar").is_file());
 }
