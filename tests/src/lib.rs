@@ -12,7 +12,7 @@ pub mod fleet_standin;
 pub mod systemd_harness;
 
 use anyhow::{Context, Result};
-use bbupgrade::sandbox::{Sandbox, SandboxLb, SandboxOptions};
+use bbupgrade::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -66,7 +66,11 @@ pub fn sandbox_options(bins: &Bins, nodes: usize, lb: SandboxLb) -> SandboxOptio
         agent_bin: bins.agent.clone(),
         sim_bin: bins.sim.clone(),
         lb_standin: false,
-        bitbucket: Default::default(),
+        bitbucket: BitbucketForm {
+            // `.ci/run` runs the end-to-end suites once more with node names configured.
+            node_names: std::env::var("BBUPGRADE_TEST_NODE_NAMES").as_deref() == Ok("1"),
+            ..BitbucketForm::default()
+        },
     }
 }
 
