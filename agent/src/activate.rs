@@ -13,9 +13,13 @@
 //! - `BITBUCKET_HOME` is never rewritten: the home stays where it is.
 //! - A definition that runs through an unversioned path other than the old install (a `current`
 //!   symlink) is left as it is, but for `--no-search`; the link is switched instead.
+//! - The previous definition is kept in the agent's state directory ([`Backups`]), never beside
+//!   the definition, where the service manager would see a second service.
 
+mod backup;
 mod edit;
 
+pub use backup::{BACKUPS_DIR, BackupEntry, Backups};
 pub use edit::{edit_initd_script, edit_systemd_unit, install_in_unit};
 
 use std::fs;
@@ -34,6 +38,17 @@ pub enum ServiceDef {
     Initd { script_path: PathBuf },
     /// No service manager: the agent runs `bin/start-bitbucket.sh` itself.
     Scripts,
+}
+
+impl ServiceDef {
+    /// The file that defines the service; `None` without a service manager.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ServiceDef::Systemd { unit_path, .. } => Some(unit_path),
+            ServiceDef::Initd { script_path } => Some(script_path),
+            ServiceDef::Scripts => None,
+        }
+    }
 }
 
 /// The result of editing a definition's text.
@@ -95,28 +110,21 @@ pub struct ActivateOutcome {
     pub notes: Vec<String>,
 }
 
-/// The backup kept next to a definition: `<file>.bbupgrade-backup-<old version dir name>`.
-pub fn backup_path(file: &Path, old_install: &Path) -> PathBuf {
-    let dir_name = old_install
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "previous".to_string());
-    let mut name = file.as_os_str().to_owned();
-    name.push(format!(".bbupgrade-backup-{dir_name}"));
-    PathBuf::from(name)
-}
-
 /// Blocking: edit the definition (atomic write to a temp file in the same dir + rename, keeping
-/// mode/owner), keeping a backup `<file>.bbupgrade-backup-<old version dir name>` of the previous
-/// definition; switch a `current` symlink atomically (symlink tmp + rename) if `current_link` is
-/// Some; does NOT call daemon-reload (the caller does it through the ServiceManager).
+/// its mode), keeping the previous definition in `backups` under the old install's name; switch a
+/// `current` symlink atomically (symlink tmp + rename) if `current_link` is Some; does NOT call
+/// daemon-reload (the caller does it through the ServiceManager).
 pub fn activate(
     def: &ServiceDef,
+    backups: &Backups,
     current_link: Option<&Path>,
     old_install: &Path,
     new_install: &Path,
 ) -> Result<ActivateOutcome, ActivateError> {
     let mut outcome = ActivateOutcome::default();
+    if let Some(path) = def.path() {
+        outcome.notes.extend(backups.migrate_legacy(path)?);
+    }
     let (file, edited) = match def {
         ServiceDef::Scripts => {
             if current_link.is_none() {
@@ -144,11 +152,10 @@ pub fn activate(
     let mut link_to_switch = current_link.map(Path::to_path_buf);
     if let (Some((path, text)), Some(edit)) = (file, edited) {
         outcome.notes.extend(edit.notes.iter().cloned());
-        let backup = backup_path(&path, old_install);
+        let backup = backups.path(&path, old_install)?;
         // The first run saves the definition as it was; a re-run (after the file was already
         // edited) must not overwrite that backup with the edited text.
-        if fs::symlink_metadata(&backup).is_err() {
-            write_atomic(&backup, text.as_bytes(), Some(&path))?;
+        if backups.save_once(&path, old_install, text.as_bytes())? {
             outcome.notes.push(format!(
                 "kept the previous definition in {}",
                 backup.display()
@@ -188,27 +195,22 @@ pub fn activate(
     Ok(outcome)
 }
 
-/// Restore the definition from its backup (rollback).
+/// Restore the definition from the backup kept for `old_install` (rollback).
 pub fn restore(
     def: &ServiceDef,
+    backups: &Backups,
     current_link: Option<&Path>,
     old_install: &Path,
     new_install: &Path,
 ) -> Result<ActivateOutcome, ActivateError> {
     let mut outcome = ActivateOutcome::default();
     let mut link_to_switch = current_link.map(Path::to_path_buf);
-    let path = match def {
-        ServiceDef::Scripts => None,
-        ServiceDef::Systemd { unit_path, .. } => Some(unit_path),
-        ServiceDef::Initd { script_path } => Some(script_path),
-    };
-    if let Some(path) = path {
-        let backup = backup_path(path, old_install);
+    if let Some(path) = def.path() {
+        outcome.notes.extend(backups.migrate_legacy(path)?);
+        let backup = backups.path(path, old_install)?;
         let current = read_text(path)?;
-        match crate::rootfs::read_config_file(&backup)
-            .and_then(|b| b.ok_or_else(|| std::io::ErrorKind::NotFound.into()))
-        {
-            Ok(saved) => {
+        match backups.read(path, old_install)? {
+            Some(saved) => {
                 if saved != current.as_bytes() {
                     write_atomic(path, &saved, Some(path))?;
                     outcome.notes.push(format!(
@@ -230,10 +232,10 @@ pub fn restore(
                     link_to_switch = Some(unit_install);
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            None => {
                 if install_in_unit(&current).as_deref() != Some(old_install) {
                     return Err(ActivateError::NoBackup {
-                        file: path.clone(),
+                        file: path.to_path_buf(),
                         backup,
                         old_install: old_install.to_path_buf(),
                     });
@@ -244,16 +246,9 @@ pub fn restore(
                     old_install.display()
                 ));
             }
-            Err(source) => {
-                return Err(ActivateError::Io {
-                    file: backup,
-                    action: "read",
-                    source,
-                });
-            }
         }
-        outcome.service_path = Some(path.clone());
-        outcome.backup_path = Some(backup_path(path, old_install));
+        outcome.service_path = Some(path.to_path_buf());
+        outcome.backup_path = Some(backup);
     }
     if let Some(link) = link_to_switch {
         // Only switch an existing symlink back; a link path seen in a unit is not ours to create.

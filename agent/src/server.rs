@@ -161,6 +161,18 @@ impl AgentService {
         for r in removed {
             tracing::warn!(path = %r.display(), "removed a staging directory left by an interrupted stage");
         }
+        // Backups an older agent left beside the definition, where the service manager sees them.
+        let def_path = match &settings.service {
+            ServiceSettings::Systemd { unit_path, .. } => Some(unit_path),
+            ServiceSettings::Initd { script } => Some(script),
+            ServiceSettings::Scripts => None,
+        };
+        if let Some(path) = def_path {
+            match activate::Backups::in_state_dir(&settings.state_dir).migrate_legacy(path) {
+                Ok(notes) => notes.iter().for_each(|n| tracing::info!("{n}")),
+                Err(e) => tracing::warn!("{e}; activate and rollback will try again"),
+            }
+        }
         let state_file = StateFile::new(&settings.state_dir);
         let state = state_file
             .load_or(&settings.initial_install)
@@ -320,6 +332,10 @@ impl AgentService {
         }
     }
 
+    fn backups(&self) -> activate::Backups {
+        activate::Backups::in_state_dir(&self.settings.state_dir)
+    }
+
     async fn activate_install(&self, new_install: PathBuf) -> Result<ActivateResponse, Status> {
         let state = self.node_state();
         let service_path = match &self.settings.service {
@@ -345,11 +361,12 @@ impl AgentService {
             ));
         }
         let def = self.service_def();
+        let backups = self.backups();
         let link = self.settings.current_link.clone();
         let old = state.active_install.clone();
         let new = new_install.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            activate::activate(&def, link.as_deref(), &old, &new)
+            activate::activate(&def, &backups, link.as_deref(), &old, &new)
         })
         .await
         .map_err(blocking_join)?
@@ -429,6 +446,15 @@ impl AgentService {
             home_free_bytes: crate::metrics::free_bytes(&s.home),
             status: String::new(),
             status_url: s.status_url.clone(),
+            backups: self
+                .backups()
+                .list()
+                .into_iter()
+                .map(|b| ServiceBackup {
+                    version: b.version,
+                    path: b.path.display().to_string(),
+                })
+                .collect(),
         }
     }
 
@@ -875,10 +901,11 @@ impl Agent for AgentService {
                 };
                 this.stop_bitbucket(r.stop_timeout_secs, false).await?;
                 let def = this.service_def();
+                let backups = this.backups();
                 let link = this.settings.current_link.clone();
                 let (from, to) = (state.active_install.clone(), previous.clone());
                 tokio::task::spawn_blocking(move || {
-                    activate::restore(&def, link.as_deref(), &to, &from)
+                    activate::restore(&def, &backups, link.as_deref(), &to, &from)
                 })
                 .await
                 .map_err(blocking_join)?

@@ -210,6 +210,14 @@ pub struct NodeStatus {
     pub bitbucket_status: Option<String>,
     pub service_kind: Option<String>,
     pub load: Option<LoadView>,
+    /// Service definitions the agent keeps for rollback.
+    pub backups: Vec<BackupView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackupView {
+    pub version: String,
+    pub path: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -281,6 +289,14 @@ pub async fn collect(cluster: &Cluster, tls: &TlsMaterial) -> StatusReport {
                 row.installed = info.installed.into_iter().map(|i| i.version).collect();
                 row.bitbucket_status = Some(info.status);
                 row.service_kind = Some(service_kind_name(info.service_kind).to_string());
+                row.backups = info
+                    .backups
+                    .into_iter()
+                    .map(|b| BackupView {
+                        version: b.version,
+                        path: b.path,
+                    })
+                    .collect();
                 row.load = Some(load.into());
             }
             Err(e) => row.error = Some(format!("{e:#}")),
@@ -338,6 +354,9 @@ pub fn render_human(r: &StatusReport) -> String {
                 "NO",
                 n.error.as_deref().unwrap_or("")
             )),
+        }
+        for b in &n.backups {
+            out.push_str(&format!("{:<12} backup of {}: {}\n", "", b.version, b.path));
         }
     }
     out.push_str(&bitbucket::render(&r.bitbucket));

@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 const FROM: &str = "8.19.3";
+/// The version of an old-style backup left beside the init.d script.
+const LEGACY: &str = "8.19.1";
+const STATE_DIR: &str = "/var/lib/bbupgrade";
 const TO: &str = "8.19.6";
 const INSTALL_ROOT: &str = "/opt/atlassian/bitbucket";
 const HOME: &str = "/var/atlassian/application-data/bitbucket";
@@ -192,6 +195,10 @@ fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
             std::fs::write(&p, initd_text(FROM))?;
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+            // What an agent of before left beside it: moved to the state dir when the agent starts.
+            let legacy = machine.path(&format!("{INITD_PATH}.bbupgrade-backup-{LEGACY}"));
+            std::fs::write(&legacy, initd_text(LEGACY))?;
+            std::fs::set_permissions(&legacy, std::fs::Permissions::from_mode(0o755))?;
         }
         _ => std::fs::write(machine.path(UNIT_PATH), unit_text(variant, FROM))?,
     }
@@ -228,7 +235,7 @@ fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
         _ => format!("kind = \"systemd\"\nunit = {UNIT:?}\npath = {UNIT_PATH:?}\n"),
     };
     let config = format!(
-        "node_id = {NODE:?}\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nstate_dir = \"/var/lib/bbupgrade\"\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[bitbucket]\ninstall_root = {INSTALL_ROOT:?}\ncurrent_install = {:?}\nhome = {HOME:?}\nuser = {USER:?}\nstatus_url = \"http://127.0.0.1:{NODE_PORT}/status\"\n\n[service]\n{service}\n[limits]\nstop_timeout_secs = 60\nstart_timeout_secs = 60\n",
+        "node_id = {NODE:?}\nlisten = \"0.0.0.0:{AGENT_PORT}\"\nstate_dir = {STATE_DIR:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[bitbucket]\ninstall_root = {INSTALL_ROOT:?}\ncurrent_install = {:?}\nhome = {HOME:?}\nuser = {USER:?}\nstatus_url = \"http://127.0.0.1:{NODE_PORT}/status\"\n\n[service]\n{service}\n[limits]\nstop_timeout_secs = 60\nstart_timeout_secs = 60\n",
         inside.ca,
         inside.cert,
         inside.key,
@@ -342,6 +349,39 @@ fn check_definition(m: &Machine, variant: Variant, version: &str) -> Result<()> 
                 "systemd was not reloaded after {UNIT_PATH} changed"
             );
         }
+    }
+    Ok(())
+}
+
+/// Checks the previous definition was kept in the agent's state dir, and nothing beside the
+/// definition (init.d: an old-style backup moved there when the agent started).
+fn check_backups(m: &Machine, variant: Variant, backup: &str) -> Result<()> {
+    let (dir, name) = match variant {
+        Variant::Initd => ("/etc/init.d", "atlbitbucket"),
+        _ => ("/etc/systemd/system", UNIT),
+    };
+    let want = format!("{STATE_DIR}/service-backups/{FROM}/{name}");
+    ensure!(backup == want, "the backup is {backup}, not {want}");
+    let text = std::fs::read_to_string(m.path(backup))?;
+    ensure!(
+        text.contains(&format!("{}/bin", install(FROM))),
+        "the backup {backup} is not the definition of {FROM}:\n{text}"
+    );
+    let beside: Vec<String> = std::fs::read_dir(m.path(dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(name) && n != name)
+        .collect();
+    ensure!(
+        beside.is_empty(),
+        "backups beside the definition in {dir}: {beside:?}"
+    );
+    if variant == Variant::Initd {
+        let moved = format!("{STATE_DIR}/service-backups/{LEGACY}/atlbitbucket");
+        ensure!(
+            std::fs::read_to_string(m.path(&moved))? == initd_text(LEGACY),
+            "the old-style backup was not moved to {moved}"
+        );
     }
     Ok(())
 }
@@ -539,6 +579,19 @@ async fn drive(node: &Node, variant: Variant) -> Result<()> {
         .await?
         .into_inner();
     check_definition(m, variant, TO).context(format!("after activate: {activated:?}"))?;
+    check_backups(m, variant, &activated.backup_path)?;
+    let info = client
+        .node_info(req(NodeInfoRequest {}))
+        .await?
+        .into_inner();
+    ensure!(
+        info.backups
+            .iter()
+            .any(|b| b.version == FROM && b.path == activated.backup_path),
+        "node info does not list the backup {}: {:?}",
+        activated.backup_path,
+        info.backups
+    );
     let path = if variant == Variant::Initd {
         INITD_PATH
     } else {

@@ -406,10 +406,24 @@ fn activate_then_restore_round_trips_with_backup_and_mode() {
         unit_path: p.clone(),
         unit_name: "bitbucket.service".into(),
     };
-    let out = activate(&def, None, &old, &new).unwrap();
-    let backup = dir.path().join("bitbucket.service.bbupgrade-backup-8.19.3");
+    let state = tempfile::tempdir().unwrap();
+    let backups = Backups::in_state_dir(state.path());
+    let out = activate(&def, &backups, None, &old, &new).unwrap();
+    let backup = state
+        .path()
+        .join("service-backups/8.19.3/bitbucket.service");
     assert_eq!(out.backup_path.as_deref(), Some(backup.as_path()));
     assert_eq!(std::fs::read_to_string(&backup).unwrap(), original);
+    assert_eq!(std::fs::metadata(&backup).unwrap().mode() & 0o777, 0o600);
+    // Nothing but the definition where the service manager looks.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    assert_eq!(
+        backups.list(),
+        vec![BackupEntry {
+            version: "8.19.3".into(),
+            path: backup.clone()
+        }]
+    );
     let edited = std::fs::read_to_string(&p).unwrap();
     assert!(edited.contains(&format!(
         "{}/bin/start-bitbucket.sh --no-search",
@@ -417,12 +431,13 @@ fn activate_then_restore_round_trips_with_backup_and_mode() {
     )));
     assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o640);
     // A second activate keeps the first backup and the same text.
-    activate(&def, None, &old, &new).unwrap();
+    activate(&def, &backups, None, &old, &new).unwrap();
     assert_eq!(std::fs::read_to_string(&backup).unwrap(), original);
     assert_eq!(std::fs::read_to_string(&p).unwrap(), edited);
-    restore(&def, None, &old, &new).unwrap();
+    restore(&def, &backups, None, &old, &new).unwrap();
     assert_eq!(std::fs::read_to_string(&p).unwrap(), original);
-    restore(&def, None, &old, &new).unwrap();
+    assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o640);
+    restore(&def, &backups, None, &old, &new).unwrap();
     assert_eq!(std::fs::read_to_string(&p).unwrap(), original);
 }
 
@@ -444,7 +459,9 @@ fn unit_through_current_link_switches_the_link() {
         unit_path: p.clone(),
         unit_name: "bitbucket.service".into(),
     };
-    let out = activate(&def, None, &old, &new).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let backups = Backups::in_state_dir(state.path());
+    let out = activate(&def, &backups, None, &old, &new).unwrap();
     assert_eq!(std::fs::read_link(&link).unwrap(), new);
     assert_eq!(std::fs::read_to_string(&p).unwrap(), original);
     assert!(
@@ -452,7 +469,7 @@ fn unit_through_current_link_switches_the_link() {
         "{:?}",
         out.notes
     );
-    restore(&def, None, &old, &new).unwrap();
+    restore(&def, &backups, None, &old, &new).unwrap();
     assert_eq!(std::fs::read_link(&link).unwrap(), old);
 }
 
@@ -476,8 +493,118 @@ fn unsupported_error_names_the_file() {
         unit_path: p.clone(),
         unit_name: "x".into(),
     };
-    let err = activate(&def2, None, Path::new("/a/1.1.1"), Path::new("/a/1.1.2")).unwrap_err();
+    let state = tempfile::tempdir().unwrap();
+    let backups = Backups::in_state_dir(state.path());
+    let (old, new) = (Path::new("/a/1.1.1"), Path::new("/a/1.1.2"));
+    let err = activate(&def2, &backups, None, old, new).unwrap_err();
     assert!(err.to_string().contains(&p.display().to_string()), "{err}");
-    assert!(activate(&def, None, Path::new("/a/1.1.1"), Path::new("/a/1.1.2")).is_err());
-    assert!(!backup_path(&p, Path::new("/a/1.1.1")).exists());
+    assert!(activate(&def, &backups, None, old, new).is_err());
+    assert!(
+        backups.list().is_empty(),
+        "no backup of a refused definition"
+    );
+}
+
+/// The installer's script, as in `/etc/init.d/atlbitbucket`, pointing at `install`.
+fn initd_script(dir: &Path, install: &Path) -> PathBuf {
+    let p = dir.join("atlbitbucket");
+    std::fs::write(
+        &p,
+        format!(
+            "#!/usr/bin/env bash\n### BEGIN INIT INFO\n# Provides:          atlbitbucket\n### END INIT INFO\nstart() {{\n    ./start-bitbucket.sh\n}}\ncd {}/bin\n",
+            install.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn initd_backup_goes_to_the_state_dir_not_init_d() {
+    let initd = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (old, new) = (Path::new("/opt/bb/8.19.3"), Path::new("/opt/bb/8.19.6"));
+    let p = initd_script(initd.path(), old);
+    let original = std::fs::read_to_string(&p).unwrap();
+    let def = ServiceDef::Initd {
+        script_path: p.clone(),
+    };
+    let backups = Backups::in_state_dir(state.path());
+    let out = activate(&def, &backups, None, old, new).unwrap();
+    let names: Vec<_> = std::fs::read_dir(initd.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("atlbitbucket")]);
+    let backup = state.path().join("service-backups/8.19.3/atlbitbucket");
+    assert_eq!(out.backup_path.as_deref(), Some(backup.as_path()));
+    assert_eq!(std::fs::read_to_string(&backup).unwrap(), original);
+    assert_eq!(std::fs::metadata(&backup).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o755);
+    // Rollback finds it by the install it returns to.
+    restore(&def, &backups, None, old, new).unwrap();
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), original);
+}
+
+#[test]
+fn old_style_backup_beside_the_script_is_moved_and_used_by_rollback() {
+    let initd = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (old, new) = (Path::new("/opt/bb/8.19.3"), Path::new("/opt/bb/8.19.6"));
+    // What an older agent left: the script edited, its backup beside it (0755, same Provides).
+    let p = initd_script(initd.path(), old);
+    let original = std::fs::read_to_string(&p).unwrap();
+    let legacy = initd.path().join("atlbitbucket.bbupgrade-backup-8.19.3");
+    std::fs::copy(&p, &legacy).unwrap();
+    let edited = edit_initd_script(&original, old, new).unwrap().text;
+    std::fs::write(&p, &edited).unwrap();
+    let def = ServiceDef::Initd {
+        script_path: p.clone(),
+    };
+    let backups = Backups::in_state_dir(state.path());
+    let notes = backups.migrate_legacy(&p).unwrap();
+    assert!(!legacy.exists(), "the old-style backup is still in init.d");
+    assert!(notes[0].contains("moved the backup"), "{notes:?}");
+    let moved = state.path().join("service-backups/8.19.3/atlbitbucket");
+    assert_eq!(std::fs::read_to_string(&moved).unwrap(), original);
+    assert_eq!(backups.migrate_legacy(&p).unwrap(), Vec::<String>::new());
+    restore(&def, &backups, None, old, new).unwrap();
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), original);
+
+    // Left by an older agent while a state-dir backup exists already: both kept, init.d cleaned.
+    std::fs::write(&legacy, "#!/bin/sh\n# another\n").unwrap();
+    let out = restore(&def, &backups, None, old, new).unwrap();
+    assert!(!legacy.exists());
+    assert!(
+        out.notes.iter().any(|n| n.contains("legacy-backup")),
+        "{:?}",
+        out.notes
+    );
+    assert_eq!(std::fs::read_to_string(&moved).unwrap(), original);
+    assert_eq!(backups.list().len(), 2);
+}
+
+#[test]
+fn a_link_where_a_backup_should_be_is_refused() {
+    let initd = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (old, new) = (Path::new("/opt/bb/8.19.3"), Path::new("/opt/bb/8.19.6"));
+    let p = initd_script(initd.path(), old);
+    let def = ServiceDef::Initd {
+        script_path: p.clone(),
+    };
+    let backups = Backups::in_state_dir(state.path());
+    let secret = state.path().join("secret");
+    std::fs::write(&secret, "x").unwrap();
+    std::fs::create_dir_all(state.path().join("service-backups")).unwrap();
+    std::os::unix::fs::symlink(&secret, state.path().join("service-backups/8.19.3")).unwrap();
+    let err = activate(&def, &backups, None, old, new).unwrap_err();
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "x");
+    assert!(
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .contains("/opt/bb/8.19.3/bin")
+    );
 }
