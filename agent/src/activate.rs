@@ -18,6 +18,7 @@
 
 mod backup;
 mod edit;
+mod shell;
 
 pub use backup::{BACKUPS_DIR, BackupEntry, Backups};
 pub use edit::{edit_initd_script, edit_systemd_unit, install_in_unit};
@@ -331,5 +332,7 @@ pub fn switch_link(link: &Path, target: &Path) -> Result<String, ActivateError> 
     ))
 }
 
+#[cfg(test)]
+mod initd_variable_tests;
 #[cfg(test)]
 mod tests;

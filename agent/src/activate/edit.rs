@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::shell::{self, Vars};
 use super::{ActivateError, UnitEdit};
 
 const NO_SEARCH: &str = "--no-search";
@@ -109,6 +110,9 @@ enum Program {
     Other,
 }
 
+/// Characters a shell would still expand or glob: a path holding one is not an install.
+const SHELL_SPECIAL: &[char] = &['$', '`', '*', '?', '(', ')', '[', ']', '{', '}'];
+
 fn classify(program: &str) -> Program {
     let path = Path::new(program);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -116,7 +120,7 @@ fn classify(program: &str) -> Program {
     let install = bin
         .filter(|b| b.file_name().is_some_and(|n| n == "bin"))
         .and_then(Path::parent)
-        .filter(|i| i.is_absolute())
+        .filter(|i| i.is_absolute() && !i.to_string_lossy().contains(SHELL_SPECIAL))
         .map(Path::to_path_buf);
     match (name, install) {
         ("start-search.sh" | "_start-search.sh" | "stop-search.sh" | "_stop-search.sh", _) => {
@@ -372,26 +376,42 @@ fn wrapper_refusal(program: &str) -> ActivateError {
     ))
 }
 
-/// A start of `start-bitbucket.sh` found in a script line.
+/// A start of `start-bitbucket.sh` found in a script line (on its text with variables expanded).
 enum StartCall {
-    /// `…/start-bitbucket.sh` at this byte offset (end of the name).
+    /// `…/start-bitbucket.sh`: the place in the line (as written) to add an argument.
     Path(usize),
-    /// The name alone, or through a variable: passed to a helper we cannot follow.
+    /// The name alone, or through a variable we cannot resolve: passed to a helper we cannot follow.
     Indirect,
 }
 
-fn start_calls(content: &str) -> Vec<StartCall> {
+/// The start calls of one script line, with the script's variables expanded. A single-word value
+/// of an assignment (`START=$INST/bin/start-bitbucket.sh`) names the script but does not run it:
+/// its call is where the variable is used.
+fn start_calls(content: &str, vars: &Vars) -> Vec<StartCall> {
+    let expanded = vars.expand(content);
+    let text = &expanded.text;
+    let definitions: Vec<_> = shell::assignments(content)
+        .into_iter()
+        .filter(|a| a.is_single_word())
+        .map(|a| a.span)
+        .collect();
+    let defines = |at: usize| definitions.iter().any(|s| s.start < at && at <= s.end);
     let mut calls = Vec::new();
-    for (pos, _) in content.match_indices("start-bitbucket.sh") {
-        let end = pos + "start-bitbucket.sh".len();
-        if content[..pos].ends_with('/') {
-            calls.push(StartCall::Path(end));
+    for (pos, _) in text.match_indices("start-bitbucket.sh") {
+        let end = expanded.source_end(pos + "start-bitbucket.sh".len());
+        if defines(end) {
+            continue;
+        }
+        if text[..pos].ends_with('/') {
+            calls.push(StartCall::Path(shell::argument_position(content, end)));
         } else {
             calls.push(StartCall::Indirect);
         }
     }
-    if content.contains("start-$") || content.contains("start-${") {
-        calls.push(StartCall::Indirect);
+    for (pos, _) in text.match_indices("start-$") {
+        if !defines(expanded.source_end(pos + 1)) {
+            calls.push(StartCall::Indirect);
+        }
     }
     calls
 }
@@ -401,8 +421,9 @@ fn is_comment_or_echo(t: &str) -> bool {
 }
 
 /// Rewrite an init.d script (or a wrapper script) from `old_install` to `new_install`: every path
-/// outside comments (the `cd <install>/bin`, `PIDFILE=`, `CATALINA_HOME=` …), `--no-search` after
-/// each `…/start-bitbucket.sh`. The LSB header and comments are kept as they are.
+/// outside comments (the `cd <install>/bin`, `PIDFILE=`, an install variable such as
+/// `INST=/opt/…/8.19.3` of any name …), `--no-search` after each `…/start-bitbucket.sh` or
+/// `$VARIABLE` naming it where it is run. The LSB header and comments are kept as they are.
 pub fn edit_initd_script(
     text: &str,
     old_install: &Path,
@@ -417,14 +438,19 @@ pub fn edit_initd_script(
         )));
     }
     let lines = split_lines(text);
+    let vars = Vars::parse(lines.iter().map(|l| l.content));
     let mut notes = Vec::new();
     let (mut starts, mut webapp, mut stops, mut search, mut tomcat) = (0, 0, 0, false, false);
+    let mut ambiguous = Vec::new();
     for line in &lines {
         let t = line.content.trim();
         if is_comment_or_echo(t) {
             continue;
         }
-        for call in start_calls(t) {
+        let expanded = vars.expand(line.content);
+        let e = expanded.text.trim();
+        ambiguous.extend(expanded.ambiguous.iter().cloned());
+        for call in start_calls(line.content, &vars) {
             match call {
                 StartCall::Path(_) => starts += 1,
                 StartCall::Indirect => {
@@ -433,16 +459,16 @@ pub fn edit_initd_script(
                     )));
                 }
             }
-            if t.starts_with("exec ") || words(t).any(|w| w == "-fg" || w == "run") {
+            if e.starts_with("exec ") || words(e).any(|w| w == "-fg" || w == "run") {
                 return Err(unsupported(format!(
                     "it runs the node in the foreground (`{t}`): a container entrypoint, upgraded by replacing the image, not by bbupgrade"
                 )));
             }
         }
-        webapp += t.matches("/start-webapp.sh").count();
-        stops += t.matches("/stop-bitbucket.sh").count() + t.matches("/stop-webapp.sh").count();
-        search |= t.contains("start-search.sh");
-        tomcat |= t.contains("bin/startup.sh");
+        webapp += e.matches("/start-webapp.sh").count();
+        stops += e.matches("/stop-bitbucket.sh").count() + e.matches("/stop-webapp.sh").count();
+        search |= e.contains("start-search.sh");
+        tomcat |= e.contains("bin/startup.sh");
     }
     if starts == 0 && webapp == 0 {
         if search {
@@ -457,13 +483,39 @@ pub fn edit_initd_script(
             ));
         }
     }
+    ambiguous.sort();
+    ambiguous.dedup();
+    for name in &ambiguous {
+        let candidates = vars.candidates(name);
+        let matters = candidates.iter().any(|v| {
+            v.contains("start-bitbucket.sh")
+                || mentions(v, old)
+                || mentions(v, new)
+                || (v.starts_with('/') && has_version_component(Path::new(v)))
+        });
+        if matters {
+            return Err(unsupported(format!(
+                "${name} is assigned different values ({}), so bbupgrade cannot tell which install or start script it runs; keep one assignment",
+                candidates.join(", ")
+            )));
+        }
+    }
     let unit_install = install_in_unit(text).ok_or_else(|| {
         unsupported(
-            "no install directory found in it (no absolute <install>/bin/start-bitbucket.sh, `cd <install>/bin` or BITBUCKET_INSTALLDIR=)",
+            "no install directory found in it (no absolute <install>/bin/start-bitbucket.sh, `cd <install>/bin` or install variable, directly or through its variables)",
         )
     })?;
     let mode = decide_mode(&unit_install, old_install, new_install)?;
     mode_note(&mode, &mut notes, new_install);
+    if lines.iter().any(|l| {
+        let t = l.content.trim_start();
+        t.starts_with(". ") || t.starts_with("source ")
+    }) {
+        notes.push(
+            "it reads another file (`.`/`source`): a variable set there could change what runs; only this script was checked and edited"
+                .to_string(),
+        );
+    }
     if webapp > 0 {
         notes.push(
             "it starts bin/start-webapp.sh, the webapp only: no bundled search is started from it, so no --no-search is added (disable the separate search service)"
@@ -483,15 +535,17 @@ pub fn edit_initd_script(
         if matches!(mode, Mode::Rewrite) && !assigns_home(&content) {
             content = replace_install(&content, old, new).0;
         }
-        if !is_comment_or_echo(t) && !has_no_search(&content) {
-            // Insert right after each `…/start-bitbucket.sh`, from the back so offsets hold.
-            let ends: Vec<usize> = start_calls(&content)
+        if !is_comment_or_echo(t) && !has_no_search(&vars.expand(&content).text) {
+            // Insert after each call, from the back so offsets hold.
+            let mut ends: Vec<usize> = start_calls(&content, &vars)
                 .into_iter()
                 .filter_map(|c| match c {
                     StartCall::Path(end) => Some(end),
                     StartCall::Indirect => None,
                 })
                 .collect();
+            ends.sort_unstable();
+            ends.dedup();
             for end in ends.iter().rev() {
                 content.insert_str(*end, &format!(" {NO_SEARCH}"));
             }
@@ -501,6 +555,9 @@ pub fn edit_initd_script(
         }
         out.push_str(&content);
         out.push_str(line.ending);
+    }
+    if matches!(mode, Mode::Rewrite) {
+        check_rewritten(text, &out, old)?;
     }
     let via_link = match mode {
         Mode::Link(l) => Some(l),
@@ -513,6 +570,38 @@ pub fn edit_initd_script(
     })
 }
 
+/// After the rewrite, no line may still reach the old install through its variables (a path
+/// built from pieces, such as a version in a variable of its own, is not rewritten), and no home
+/// may have moved with a variable it is built from.
+fn check_rewritten(before: &str, after: &str, old: &str) -> Result<(), ActivateError> {
+    // A path under the home is the home's, even when the home sits inside an unversioned install.
+    let homes = ["BITBUCKET_HOME", "STASH_HOME"];
+    let vb = Vars::parse(before.lines()).forget(&homes);
+    let va = Vars::parse(after.lines()).forget(&homes);
+    for (n, (b, a)) in before.lines().zip(after.lines()).enumerate() {
+        if a.trim_start().starts_with('#') {
+            continue;
+        }
+        let (eb, ea) = (vb.expand(b).text, va.expand(a).text);
+        if assigns_home(a) {
+            if eb != ea {
+                return Err(unsupported(format!(
+                    "line {} `{}` sets the home from the install's variables, so the edit would move the home; set it to the home's own path",
+                    n + 1,
+                    a.trim()
+                )));
+            }
+        } else if mentions(&ea, old) {
+            return Err(unsupported(format!(
+                "line {} `{}` still leads to the old install {old} after the edit (its path is built from pieces, such as a version in a variable of its own); name the install in one variable or one path",
+                n + 1,
+                a.trim()
+            )));
+        }
+    }
+    Ok(())
+}
+
 const INSTALL_VARS: [&str; 5] = [
     "BITBUCKET_INSTALLDIR",
     "BITBUCKET_INSTALL_DIR",
@@ -523,7 +612,8 @@ const INSTALL_VARS: [&str; 5] = [
 
 /// Which install a unit or init script currently points at (for reporting and resume): the
 /// directory above `bin/` of its start script, else of any product script it names, else its
-/// `cd <install>/bin`, else an install-dir variable it sets.
+/// `cd <install>/bin` (in a script, with its variables expanded), else an install-dir variable it
+/// sets.
 pub fn install_in_unit(text: &str) -> Option<PathBuf> {
     let lines: Vec<&str> = text
         .lines()
@@ -541,17 +631,21 @@ pub fn install_in_unit(text: &str) -> Option<PathBuf> {
             _ => None,
         };
     }
+    let vars = Vars::parse(lines.iter().copied());
     let mut found = None;
     for l in &lines {
+        let expanded = vars.expand(l);
+        let l = expanded.text.as_str();
         for w in words(l) {
             if let Program::Start(i) | Program::StartWebapp(i) | Program::Stop(i) = classify(w) {
                 return Some(i);
             }
         }
         if found.is_none()
-            && let Some(dir) = l.strip_prefix("cd ")
-            && let Some(install) = dir.trim().trim_matches('"').strip_suffix("/bin")
+            && let Some(dir) = l.strip_prefix("cd ").and_then(|d| words(d).next())
+            && let Some(install) = dir.trim_end_matches('/').strip_suffix("/bin")
             && install.starts_with('/')
+            && !install.contains(SHELL_SPECIAL)
         {
             found = Some(PathBuf::from(install));
         }

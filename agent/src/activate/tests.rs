@@ -3,7 +3,9 @@
 use super::*;
 use std::os::unix::fs::PermissionsExt;
 
-fn fixtures() -> Option<PathBuf> {
+/// The real-world fixtures (outside the project); `None` (skipped) when missing, but under
+/// `CI=true` a missing folder fails the test.
+pub(super) fn fixtures() -> Option<PathBuf> {
     let dir = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../shared/fixtures/real-world"
@@ -11,6 +13,11 @@ fn fixtures() -> Option<PathBuf> {
     if dir.is_dir() {
         Some(dir)
     } else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "real-world fixtures not found at {} (CI=true)",
+            dir.display()
+        );
         println!(
             "SKIPPED: real-world fixtures not found at {} (they live outside the project)",
             dir.display()
