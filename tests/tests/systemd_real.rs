@@ -50,6 +50,22 @@ enum Variant {
     SystemdForking,
     /// The installer's `/etc/init.d/atlbitbucket`.
     Initd,
+    /// An init.d script of an admin's own: the install and the start script in variables.
+    InitdVariables,
+}
+
+impl Variant {
+    fn initd(self) -> bool {
+        matches!(self, Variant::Initd | Variant::InitdVariables)
+    }
+
+    /// The init.d script of this variant, pointing at `version`.
+    fn script(self, version: &str) -> String {
+        match self {
+            Variant::InitdVariables => initd_variables_text(version),
+            _ => initd_text(version),
+        }
+    }
 }
 
 fn install(version: &str) -> String {
@@ -65,7 +81,9 @@ fn unit_text(variant: Variant, version: &str) -> String {
         Variant::SystemdForking => format!(
             "Type=forking\nUser={USER}\nPIDFile={HOME}/log/bitbucket.pid\nExecStart={bin}/start-bitbucket.sh\nExecStop={bin}/stop-bitbucket.sh\n"
         ),
-        Variant::Initd => unreachable!("no unit for the init.d variant"),
+        Variant::Initd | Variant::InitdVariables => {
+            unreachable!("no unit for the init.d variants")
+        }
     };
     format!(
         "[Unit]\nDescription=Atlassian Bitbucket Server Service\nAfter=syslog.target network.target\n\n[Service]\n{service}\n[Install]\nWantedBy=multi-user.target\n"
@@ -110,6 +128,39 @@ case "$1" in
         ;;
     *)
         echo "Usage: $0 {{start|stop|restart}}"
+        exit 1
+        ;;
+esac
+"#,
+        install(version)
+    )
+}
+
+/// An admin's own script: the install in a variable of its own name, the start script in another.
+fn initd_variables_text(version: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          atlbitbucket
+# Required-Start:    $remote_fs
+# Required-Stop:     $remote_fs
+# Default-Start:     2 3 4 5
+# Default-Stop:      0 1 6
+# Short-Description: Bitbucket
+### END INIT INFO
+BB_INSTALL={}
+START_SCRIPT="$BB_INSTALL/bin/start-bitbucket.sh"
+
+case "$1" in
+    start)
+        cd "$BB_INSTALL/bin" || exit 1
+        "$START_SCRIPT"
+        ;;
+    stop)
+        "${{BB_INSTALL}}/bin/stop-bitbucket.sh"
+        ;;
+    *)
+        echo "Usage: $0 {{start|stop}}"
         exit 1
         ;;
 esac
@@ -178,7 +229,7 @@ fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
     // An init script runs the install's scripts as root, so the agent refuses an install the
     // Bitbucket user can write (issue 14): there the install stays root's, as it must. Under
     // systemd the user's own install (as an installer of old left it) is fine: `User=` runs it.
-    let owned = if variant == Variant::Initd {
+    let owned = if variant.initd() {
         vec![HOME]
     } else {
         vec![INSTALL_ROOT, HOME]
@@ -190,9 +241,9 @@ fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
 
     // The service definition.
     match variant {
-        Variant::Initd => {
+        Variant::Initd | Variant::InitdVariables => {
             let p = machine.path(INITD_PATH);
-            std::fs::write(&p, initd_text(FROM))?;
+            std::fs::write(&p, variant.script(FROM))?;
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
             // What an agent of before left beside it: moved to the state dir when the agent starts.
@@ -231,7 +282,9 @@ fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
     )
     .with_context(|| format!("copying {}", shipped.display()))?;
     let service = match variant {
-        Variant::Initd => format!("kind = \"initd\"\npath = {INITD_PATH:?}\n"),
+        Variant::Initd | Variant::InitdVariables => {
+            format!("kind = \"initd\"\npath = {INITD_PATH:?}\n")
+        }
         _ => format!("kind = \"systemd\"\nunit = {UNIT:?}\npath = {UNIT_PATH:?}\n"),
     };
     let config = format!(
@@ -320,11 +373,16 @@ fn bitbucket_pid(m: &Machine) -> Option<u32> {
 fn check_definition(m: &Machine, variant: Variant, version: &str) -> Result<()> {
     let start = format!("{}/bin/start-bitbucket.sh", install(version));
     match variant {
-        Variant::Initd => {
+        Variant::Initd | Variant::InitdVariables => {
             let text = std::fs::read_to_string(m.path(INITD_PATH))?;
+            let names = if variant == Variant::Initd {
+                format!("cd {}/bin", install(version))
+            } else {
+                format!("BB_INSTALL={}\n", install(version))
+            };
             ensure!(
-                text.contains(&format!("cd {}/bin", install(version))),
-                "{INITD_PATH} does not cd into {version}'s bin:\n{text}"
+                text.contains(&names),
+                "{INITD_PATH} does not point at {version} (`{names}`):\n{text}"
             );
             ensure!(
                 text.contains("### BEGIN INIT INFO"),
@@ -357,14 +415,19 @@ fn check_definition(m: &Machine, variant: Variant, version: &str) -> Result<()> 
 /// definition (init.d: an old-style backup moved there when the agent started).
 fn check_backups(m: &Machine, variant: Variant, backup: &str) -> Result<()> {
     let (dir, name) = match variant {
-        Variant::Initd => ("/etc/init.d", "atlbitbucket"),
+        Variant::Initd | Variant::InitdVariables => ("/etc/init.d", "atlbitbucket"),
         _ => ("/etc/systemd/system", UNIT),
     };
     let want = format!("{STATE_DIR}/service-backups/{FROM}/{name}");
     ensure!(backup == want, "the backup is {backup}, not {want}");
     let text = std::fs::read_to_string(m.path(backup))?;
+    let same = if variant.initd() {
+        text == variant.script(FROM)
+    } else {
+        text.contains(&format!("{}/bin", install(FROM)))
+    };
     ensure!(
-        text.contains(&format!("{}/bin", install(FROM))),
+        same,
         "the backup {backup} is not the definition of {FROM}:\n{text}"
     );
     let beside: Vec<String> = std::fs::read_dir(m.path(dir))?
@@ -376,7 +439,7 @@ fn check_backups(m: &Machine, variant: Variant, backup: &str) -> Result<()> {
         beside.is_empty(),
         "backups beside the definition in {dir}: {beside:?}"
     );
-    if variant == Variant::Initd {
+    if variant.initd() {
         let moved = format!("{STATE_DIR}/service-backups/{LEGACY}/atlbitbucket");
         ensure!(
             std::fs::read_to_string(m.path(&moved))? == initd_text(LEGACY),
@@ -396,7 +459,7 @@ async fn check_running(node: &Node, variant: Variant, version: &str) -> Result<(
         seen == version,
         "the node at {url} runs {seen}, not {version}"
     );
-    if variant != Variant::Initd {
+    if !variant.initd() {
         let s = unit_state(m)?;
         ensure!(
             s.active == "active" && s.main_pid != 0,
@@ -458,7 +521,7 @@ async fn upgrade_and_roll_back(variant: Variant, name: &str) -> Result<()> {
 async fn drive(node: &Node, variant: Variant) -> Result<()> {
     let m = &node.machine;
     let original = match variant {
-        Variant::Initd => std::fs::read_to_string(m.path(INITD_PATH))?,
+        Variant::Initd | Variant::InitdVariables => std::fs::read_to_string(m.path(INITD_PATH))?,
         _ => std::fs::read_to_string(m.path(UNIT_PATH))?,
     };
     // The agent as the admin runs it: Type=notify, so `start` returns once it serves.
@@ -472,7 +535,7 @@ async fn drive(node: &Node, variant: Variant) -> Result<()> {
 
     // Bitbucket runs on the old version, started by its service manager.
     match variant {
-        Variant::Initd => {
+        Variant::Initd | Variant::InitdVariables => {
             client
                 .start(req(StartRequest {
                     operation_id: "initial-start".into(),
@@ -559,7 +622,7 @@ async fn drive(node: &Node, variant: Variant) -> Result<()> {
         .await?
         .into_inner();
     ensure!(stopped.was_running && !stopped.killed, "stop: {stopped:?}");
-    if variant != Variant::Initd {
+    if !variant.initd() {
         let s = unit_state(m)?;
         ensure!(
             s.active == "inactive" && s.main_pid == 0,
@@ -592,15 +655,20 @@ async fn drive(node: &Node, variant: Variant) -> Result<()> {
         activated.backup_path,
         info.backups
     );
-    let path = if variant == Variant::Initd {
+    let path = if variant.initd() {
         INITD_PATH
     } else {
         UNIT_PATH
     };
     let text = std::fs::read_to_string(m.path(path))?;
+    let start = if variant == Variant::InitdVariables {
+        "\"$START_SCRIPT\""
+    } else {
+        "start-bitbucket.sh"
+    };
     ensure!(
         text.lines()
-            .any(|l| l.contains("start-bitbucket.sh") && l.contains("--no-search")),
+            .any(|l| l.contains(start) && l.contains("--no-search")),
         "{path} does not start with --no-search:\n{text}"
     );
 
@@ -617,6 +685,15 @@ async fn drive(node: &Node, variant: Variant) -> Result<()> {
         "start: {start:?}"
     );
     check_running(node, variant, TO).await?;
+    let sim: serde_json::Value =
+        reqwest::get(format!("http://{}:{NODE_PORT}/sim/info", m.link.guest_addr))
+            .await?
+            .json()
+            .await?;
+    ensure!(
+        sim["bundledSearchStarted"] == false,
+        "{TO} started the bundled search: --no-search did not reach the start script: {sim}"
+    );
 
     // Roll back: the old definition and version again.
     let rolled = client
@@ -639,7 +716,7 @@ async fn drive(node: &Node, variant: Variant) -> Result<()> {
     );
     check_running(node, variant, FROM).await?;
 
-    if variant == Variant::Initd {
+    if variant.initd() {
         // Bitbucket was started from the agent's unit; restarting the agent must not stop it.
         let pid = bitbucket_pid(m).context("no bitbucket.pid")?;
         m.systemctl(&["restart", "bbupgrade-agent.service"])?;
@@ -678,6 +755,11 @@ async fn systemd_forking_unit_upgrades_and_rolls_back() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initd_script_upgrades_and_rolls_back() -> Result<()> {
     upgrade_and_roll_back(Variant::Initd, "sd-initd").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initd_script_with_its_own_variables_upgrades_and_rolls_back() -> Result<()> {
+    upgrade_and_roll_back(Variant::InitdVariables, "sd-initd-vars").await
 }
 
 /// `systemd-analyze verify` accepts the shipped unit (the agent binary it names must exist, so a
