@@ -399,7 +399,7 @@ fn start_calls(content: &str, vars: &Vars) -> Vec<StartCall> {
     let mut calls = Vec::new();
     for (pos, _) in text.match_indices("start-bitbucket.sh") {
         let end = expanded.source_end(pos + "start-bitbucket.sh".len());
-        if defines(end) {
+        if defines(end) || in_test(content, end) {
             continue;
         }
         if text[..pos].ends_with('/') {
@@ -414,6 +414,26 @@ fn start_calls(content: &str, vars: &Vars) -> Vec<StartCall> {
         }
     }
     calls
+}
+
+/// Whether the word ending at `end` is an operand of `[ … ]`/`test` (`[ -x "$START" ] || exit 0`),
+/// not a program the line runs.
+fn in_test(content: &str, end: usize) -> bool {
+    let mut before = content[..end].split_whitespace().rev();
+    before.next();
+    for w in before {
+        if matches!(w, "[" | "[[" | "test") {
+            return true;
+        }
+        if matches!(
+            w,
+            ";" | "&&" | "||" | "|" | "then" | "do" | "else" | "{" | "("
+        ) || w.ends_with(';')
+        {
+            return false;
+        }
+    }
+    false
 }
 
 fn is_comment_or_echo(t: &str) -> bool {
@@ -458,6 +478,11 @@ pub fn edit_initd_script(
                         "its start (`{t}`) names the start script indirectly or passes it to a shell helper, so bbupgrade cannot tell how arguments reach it; add --no-search there by hand and point it at the new install"
                     )));
                 }
+            }
+            if words(e).any(|w| w == "start-stop-daemon") && !has_no_search(e) {
+                return Err(unsupported(format!(
+                    "it runs the start script through start-stop-daemon (`{t}`), whose own options come first: bbupgrade cannot tell where --no-search goes; pass it after `--` there (e.g. DAEMON_ARGS=--no-search) and bbupgrade edits the rest"
+                )));
             }
             if e.starts_with("exec ") || words(e).any(|w| w == "-fg" || w == "run") {
                 return Err(unsupported(format!(

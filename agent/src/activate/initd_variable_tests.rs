@@ -105,6 +105,34 @@ fn home_inside_an_unversioned_install_stays() {
     );
 }
 
+/// The Debian skeleton: `DAEMON=`, a `[ -x "$DAEMON" ]` test (not a call), start-stop-daemon with
+/// the arguments after `--`.
+#[test]
+fn debian_skeleton_with_daemon_args() {
+    let skeleton = |args: &str| {
+        format!(
+            "{HEADER}INSTALL={OLD}\nDAEMON=\"$INSTALL/bin/start-bitbucket.sh\"\nDAEMON_ARGS=\"{args}\"\n[ -x \"$DAEMON\" ] || exit 0\ndo_start() {{\n    start-stop-daemon --start --chuid bb --exec \"$DAEMON\" -- $DAEMON_ARGS || return 2\n}}\n"
+        )
+    };
+    let e = edited(&skeleton("--no-search"));
+    assert_eq!(e, skeleton("--no-search").replace(OLD, NEW));
+    let reason = refused(&skeleton(""));
+    assert!(reason.contains("start-stop-daemon"), "{reason}");
+}
+
+#[test]
+fn a_test_of_the_start_script_is_not_a_call() {
+    let text = format!(
+        "{HEADER}S={OLD}/bin/start-bitbucket.sh\nif [ -x $S ]; then $S; fi\ntest -f \"$S\" && \"$S\"\n"
+    );
+    assert_eq!(
+        edited(&text),
+        format!(
+            "{HEADER}S={NEW}/bin/start-bitbucket.sh\nif [ -x $S ]; then $S --no-search; fi\ntest -f \"$S\" && \"$S\" --no-search\n"
+        )
+    );
+}
+
 #[test]
 fn a_quoted_start_command_gets_the_flag_after_its_quotes() {
     let text = format!("{HEADER}\"{OLD}/bin/start-bitbucket.sh\" &\n");
