@@ -139,6 +139,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         base_url: sandbox.traffic_url(),
         users: args.users,
         clone_every: 10,
+        ssh_addr: None,
+        ssh_clone_every: 0,
         think_ms: 20,
         duration: None,
         request_timeout: Duration::from_secs(60),

@@ -226,6 +226,8 @@ async fn upgrades_every_node_least_busy_first_under_traffic_through_haproxy() {
         base_url: s.traffic_url(),
         users: 4,
         clone_every: 10,
+        ssh_addr: None,
+        ssh_clone_every: 0,
         think_ms: 50,
         duration: None,
         request_timeout: Duration::from_secs(60),

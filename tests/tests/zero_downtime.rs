@@ -32,6 +32,8 @@ async fn rolling_upgrade_under_load_fails_no_request() {
         base_url: sandbox.traffic_url(),
         users: 24,
         clone_every: 20,
+        ssh_addr: None,
+        ssh_clone_every: 0,
         think_ms: 2,
         duration: None,
         request_timeout: Duration::from_secs(30),
