@@ -114,4 +114,28 @@ async fn rolling_upgrade_under_load_fails_no_request() {
         report.total
     );
     assert!(report.by_version.contains_key("8.19.6") && report.by_version.contains_key("8.19.3"));
+
+    // Every node went out of and back into both doors: the step details name both backends.
+    let steps: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "step" && v["status"] == "ok")
+        .collect();
+    for node in sandbox.sim.nodes() {
+        let detail = |step: &str| {
+            steps
+                .iter()
+                .find(|v| v["node"] == node.name.as_str() && v["step"] == step)
+                .and_then(|v| v["detail"].as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| panic!("{}: no {step} step in {steps:#?}", node.name))
+        };
+        detail("drain");
+        let back = detail("enable");
+        assert!(
+            back.contains("backend bitbucket and ") && back.ends_with("backend bitbucket_ssh"),
+            "{}: {back}",
+            node.name
+        );
+    }
 }
