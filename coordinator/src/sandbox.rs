@@ -892,6 +892,7 @@ impl Sandbox {
             socket: format!("unix:{}", socket.display()),
             backend: String::new(),
             backends: self.haproxy_backends(),
+            server_names: Default::default(),
         })?;
         let deadline = Instant::now() + timeout;
         for node in self.sim.nodes() {

@@ -197,6 +197,7 @@ pub fn haproxy(s: &Sandbox) -> Box<dyn LoadBalancer> {
         socket: format!("unix:{}", socket.display()),
         backend: "bitbucket".into(),
         backends: vec![],
+        server_names: Default::default(),
     })
     .expect("haproxy driver")
 }

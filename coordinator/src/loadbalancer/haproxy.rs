@@ -237,6 +237,8 @@ fn check_name(kind: &str, name: &str) -> Result<(), LbError> {
 pub struct Haproxy {
     socket: RuntimeSocket,
     backend: String,
+    /// The node's `lb_server` -> its server's name in this backend, where they differ.
+    server_names: std::collections::BTreeMap<String, String>,
     command_timeout: Duration,
     poll: Duration,
 }
@@ -247,9 +249,23 @@ impl Haproxy {
         Ok(Self {
             socket: RuntimeSocket::parse(socket).map_err(LbError::Config)?,
             backend: backend.to_string(),
+            server_names: Default::default(),
             command_timeout: Duration::from_secs(COMMAND_TIMEOUT_SECS),
             poll: Duration::from_millis(DRAIN_POLL_MS),
         })
+    }
+
+    /// The same backend, where some nodes' servers have other names (`lb_server` -> name here).
+    pub fn with_server_names(self, names: std::collections::BTreeMap<String, String>) -> Self {
+        Self {
+            server_names: names,
+            ..self
+        }
+    }
+
+    /// The name of `server` (a node's `lb_server`) in this backend.
+    fn here<'a>(&'a self, server: &'a str) -> &'a str {
+        self.server_names.get(server).map_or(server, String::as_str)
     }
 
     /// Sends one command and returns the whole answer.
@@ -361,8 +377,19 @@ impl Haproxy {
             })
     }
 
+    /// The state of the server named `server` in this backend.
+    async fn state_here(&self, server: &str) -> Result<ServerState, LbError> {
+        let row = self.servers_state_row(server).await?;
+        let current_sessions = self.sessions(server).await?;
+        Ok(ServerState {
+            admin: admin_state(row.admin_bits),
+            operational: oper_state(row.op_state),
+            current_sessions,
+        })
+    }
+
     async fn confirm(&self, server: &str, wanted: AdminState) -> Result<ServerState, LbError> {
-        let state = self.server_state(server).await?;
+        let state = self.state_here(server).await?;
         if state.admin != wanted {
             return Err(LbError::NotConfirmed {
                 lb: self.describe(),
@@ -392,18 +419,13 @@ impl LoadBalancer for Haproxy {
     }
 
     async fn server_state(&self, server: &str) -> Result<ServerState, LbError> {
-        let row = self.servers_state_row(server).await?;
-        let current_sessions = self.sessions(server).await?;
-        Ok(ServerState {
-            admin: admin_state(row.admin_bits),
-            operational: oper_state(row.op_state),
-            current_sessions,
-        })
+        self.state_here(self.here(server)).await
     }
 
     async fn drain(&self, server: &str, timeout: Duration) -> Result<DrainReport, LbError> {
+        let server = self.here(server);
         let start = Instant::now();
-        let before = self.server_state(server).await?;
+        let before = self.state_here(server).await?;
         if before.admin != AdminState::Maint {
             self.set_state(server, "drain").await?;
         }
@@ -430,13 +452,14 @@ impl LoadBalancer for Haproxy {
     }
 
     async fn enable(&self, server: &str) -> Result<(), LbError> {
+        let server = self.here(server);
         self.set_state(server, "ready").await?;
         self.confirm(server, AdminState::Ready).await?;
         Ok(())
     }
 
     async fn check_server(&self, server: &str) -> Result<(), LbError> {
-        self.servers_state_row(server).await.map(|_| ())
+        self.servers_state_row(self.here(server)).await.map(|_| ())
     }
 }
 
@@ -828,6 +851,7 @@ mod tests {
             socket: socket.clone(),
             backend: String::new(),
             backends: vec!["bitbucket_http".into(), "bitbucket_ssh".into()],
+            server_names: Default::default(),
         })
         .unwrap();
         let ssh_only = Haproxy::new(&socket, "bitbucket_ssh").unwrap();
@@ -849,10 +873,24 @@ mod tests {
                 .contains("backend bitbucket_ssh has no server \"node3\""),
             "{err}"
         );
+        // Where a server has another name in one backend, `server_names` says so.
+        let renamed = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
+            socket: socket.clone(),
+            backend: String::new(),
+            backends: vec!["bitbucket_http".into(), "bitbucket_ssh".into()],
+            server_names: [(
+                "bitbucket_ssh".to_string(),
+                [("node3".to_string(), "node2".to_string())].into(),
+            )]
+            .into(),
+        })
+        .unwrap();
+        renamed.check_server("node3").await.unwrap();
         let missing = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
             socket: socket.clone(),
             backend: "bitbucket_http".into(),
             backends: vec!["bitbucket_git".into()],
+            server_names: Default::default(),
         })
         .unwrap();
         let err = missing.check_server("node1").await.unwrap_err();

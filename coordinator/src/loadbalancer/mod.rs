@@ -14,6 +14,7 @@ pub mod nginx_agent;
 pub mod none;
 pub mod several;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -164,6 +165,10 @@ pub enum LbConfig {
         /// restored together, under the same server name.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         backends: Vec<String>,
+        /// Where a node's server has another name in some backend: backend -> (the node's
+        /// `lb_server` -> its name there), e.g. `{ bitbucket_ssh = { node1 = "node1_ssh" } }`.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        server_names: BTreeMap<String, BTreeMap<String, String>>,
     },
     /// Open-source NGINX, edited on this host: the coordinator must run where the NGINX
     /// configuration lives (otherwise use `nginx-agent`).
@@ -249,22 +254,29 @@ pub fn from_config_with_tls(
             socket,
             backend,
             backends,
+            server_names,
         } => {
             let all = LbConfig::haproxy_backends(backend, backends);
+            if let Some(unknown) = server_names.keys().find(|k| !all.contains(k)) {
+                return Err(LbError::Config(format!(
+                    "server_names names backend {unknown:?}, which is not among the backends {all:?}"
+                )));
+            }
+            let driver = |b: &String| {
+                haproxy::Haproxy::new(socket, b)
+                    .map(|h| h.with_server_names(server_names.get(b).cloned().unwrap_or_default()))
+            };
             match all.as_slice() {
                 [] => {
                     return Err(LbError::Config(
                         "kind = \"haproxy\" needs `backends = [...]` (or `backend`)".into(),
                     ));
                 }
-                [one] => Box::new(haproxy::Haproxy::new(socket, one)?),
+                [one] => Box::new(driver(one)?),
                 several => Box::new(several::Several::new(
                     several
                         .iter()
-                        .map(|b| {
-                            haproxy::Haproxy::new(socket, b)
-                                .map(|h| Box::new(h) as Box<dyn LoadBalancer>)
-                        })
+                        .map(|b| driver(b).map(|h| Box::new(h) as Box<dyn LoadBalancer>))
                         .collect::<Result<_, _>>()?,
                 )?),
             }
@@ -419,6 +431,16 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(from_config(&bad), Err(LbError::Config(_))));
+        let renamed: LbConfig = toml::from_str(
+            "kind = \"haproxy\"\nsocket = \"unix:/run/h.sock\"\nbackends = [\"http\", \"ssh\"]\nserver_names = { ssh = { node1 = \"node1_ssh\" } }\n",
+        )
+        .unwrap();
+        assert!(from_config(&renamed).is_ok());
+        let stray: LbConfig = toml::from_str(
+            "kind = \"haproxy\"\nsocket = \"unix:/run/h.sock\"\nbackends = [\"http\"]\nserver_names = { sshx = { node1 = \"n\" } }\n",
+        )
+        .unwrap();
+        assert!(matches!(from_config(&stray), Err(LbError::Config(m)) if m.contains("sshx")));
         let cfg: LbConfig = toml::from_str(
             "kind = \"several\"\n[[members]]\nkind = \"apache\"\nmanager_url = \"http://127.0.0.1:8080/balancer-manager\"\nbalancer = \"bitbucket\"\n[[members]]\nkind = \"haproxy\"\nsocket = \"unix:/run/h.sock\"\nbackend = \"bitbucket_ssh\"\n",
         )
@@ -467,6 +489,7 @@ mod tests {
                 socket: socket.into(),
                 backend: backend.into(),
                 backends: vec![],
+                server_names: BTreeMap::new(),
             };
             assert!(
                 matches!(from_config(&cfg), Err(LbError::Config(_))),
