@@ -55,6 +55,9 @@ struct DemoSummary {
 struct RequestCounts {
     total: u64,
     failed: u64,
+    /// Git-over-SSH clones through the SSH front door, and how many were refused or cut.
+    ssh_total: u64,
+    ssh_failed: u64,
 }
 
 fn say(output: Output, text: &str) {
@@ -122,9 +125,15 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         .start_nodes()
         .await
         .context("starting the simulated nodes through their agents")?;
-    say(
-        args.output,
-        &format!("cluster running; traffic through {}", sandbox.traffic_url()),
+    // On standard error in every output mode (JSON included), so others can send their own load.
+    // Git over SSH only through a load balancer that fronts it (HAProxy): straight to one node it
+    // would fail while that node is upgraded.
+    let ssh = sandbox.lb_ssh_addr.clone();
+    eprintln!(
+        "cluster running; traffic through {}; ssh through {}",
+        sandbox.traffic_url(),
+        ssh.as_deref()
+            .unwrap_or("none (this load balancer does not front Git over SSH)")
     );
 
     // Give each node its own load so the least-busy order has something to go by.
@@ -139,6 +148,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         base_url: sandbox.traffic_url(),
         users: args.users,
         clone_every: 10,
+        ssh_addr: ssh,
+        ssh_clone_every: 10,
         think_ms: 20,
         duration: None,
         request_timeout: Duration::from_secs(60),
@@ -163,7 +174,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let report = load.stop().await;
     let (summary, code) = match summary {
         Ok(s) => {
-            let code = if s.result == "upgraded" && report.failed == 0 {
+            let code = if s.result == "upgraded" && report.failed == 0 && report.ssh_failed == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -176,6 +187,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         requests: RequestCounts {
             total: report.total,
             failed: report.failed,
+            ssh_total: report.ssh_total,
+            ssh_failed: report.ssh_failed,
         },
         load: report.clone(),
         sandbox_dir: args.dir.as_ref().map(|d| d.display().to_string()),
@@ -193,9 +206,11 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         Output::Human => {
             print!("{}", crate::report::render_summary(&doc.summary));
             println!(
-                "traffic during the upgrade: {} requests, {} failed ({})",
+                "traffic during the upgrade: {} requests, {} failed; {} SSH clones, {} failed ({})",
                 report.total,
                 report.failed,
+                report.ssh_total,
+                report.ssh_failed,
                 report.summary_line()
             );
             if let Some(d) = &args.dir {

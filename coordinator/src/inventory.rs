@@ -80,6 +80,9 @@ pub struct RawCluster {
     #[serde(default)]
     pub window: Option<String>,
     pub load_balancer: Option<LbConfig>,
+    /// Several load balancers before the cluster (e.g. HTTP through one, Git over SSH through
+    /// another), drained and restored together; instead of `load_balancer`.
+    pub load_balancers: Option<Vec<LbConfig>>,
     pub timeouts: Option<Timeouts>,
     pub nodes: Vec<RawNode>,
 }
@@ -243,6 +246,20 @@ impl Inventory {
                 .map(str::parse)
                 .transpose()
                 .with_context(|| format!("cluster '{}'", c.name))?;
+            let load_balancer = match (c.load_balancer, c.load_balancers) {
+                (Some(_), Some(_)) => bail!(
+                    "cluster '{}': give either load_balancer or load_balancers, not both",
+                    c.name
+                ),
+                (Some(one), None) => one,
+                (None, Some(mut list)) if list.len() == 1 => list.remove(0),
+                (None, Some(list)) if list.is_empty() => bail!(
+                    "cluster '{}': load_balancers = [] names none; leave it out, or use kind = \"none\"",
+                    c.name
+                ),
+                (None, Some(members)) => LbConfig::Several { members },
+                (None, None) => LbConfig::None {},
+            };
             clusters.push(Cluster {
                 name: c.name,
                 bitbucket_url: c.bitbucket_url.trim_end_matches('/').to_string(),
@@ -254,7 +271,7 @@ impl Inventory {
                 auth,
                 labels: c.labels,
                 window,
-                load_balancer: c.load_balancer.unwrap_or(LbConfig::None {}),
+                load_balancer,
                 timeouts: c.timeouts.unwrap_or_else(|| raw.timeouts.clone()),
                 nodes,
             });
@@ -409,6 +426,36 @@ id = "n2"
 agent = "node2.example.com:7443"
 lb_server = "bb2"
 "#;
+
+    #[test]
+    fn several_load_balancers_and_backends() {
+        let two = GOOD.replace(
+            "load_balancer = { kind = \"none\" }",
+            "load_balancers = [\n  { kind = \"apache\", manager_url = \"http://lb:8080/balancer-manager\", balancer = \"bitbucket\" },\n  { kind = \"haproxy\", socket = \"unix:/run/haproxy.sock\", backends = [\"bitbucket_ssh\"] },\n]",
+        );
+        let inv = parse(&two).unwrap();
+        let lb = &inv.cluster("prod").unwrap().load_balancer;
+        assert!(
+            matches!(lb, LbConfig::Several { members } if members.len() == 2),
+            "{lb:?}"
+        );
+        let one = GOOD.replace(
+            "load_balancer = { kind = \"none\" }",
+            "load_balancers = [{ kind = \"haproxy\", socket = \"unix:/s\", backends = [\"bitbucket_http\", \"bitbucket_ssh\"] }]",
+        );
+        let inv = parse(&one).unwrap();
+        assert!(matches!(
+            &inv.cluster("prod").unwrap().load_balancer,
+            LbConfig::Haproxy { backends, .. } if backends.len() == 2
+        ));
+        let both = GOOD.replace(
+            "load_balancer = { kind = \"none\" }",
+            "load_balancer = { kind = \"none\" }\nload_balancers = [{ kind = \"none\" }]",
+        );
+        assert!(parse(&both).unwrap_err().to_string().contains("not both"));
+        let empty = GOOD.replace("load_balancer = { kind = \"none\" }", "load_balancers = []");
+        assert!(parse(&empty).is_err());
+    }
 
     #[test]
     fn validates_and_fills_defaults() {

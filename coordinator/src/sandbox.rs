@@ -81,6 +81,10 @@ pub struct Sandbox {
     pub agent_addrs: Vec<String>,
     pub agent_configs: Vec<PathBuf>,
     pub lb_url: Option<String>,
+    /// The load balancer's Git-over-SSH front door, `HOST:PORT`, when it has one (HAProxy).
+    pub lb_ssh_addr: Option<String>,
+    /// The port the SSH front door binds, when the load balancer has one.
+    lb_ssh_port: u16,
     pub haproxy_socket: Option<PathBuf>,
     /// The inventory's load balancer for NGINX or Apache (HAProxy is `haproxy_socket`).
     pub lb_config: Option<crate::loadbalancer::LbConfig>,
@@ -155,17 +159,45 @@ pub fn haproxy_config_with_balance(
     servers: &[(String, u16)],
     balance: &str,
 ) -> String {
+    haproxy_config_with_ssh(socket, bind_port, servers, balance, None)
+}
+
+/// The HAProxy backend of the Git-over-SSH front door.
+pub const HAPROXY_SSH_BACKEND: &str = "bitbucket_ssh";
+
+/// [`haproxy_config_with_balance`] with, when `ssh` is given (`(bind port, [(server, node's SSH
+/// port)])`), Git over SSH as a second front door: a `mode tcp` frontend and backend
+/// ([`HAPROXY_SSH_BACKEND`]) whose servers have the same names as in the HTTP backend, checked by
+/// a TCP connect (a node opens its SSH port once it runs and closes it when it stops).
+pub fn haproxy_config_with_ssh(
+    socket: &Path,
+    bind_port: u16,
+    servers: &[(String, u16)],
+    balance: &str,
+    ssh: Option<(u16, &[(String, u16)])>,
+) -> String {
     let mut cfg = format!(
         "global\n    stats socket {} mode 600 level admin\n    stats timeout 2m\n\n\
-defaults\n    mode http\n    timeout connect 2s\n    timeout client 120s\n    timeout server 120s\n    timeout queue 30s\n    retries 3\n    option redispatch 1\n    retry-on conn-failure empty-response response-timeout 503\n\n\
+defaults\n    mode http\n    timeout connect 2s\n    timeout client 120s\n    timeout server 120s\n    timeout queue 30s\n    retries 3\n    option redispatch 1\n\n\
 frontend bitbucket\n    bind 127.0.0.1:{bind_port}\n    default_backend bitbucket\n\n\
-backend bitbucket\n    balance {balance}\n    option httpchk GET /status\n    http-check expect status 200\n",
+backend bitbucket\n    balance {balance}\n    retry-on conn-failure empty-response response-timeout 503\n    option httpchk GET /status\n    http-check expect status 200\n",
         socket.display()
     );
     for (name, port) in servers {
         cfg.push_str(&format!(
             "    server {name} 127.0.0.1:{port} check inter 500ms fall 2 rise 2\n"
         ));
+    }
+    if let Some((ssh_port, ssh_servers)) = ssh {
+        cfg.push_str(&format!(
+            "\nfrontend {HAPROXY_SSH_BACKEND}\n    mode tcp\n    bind 127.0.0.1:{ssh_port}\n    default_backend {HAPROXY_SSH_BACKEND}\n\n\
+backend {HAPROXY_SSH_BACKEND}\n    mode tcp\n    balance {balance}\n"
+        ));
+        for (name, port) in ssh_servers {
+            cfg.push_str(&format!(
+                "    server {name} 127.0.0.1:{port} check inter 500ms fall 2 rise 2\n"
+            ));
+        }
     }
     cfg
 }
@@ -290,8 +322,8 @@ impl Sandbox {
         }
 
         // One agent per node.
-        // One per agent, the load balancer's, and the load-balancer agent's.
-        let ports = free_ports(opts.nodes + 2)?;
+        // One per agent, the load balancer's, the load-balancer agent's, and the SSH front door's.
+        let ports = free_ports(opts.nodes + 3)?;
         let mut agent_addrs = Vec::new();
         let mut agent_configs = Vec::new();
         for (i, node) in sim.nodes().iter().enumerate() {
@@ -336,6 +368,8 @@ impl Sandbox {
             agent_addrs,
             agent_configs,
             lb_url: None,
+            lb_ssh_addr: None,
+            lb_ssh_port: ports[opts.nodes + 2],
             haproxy_socket: None,
             lb_config: None,
             lb_servers: Vec::new(),
@@ -455,10 +489,22 @@ impl Sandbox {
             .iter()
             .map(|n| (n.name.clone(), n.port))
             .collect();
+        let ssh_servers: Vec<(String, u16)> = self
+            .sim
+            .nodes()
+            .iter()
+            .map(|n| (n.name.clone(), n.ssh_port))
+            .collect();
         let cfg_path = self.dir.join("haproxy.cfg");
         std::fs::write(
             &cfg_path,
-            haproxy_config_with_balance(&socket, port, &servers, balance),
+            haproxy_config_with_ssh(
+                &socket,
+                port,
+                &servers,
+                balance,
+                Some((self.lb_ssh_port, &ssh_servers)),
+            ),
         )?;
         let log = std::fs::File::create(self.dir.join("haproxy.log"))?;
         let child = Command::new(haproxy)
@@ -482,6 +528,7 @@ impl Sandbox {
             std::thread::sleep(Duration::from_millis(50));
         }
         self.lb_url = Some(format!("http://127.0.0.1:{port}"));
+        self.lb_ssh_addr = Some(format!("127.0.0.1:{}", self.lb_ssh_port));
         self.haproxy_socket = Some(socket);
         Ok(())
     }
@@ -708,8 +755,9 @@ impl Sandbox {
         };
         match (&self.haproxy_socket, &self.lb_config) {
             (Some(s), _) => format!(
-                "load_balancer = {{ kind = \"haproxy\", socket = {:?}, backend = \"bitbucket\" }}\n",
-                format!("unix:{}", s.display())
+                "load_balancer = {{ kind = \"haproxy\", socket = {:?}, backends = {:?} }}\n",
+                format!("unix:{}", s.display()),
+                self.haproxy_backends()
             ),
             (
                 None,
@@ -842,7 +890,9 @@ impl Sandbox {
         };
         let lb = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
             socket: format!("unix:{}", socket.display()),
-            backend: "bitbucket".into(),
+            backend: String::new(),
+            backends: self.haproxy_backends(),
+            server_names: Default::default(),
         })?;
         let deadline = Instant::now() + timeout;
         for node in self.sim.nodes() {
@@ -895,6 +945,22 @@ impl Sandbox {
         self.lb_url
             .clone()
             .unwrap_or_else(|| self.sim.nodes()[0].base_url.clone())
+    }
+
+    /// Where to send Git over SSH: the load balancer's SSH front door, or the first node's SSH port.
+    pub fn ssh_addr(&self) -> String {
+        self.lb_ssh_addr
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", self.sim.nodes()[0].ssh_port))
+    }
+
+    /// The HAProxy backends every node is in: HTTP, and Git over SSH when HAProxy fronts it.
+    pub fn haproxy_backends(&self) -> Vec<String> {
+        let mut backends = vec!["bitbucket".to_string()];
+        if self.lb_ssh_addr.is_some() {
+            backends.push(HAPROXY_SSH_BACKEND.to_string());
+        }
+        backends
     }
 }
 

@@ -116,8 +116,8 @@ enum Cmd {
         #[arg(long = "server", required = true)]
         servers: Vec<String>,
     },
-    /// Send load through URL (many users with sessions, pages and clones) and report; exit code 1
-    /// if any request failed.
+    /// Send load through URL (many users with sessions, pages and clones; SSH clones through --ssh)
+    /// and report; exit code 1 if any request or SSH clone failed.
     Load {
         /// Where to send it, e.g. the load balancer: http://127.0.0.1:7990
         #[arg(long)]
@@ -131,6 +131,12 @@ enum Cmd {
         /// Every Nth request of a user is a Git clone (0 = none).
         #[arg(long, default_value_t = 10)]
         clone_every: u32,
+        /// The load balancer's SSH front door, HOST:PORT: also send Git-over-SSH clones there.
+        #[arg(long)]
+        ssh: Option<String>,
+        /// With --ssh, every Nth request of a user is an SSH clone (0 = none).
+        #[arg(long, default_value_t = 10)]
+        ssh_clone_every: u32,
         /// Pause between a user's requests, in ms.
         #[arg(long, default_value_t = 200)]
         think_ms: u64,
@@ -203,6 +209,8 @@ pub fn main() -> std::process::ExitCode {
             users,
             duration_secs,
             clone_every,
+            ssh,
+            ssh_clone_every,
             think_ms,
             timeout_secs,
             output,
@@ -211,6 +219,8 @@ pub fn main() -> std::process::ExitCode {
                 base_url: url,
                 users,
                 clone_every,
+                ssh_addr: ssh,
+                ssh_clone_every,
                 think_ms,
                 duration: duration_secs.map(Duration::from_secs),
                 request_timeout: Duration::from_secs(timeout_secs),
@@ -275,7 +285,7 @@ fn run_cluster(
             "nodes": cluster.nodes().iter().enumerate().map(|(i, n)| {
                 let info = cluster.node_info(i).ok();
                 serde_json::json!({
-                    "name": n.name, "port": n.port, "base_url": n.base_url,
+                    "name": n.name, "port": n.port, "ssh_port": n.ssh_port, "base_url": n.base_url,
                     "cluster_name": n.cluster_name,
                     "reported_name": info.as_ref().map(|i| i.name.clone()),
                     "id": info.as_ref().map(|i| i.id.clone()),
@@ -294,9 +304,10 @@ fn run_cluster(
         for (i, n) in cluster.nodes().iter().enumerate() {
             let info = cluster.node_info(i).ok();
             println!(
-                "  {:<8} {:<24} id {}  name \"{}\"  cluster port {}  install {}  home {}",
+                "  {:<8} {:<24} ssh {}  id {}  name \"{}\"  cluster port {}  install {}  home {}",
                 n.name,
                 n.base_url,
+                n.ssh_port,
                 info.as_ref().map_or("?", |i| i.id.as_str()),
                 info.as_ref().map_or("?", |i| i.name.as_str()),
                 info.as_ref()
@@ -394,18 +405,21 @@ fn run_load(opts: load::LoadOptions, output: Output) -> anyhow::Result<()> {
         for failure in &report.failures {
             println!("  {failure}");
         }
-        if report.failed > report.failures.len() as u64 {
+        let all_failed = report.failed + report.ssh_failed;
+        if all_failed > report.failures.len() as u64 {
             println!(
                 "  ... and {} more failures",
-                report.failed - report.failures.len() as u64
+                all_failed - report.failures.len() as u64
             );
         }
     }
-    if report.failed > 0 {
+    if report.failed > 0 || report.ssh_failed > 0 {
         anyhow::bail!(
-            "{} of {} requests failed through {url}",
+            "{} of {} requests failed through {url}, {} of {} SSH clones",
             report.failed,
-            report.total
+            report.total,
+            report.ssh_failed,
+            report.ssh_total
         );
     }
     Ok(())

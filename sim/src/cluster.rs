@@ -101,6 +101,8 @@ pub struct SimNode {
     /// The `-Dhazelcast.port` the node is started with, if any (what the API reports as
     /// `portNumber`; 5701 or the shared `hazelcast.port` without it).
     pub hazelcast_port: Option<u16>,
+    /// The Git-over-SSH port (`-Dplugin.ssh.port`), a free one whatever the HTTP ports.
+    pub ssh_port: u16,
     pub base_url: String,
     /// Where releases are extracted (`dir/nodeN/install`).
     pub install_root: PathBuf,
@@ -195,6 +197,9 @@ impl SimCluster {
             })
             .collect::<anyhow::Result<_>>()?;
 
+        // Picked together so the HTTP and SSH ports differ.
+        let mut free = free_ports(opts.nodes * 2)?;
+        let ssh_ports = free.split_off(opts.nodes);
         let ports = match base_port {
             Some(base) => (0..opts.nodes)
                 .map(|i| {
@@ -202,7 +207,7 @@ impl SimCluster {
                         .context("--base-port leaves no room for every node")
                 })
                 .collect::<anyhow::Result<Vec<u16>>>()?,
-            None => free_ports(opts.nodes)?,
+            None => free,
         };
         let mut nodes = Vec::new();
         for (i, port) in ports.into_iter().enumerate() {
@@ -223,6 +228,7 @@ impl SimCluster {
                 name,
                 port,
                 hazelcast_port: hazelcast_ports[i],
+                ssh_port: ssh_ports[i],
                 install_root,
                 home,
             };
@@ -530,7 +536,10 @@ fn configure_install(
     edit("set-bitbucket-home.sh", &|t| {
         scripts::with_bitbucket_home(t, &home)
     })?;
-    let mut args = format!("-Dserver.port={} -Dsim.node.label={}", node.port, node.name);
+    let mut args = format!(
+        "-Dserver.port={} -Dplugin.ssh.port={} -Dsim.node.label={}",
+        node.port, node.ssh_port, node.name
+    );
     if let Some(name) = &node.cluster_name {
         args.push_str(&format!(" -Dcluster.node.name={name}"));
     }

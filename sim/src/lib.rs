@@ -3,7 +3,7 @@
 //! demo (`cluster`).
 //!
 //! Layout: `version` (release versions, the bug-fix rule), `zdu` (the rolling-upgrade state machine,
-//! pure), `membership` (the cluster record in the shared home, under `flock`), `node` (the HTTP node),
+//! pure), `membership` (the cluster record in the shared home, under `flock`), `node` (the HTTP node and its Git-over-SSH door),
 //! `properties` (`.properties` files), `client` (a tiny blocking HTTP client for probes and tests),
 //! `load` (a load generator: many users' sessions, pages and clones, through the load balancer),
 //! `balancer` (a stand-in for HAProxy, for the demo where HAProxy is not installed).

@@ -1,14 +1,18 @@
 //! A load generator for rolling-upgrade tests and the demo: many virtual users, each with its own
 //! session (cookie jar), send a steady stream of short page/REST requests and long Git-over-HTTP
-//! clones through the load balancer, for a set time or until stopped, and the run is reported.
+//! clones through the load balancer, and Git-over-SSH clones through its SSH front door when given
+//! one, for a set time or until stopped, and the run is reported.
 //!
 //! Counting rules: every HTTP request counts once in `total` (a clone is two, `info/refs` then
 //! `git-upload-pack`, like a real `git clone`). A request fails on a connection error or timeout, a
 //! status >= 500, or a body that ends before its announced end (`Content-Length`, or the chunked
 //! terminator, as hyper checks; the byte count is also checked here). Nothing is retried: a failed
-//! request is a failed request. Decisions and tallies are in `report` (pure); this file is the driver.
+//! request is a failed request. An SSH clone counts apart (`ssh_total`, `ssh_failed`): it fails when
+//! refused (connection refused or closed, `ERR` answer), cut (the pack ends short) or timed out.
+//! Decisions and tallies are in `report` (pure); this file is the driver.
 
 mod report;
+mod ssh;
 
 use std::error::Error as StdError;
 use std::sync::{Arc, Mutex};
@@ -18,8 +22,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use report::{Exchange, Kind, Outcome, Served, Stats};
-pub use report::{LoadReport, Percentiles};
+use report::{Exchange, Kind, Outcome, Served, SshSession, Stats};
+pub use report::{LoadReport, Percentiles, SshOutcome};
 
 /// Idle connections a user keeps per host: one user is one browser-like client, sequential.
 const POOL_MAX_IDLE_PER_HOST: usize = 2;
@@ -42,6 +46,11 @@ pub struct LoadOptions {
     pub users: usize,
     /// Every Nth request of a user is a clone; 0 = none.
     pub clone_every: u32,
+    /// The load balancer's SSH front door, `HOST:PORT`; `None` sends no SSH clones.
+    pub ssh_addr: Option<String>,
+    /// With `ssh_addr`, every Nth request of a user is a Git-over-SSH clone (half a period apart
+    /// from the HTTP clones); 0 = none.
+    pub ssh_clone_every: u32,
     /// Pause between a user's requests.
     pub think_ms: u64,
     /// How long to run; `None` runs until `LoadHandle::stop`.
@@ -56,6 +65,8 @@ impl Default for LoadOptions {
             base_url: "http://127.0.0.1:7990".into(),
             users: 10,
             clone_every: 10,
+            ssh_addr: None,
+            ssh_clone_every: 10,
             think_ms: 200,
             duration: None,
             request_timeout: Duration::from_secs(30),
@@ -69,6 +80,17 @@ enum Step {
     /// A short request to `PAGES[i]`.
     Page(usize),
     Clone,
+    SshClone,
+}
+
+/// The `n`th request (from 1) of a user when SSH clones are sent every `ssh_every`th (offset by half
+/// a period, so they do not replace the HTTP clones of the same period), else as [`plan`] says.
+fn plan_with_ssh(n: u64, clone_every: u32, ssh_every: u32) -> Step {
+    let every = u64::from(ssh_every);
+    if every > 0 && n % every == every / 2 {
+        return Step::SshClone;
+    }
+    plan(n, clone_every)
 }
 
 /// The `n`th request (from 1) of a user: every `clone_every`th a clone, the others alternating pages.
@@ -216,10 +238,15 @@ async fn user(index: usize, run: Arc<Run>, mut stop: watch::Receiver<bool>) {
     if !pause(&run, &mut stop, offset).await {
         return;
     }
+    let ssh_every = if run.opts.ssh_addr.is_some() {
+        run.opts.ssh_clone_every
+    } else {
+        0
+    };
     let mut n = 0u64;
     while !stopped(&stop) && !run.past_deadline() {
         n += 1;
-        match plan(n, run.opts.clone_every) {
+        match plan_with_ssh(n, run.opts.clone_every, ssh_every) {
             Step::Page(i) => {
                 let url = format!("{}{}", run.base_url, PAGES[i]);
                 let deadline = Instant::now() + run.opts.request_timeout;
@@ -227,6 +254,7 @@ async fn user(index: usize, run: Arc<Run>, mut stop: watch::Receiver<bool>) {
                 run.record(&ex);
             }
             Step::Clone => clone(&run, &client, index as u64 + n).await,
+            Step::SshClone => ssh_clone(&run, index as u64 + n).await,
         }
         if !pause(&run, &mut stop, run.opts.think_ms).await {
             return;
@@ -265,6 +293,31 @@ async fn clone(run: &Run, client: &reqwest::Client, seed: u64) {
         ok = ex.outcome.is_success();
     }
     run.record_clone(ok, started.elapsed());
+}
+
+/// One Git-over-SSH clone of `repo` through `addr` (`HOST:PORT`), outside a load run.
+pub async fn clone_over_ssh(addr: &str, repo: &str, timeout: Duration) -> SshOutcome {
+    ssh::clone(addr, repo, timeout).await
+}
+
+/// A Git-over-SSH clone through the SSH front door.
+async fn ssh_clone(run: &Run, seed: u64) {
+    let Some(addr) = run.opts.ssh_addr.as_deref() else {
+        return;
+    };
+    let started = Instant::now();
+    let repo = format!("/prj/repo{}.git", seed % REPOS);
+    let outcome = ssh::clone(addr, &repo, run.opts.request_timeout).await;
+    let session = SshSession {
+        at: started.duration_since(run.started),
+        addr: addr.to_string(),
+        repo,
+        elapsed: started.elapsed(),
+        outcome,
+    };
+    if let Ok(mut s) = run.stats.lock() {
+        s.record_ssh(&session);
+    }
 }
 
 /// Sends one request and reads its body to the end (counting bytes, not keeping them).
@@ -385,5 +438,16 @@ mod tests {
         // With every other request a clone, the pages still alternate.
         assert_eq!(plan(1, 2), Step::Page(0));
         assert_eq!(plan(3, 2), Step::Page(1));
+    }
+
+    #[test]
+    fn ssh_clones_sit_between_http_clones() {
+        let steps: Vec<Step> = (1..=8).map(|n| plan_with_ssh(n, 4, 4)).collect();
+        assert_eq!(steps[1], Step::SshClone);
+        assert_eq!(steps[3], Step::Clone);
+        assert_eq!(steps[5], Step::SshClone);
+        assert_eq!(steps[7], Step::Clone);
+        assert!((1..50).all(|n| plan_with_ssh(n, 3, 0) == plan(n, 3)));
+        assert!((1..10).all(|n| plan_with_ssh(n, 0, 1) == Step::SshClone));
     }
 }

@@ -312,6 +312,8 @@ async fn balancer_load_through_a_rolling_restart_has_no_failures() {
         base_url: lb.url(),
         users: 6,
         clone_every: 3,
+        ssh_addr: None,
+        ssh_clone_every: 0,
         think_ms: 50,
         duration: None,
         request_timeout: Duration::from_secs(15),

@@ -196,6 +196,8 @@ pub fn haproxy(s: &Sandbox) -> Box<dyn LoadBalancer> {
     loadbalancer::from_config(&LbConfig::Haproxy {
         socket: format!("unix:{}", socket.display()),
         backend: "bitbucket".into(),
+        backends: vec![],
+        server_names: Default::default(),
     })
     .expect("haproxy driver")
 }

@@ -29,6 +29,8 @@ async fn upgrade_under_load(
         base_url: s.traffic_url(),
         users,
         clone_every,
+        ssh_addr: None,
+        ssh_clone_every: 0,
         think_ms: 50,
         duration: None,
         request_timeout: Duration::from_secs(60),

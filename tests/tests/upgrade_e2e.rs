@@ -226,6 +226,8 @@ async fn upgrades_every_node_least_busy_first_under_traffic_through_haproxy() {
         base_url: s.traffic_url(),
         users: 4,
         clone_every: 10,
+        ssh_addr: None,
+        ssh_clone_every: 0,
         think_ms: 50,
         duration: None,
         request_timeout: Duration::from_secs(60),
@@ -642,5 +644,18 @@ async fn the_demo_upgrades_its_sandbox_without_failed_requests() {
     assert_eq!(doc["result"], "upgraded", "{doc:#}");
     assert_eq!(doc["requests"]["failed"], 0, "{doc:#}");
     assert!(doc["requests"]["total"].as_u64() > Some(0), "{doc:#}");
+    assert_eq!(doc["requests"]["ssh_failed"], 0, "{doc:#}");
+    assert!(doc["requests"]["ssh_total"].as_u64() > Some(0), "{doc:#}");
+    // Both front doors are named on standard error, even with --output json.
+    assert!(
+        out.stderr.contains("traffic through http://127.0.0.1:"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("ssh through 127.0.0.1:"),
+        "{}",
+        out.describe()
+    );
     assert_eq!(doc["order"].as_array().map(Vec::len), Some(3), "{doc:#}");
 }

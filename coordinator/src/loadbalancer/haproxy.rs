@@ -237,6 +237,8 @@ fn check_name(kind: &str, name: &str) -> Result<(), LbError> {
 pub struct Haproxy {
     socket: RuntimeSocket,
     backend: String,
+    /// The node's `lb_server` -> its server's name in this backend, where they differ.
+    server_names: std::collections::BTreeMap<String, String>,
     command_timeout: Duration,
     poll: Duration,
 }
@@ -247,9 +249,23 @@ impl Haproxy {
         Ok(Self {
             socket: RuntimeSocket::parse(socket).map_err(LbError::Config)?,
             backend: backend.to_string(),
+            server_names: Default::default(),
             command_timeout: Duration::from_secs(COMMAND_TIMEOUT_SECS),
             poll: Duration::from_millis(DRAIN_POLL_MS),
         })
+    }
+
+    /// The same backend, where some nodes' servers have other names (`lb_server` -> name here).
+    pub fn with_server_names(self, names: std::collections::BTreeMap<String, String>) -> Self {
+        Self {
+            server_names: names,
+            ..self
+        }
+    }
+
+    /// The name of `server` (a node's `lb_server`) in this backend.
+    fn here<'a>(&'a self, server: &'a str) -> &'a str {
+        self.server_names.get(server).map_or(server, String::as_str)
     }
 
     /// Sends one command and returns the whole answer.
@@ -361,8 +377,19 @@ impl Haproxy {
             })
     }
 
+    /// The state of the server named `server` in this backend.
+    async fn state_here(&self, server: &str) -> Result<ServerState, LbError> {
+        let row = self.servers_state_row(server).await?;
+        let current_sessions = self.sessions(server).await?;
+        Ok(ServerState {
+            admin: admin_state(row.admin_bits),
+            operational: oper_state(row.op_state),
+            current_sessions,
+        })
+    }
+
     async fn confirm(&self, server: &str, wanted: AdminState) -> Result<ServerState, LbError> {
-        let state = self.server_state(server).await?;
+        let state = self.state_here(server).await?;
         if state.admin != wanted {
             return Err(LbError::NotConfirmed {
                 lb: self.describe(),
@@ -392,18 +419,13 @@ impl LoadBalancer for Haproxy {
     }
 
     async fn server_state(&self, server: &str) -> Result<ServerState, LbError> {
-        let row = self.servers_state_row(server).await?;
-        let current_sessions = self.sessions(server).await?;
-        Ok(ServerState {
-            admin: admin_state(row.admin_bits),
-            operational: oper_state(row.op_state),
-            current_sessions,
-        })
+        self.state_here(self.here(server)).await
     }
 
     async fn drain(&self, server: &str, timeout: Duration) -> Result<DrainReport, LbError> {
+        let server = self.here(server);
         let start = Instant::now();
-        let before = self.server_state(server).await?;
+        let before = self.state_here(server).await?;
         if before.admin != AdminState::Maint {
             self.set_state(server, "drain").await?;
         }
@@ -430,13 +452,14 @@ impl LoadBalancer for Haproxy {
     }
 
     async fn enable(&self, server: &str) -> Result<(), LbError> {
+        let server = self.here(server);
         self.set_state(server, "ready").await?;
         self.confirm(server, AdminState::Ready).await?;
         Ok(())
     }
 
     async fn check_server(&self, server: &str) -> Result<(), LbError> {
-        self.servers_state_row(server).await.map(|_| ())
+        self.servers_state_row(self.here(server)).await.map(|_| ())
     }
 }
 
@@ -754,5 +777,208 @@ mod tests {
             s.admin == AdminState::Ready && s.operational == OperState::Up
         })
         .await;
+    }
+
+    /// A Git-over-SSH stand-in: every connection is held 1.5 s, then answered `done` and closed.
+    async fn ssh_backend(done: Arc<AtomicU32>) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let done = done.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    if stream.write_all(b"done").await.is_ok() {
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drains_both_backends_of_a_real_haproxy() {
+        if !haproxy_available() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let unused = Arc::new(AtomicU32::new(0));
+        let ssh_done = Arc::new(AtomicU32::new(0));
+        let h1 = backend("node1", unused.clone()).await;
+        let h2 = backend("node2", unused.clone()).await;
+        let s1 = ssh_backend(ssh_done.clone()).await;
+        let s2 = ssh_backend(ssh_done.clone()).await;
+        let (http_port, ssh_port) = {
+            let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            (
+                a.local_addr().unwrap().port(),
+                b.local_addr().unwrap().port(),
+            )
+        };
+        let sock = dir.path().join("admin.sock");
+        // node3 is only in the HTTP backend: the inventory error preflight must name.
+        let cfg = format!(
+            "global\n    stats socket {sock} mode 600 level admin\n\
+             defaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    timeout server 30s\n\
+             frontend bitbucket_http\n    bind 127.0.0.1:{http_port}\n    default_backend bitbucket_http\n\
+             backend bitbucket_http\n    option httpchk GET /status\n    \
+             server node1 127.0.0.1:{h1} check inter 200ms\n    \
+             server node2 127.0.0.1:{h2} check inter 200ms\n    \
+             server node3 127.0.0.1:{h2} disabled\n\
+             frontend bitbucket_ssh\n    mode tcp\n    bind 127.0.0.1:{ssh_port}\n    default_backend bitbucket_ssh\n\
+             backend bitbucket_ssh\n    mode tcp\n    \
+             server node1 127.0.0.1:{s1} check inter 200ms\n    \
+             server node2 127.0.0.1:{s2} check inter 200ms\n",
+            sock = sock.display()
+        );
+        let cfg_path = dir.path().join("haproxy.cfg");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let log = std::fs::File::create(dir.path().join("haproxy.log")).unwrap();
+        let _haproxy = HaproxyProcess(
+            Command::new(HAPROXY)
+                .arg("-f")
+                .arg(&cfg_path)
+                .arg("-db")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let socket = format!("unix:{}", sock.display());
+        let lb = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
+            socket: socket.clone(),
+            backend: String::new(),
+            backends: vec!["bitbucket_http".into(), "bitbucket_ssh".into()],
+            server_names: Default::default(),
+        })
+        .unwrap();
+        let ssh_only = Haproxy::new(&socket, "bitbucket_ssh").unwrap();
+        wait_until("both nodes up in both backends", async || {
+            let up = async |n| {
+                lb.server_state(n)
+                    .await
+                    .is_ok_and(|s| s.operational == OperState::Up)
+            };
+            up("node1").await && up("node2").await
+        })
+        .await;
+
+        // Preflight names the load balancer, the backend and the server.
+        lb.check_server("node1").await.unwrap();
+        let err = lb.check_server("node3").await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("backend bitbucket_ssh has no server \"node3\""),
+            "{err}"
+        );
+        // Where a server has another name in one backend, `server_names` says so.
+        let renamed = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
+            socket: socket.clone(),
+            backend: String::new(),
+            backends: vec!["bitbucket_http".into(), "bitbucket_ssh".into()],
+            server_names: [(
+                "bitbucket_ssh".to_string(),
+                [("node3".to_string(), "node2".to_string())].into(),
+            )]
+            .into(),
+        })
+        .unwrap();
+        renamed.check_server("node3").await.unwrap();
+        let missing = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
+            socket: socket.clone(),
+            backend: "bitbucket_http".into(),
+            backends: vec!["bitbucket_git".into()],
+            server_names: Default::default(),
+        })
+        .unwrap();
+        let err = missing.check_server("node1").await.unwrap_err();
+        assert!(
+            matches!(&err, LbError::UnknownBackend { lb } if lb.ends_with("backend bitbucket_git")),
+            "{err:?}"
+        );
+
+        // node2 out of both, so an SSH session lands on node1.
+        lb.drain("node2", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            ssh_only.server_state("node2").await.unwrap().admin,
+            AdminState::Maint
+        );
+        let session = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ssh_port))
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await.unwrap();
+            answer
+        });
+        wait_until("node1 holds the SSH session", async || {
+            ssh_only
+                .server_state("node1")
+                .await
+                .unwrap()
+                .current_sessions
+                == 1
+        })
+        .await;
+        // Draining node1 waits for the SSH session, though its HTTP backend is idle.
+        let report = lb.drain("node1", Duration::from_secs(10)).await.unwrap();
+        assert!(
+            report.waited >= Duration::from_millis(800),
+            "the drain waited for the SSH session: {report:?}"
+        );
+        assert_eq!(report.sessions_at_start, 1);
+        assert_eq!(session.await.unwrap(), "done", "the session was not cut");
+        assert_eq!(
+            lb.server_state("node1").await.unwrap().admin,
+            AdminState::Maint
+        );
+        assert_eq!(
+            ssh_only.server_state("node1").await.unwrap().admin,
+            AdminState::Maint
+        );
+
+        // A drain deadline with an SSH session still open says how many and where; the HTTP door
+        // that did drain is put back, so the node stays in service.
+        lb.enable("node1").await.unwrap();
+        lb.enable("node2").await.unwrap();
+        lb.drain("node2", Duration::from_secs(5)).await.unwrap();
+        wait_until("node1 up again", async || {
+            lb.server_state("node1")
+                .await
+                .is_ok_and(|s| s.operational == OperState::Up)
+        })
+        .await;
+        let held = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ssh_port))
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await.ok();
+        });
+        wait_until("node1 holds another SSH session", async || {
+            ssh_only
+                .server_state("node1")
+                .await
+                .unwrap()
+                .current_sessions
+                == 1
+        })
+        .await;
+        let err = lb
+            .drain("node1", Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, LbError::DrainTimeout { lb, sessions: 1, .. } if lb.ends_with("backend bitbucket_ssh")),
+            "{err:?}"
+        );
+        let http_only = Haproxy::new(&socket, "bitbucket_http").unwrap();
+        assert_eq!(
+            http_only.server_state("node1").await.unwrap().admin,
+            AdminState::Ready
+        );
+        held.await.unwrap();
     }
 }

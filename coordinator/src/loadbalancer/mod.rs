@@ -2,7 +2,9 @@
 //!
 //! Each kind (HAProxy, NGINX on this host or through an agent on the NGINX host, Apache httpd, Azure
 //! Application Gateway, none) is one module implementing [`LoadBalancer`], selected by one
-//! [`LbConfig`] variant in [`from_config_with_tls`].
+//! [`LbConfig`] variant in [`from_config_with_tls`]. A node behind several doors (HAProxy
+//! `backends = [...]`, or `kind = "several"`: one load balancer for HTTP, another for Git over SSH)
+//! is driven through [`several::Several`], which fans every call out, so callers see one driver.
 
 pub mod apache;
 pub mod azure;
@@ -10,7 +12,9 @@ pub mod haproxy;
 pub mod nginx;
 pub mod nginx_agent;
 pub mod none;
+pub mod several;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -154,7 +158,17 @@ pub enum LbConfig {
     Haproxy {
         /// `unix:/path`, `tcp:host:port`, or a plain socket path.
         socket: String,
+        /// One backend (the older form; the same as `backends = ["..."]`).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         backend: String,
+        /// Every backend a node is in, e.g. `["bitbucket_http", "bitbucket_ssh"]`: drained and
+        /// restored together, under the same server name.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        backends: Vec<String>,
+        /// Where a node's server has another name in some backend: backend -> (the node's
+        /// `lb_server` -> its name there), e.g. `{ bitbucket_ssh = { node1 = "node1_ssh" } }`.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        server_names: BTreeMap<String, BTreeMap<String, String>>,
     },
     /// Open-source NGINX, edited on this host: the coordinator must run where the NGINX
     /// configuration lives (otherwise use `nginx-agent`).
@@ -202,7 +216,25 @@ pub enum LbConfig {
         /// The gateway's connection-draining timeout, waited after removal (default 60).
         drain_secs: Option<u64>,
     },
+    /// Several load balancers before one cluster (e.g. Apache for HTTP, HAProxy for Git over SSH),
+    /// drained and restored together. The inventory's `load_balancers = [...]` builds this.
+    Several {
+        members: Vec<LbConfig>,
+    },
     None {},
+}
+
+impl LbConfig {
+    /// The backends of an HAProxy entry: `backend`, then `backends`, without repeats.
+    pub fn haproxy_backends(backend: &str, backends: &[String]) -> Vec<String> {
+        let mut all: Vec<String> = Vec::new();
+        for b in std::iter::once(backend).chain(backends.iter().map(String::as_str)) {
+            if !b.is_empty() && !all.iter().any(|a| a == b) {
+                all.push(b.to_string());
+            }
+        }
+        all
+    }
 }
 
 /// Builds the driver a configuration asks for, for kinds that need no TLS material (all but
@@ -218,7 +250,37 @@ pub fn from_config_with_tls(
     tls: Option<&bbupgrade_common::tls::TlsMaterial>,
 ) -> Result<Box<dyn LoadBalancer>, LbError> {
     Ok(match cfg {
-        LbConfig::Haproxy { socket, backend } => Box::new(haproxy::Haproxy::new(socket, backend)?),
+        LbConfig::Haproxy {
+            socket,
+            backend,
+            backends,
+            server_names,
+        } => {
+            let all = LbConfig::haproxy_backends(backend, backends);
+            if let Some(unknown) = server_names.keys().find(|k| !all.contains(k)) {
+                return Err(LbError::Config(format!(
+                    "server_names names backend {unknown:?}, which is not among the backends {all:?}"
+                )));
+            }
+            let driver = |b: &String| {
+                haproxy::Haproxy::new(socket, b)
+                    .map(|h| h.with_server_names(server_names.get(b).cloned().unwrap_or_default()))
+            };
+            match all.as_slice() {
+                [] => {
+                    return Err(LbError::Config(
+                        "kind = \"haproxy\" needs `backends = [...]` (or `backend`)".into(),
+                    ));
+                }
+                [one] => Box::new(driver(one)?),
+                several => Box::new(several::Several::new(
+                    several
+                        .iter()
+                        .map(|b| driver(b).map(|h| Box::new(h) as Box<dyn LoadBalancer>))
+                        .collect::<Result<_, _>>()?,
+                )?),
+            }
+        }
         LbConfig::Nginx {
             config,
             upstream,
@@ -263,6 +325,12 @@ pub fn from_config_with_tls(
             az: az.clone(),
             drain_secs: drain_secs.unwrap_or(azure::DEFAULT_DRAIN_SECS),
         })?),
+        LbConfig::Several { members } => Box::new(several::Several::new(
+            members
+                .iter()
+                .map(|m| from_config_with_tls(m, tls))
+                .collect::<Result<_, _>>()?,
+        )?),
         LbConfig::None {} => Box::new(none::NoLoadBalancer),
     })
 }
@@ -342,6 +410,53 @@ mod tests {
     }
 
     #[test]
+    fn haproxy_backends_and_several_load_balancers() {
+        let cfg: LbConfig = toml::from_str(
+            "kind = \"haproxy\"\nsocket = \"unix:/run/h.sock\"\nbackends = [\"bitbucket_http\", \"bitbucket_ssh\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            from_config(&cfg).unwrap().describe(),
+            "haproxy at unix:/run/h.sock backend bitbucket_http and haproxy at unix:/run/h.sock backend bitbucket_ssh"
+        );
+        assert_eq!(
+            LbConfig::haproxy_backends("a", &["a".into(), "b".into()]),
+            ["a", "b"]
+        );
+        let none: LbConfig =
+            toml::from_str("kind = \"haproxy\"\nsocket = \"unix:/run/h.sock\"\n").unwrap();
+        assert!(matches!(from_config(&none), Err(LbError::Config(m)) if m.contains("backends")));
+        let bad: LbConfig = toml::from_str(
+            "kind = \"haproxy\"\nsocket = \"unix:/run/h.sock\"\nbackends = [\"ok\", \"not ok\"]\n",
+        )
+        .unwrap();
+        assert!(matches!(from_config(&bad), Err(LbError::Config(_))));
+        let renamed: LbConfig = toml::from_str(
+            "kind = \"haproxy\"\nsocket = \"unix:/run/h.sock\"\nbackends = [\"http\", \"ssh\"]\nserver_names = { ssh = { node1 = \"node1_ssh\" } }\n",
+        )
+        .unwrap();
+        assert!(from_config(&renamed).is_ok());
+        let stray: LbConfig = toml::from_str(
+            "kind = \"haproxy\"\nsocket = \"unix:/run/h.sock\"\nbackends = [\"http\"]\nserver_names = { sshx = { node1 = \"n\" } }\n",
+        )
+        .unwrap();
+        assert!(matches!(from_config(&stray), Err(LbError::Config(m)) if m.contains("sshx")));
+        let cfg: LbConfig = toml::from_str(
+            "kind = \"several\"\n[[members]]\nkind = \"apache\"\nmanager_url = \"http://127.0.0.1:8080/balancer-manager\"\nbalancer = \"bitbucket\"\n[[members]]\nkind = \"haproxy\"\nsocket = \"unix:/run/h.sock\"\nbackend = \"bitbucket_ssh\"\n",
+        )
+        .unwrap();
+        let d = from_config(&cfg).unwrap().describe();
+        assert!(
+            d.contains("balancer://bitbucket") && d.ends_with("backend bitbucket_ssh"),
+            "{d}"
+        );
+        assert!(matches!(
+            from_config(&LbConfig::Several { members: vec![] }),
+            Err(LbError::Config(_))
+        ));
+    }
+
+    #[test]
     fn nginx_agent_parses_and_needs_tls() {
         let cfg: LbConfig = toml::from_str(
             "kind = \"nginx-agent\"\nagent = \"10.0.0.5:7443\"\nagent_node = \"lb1\"\n",
@@ -373,6 +488,8 @@ mod tests {
             let cfg = LbConfig::Haproxy {
                 socket: socket.into(),
                 backend: backend.into(),
+                backends: vec![],
+                server_names: BTreeMap::new(),
             };
             assert!(
                 matches!(from_config(&cfg), Err(LbError::Config(_))),

@@ -57,6 +57,35 @@ impl Outcome {
     }
 }
 
+/// How one Git-over-SSH session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SshOutcome {
+    /// The whole pack arrived and the session closed cleanly.
+    Complete { node: String, version: String },
+    /// No pack: connection refused, closed or reset before the head, an `ERR` answer, a timeout.
+    Refused(String),
+    /// The pack started (from `node`) but was cut off or cut short.
+    Cut { node: String, reason: String },
+}
+
+impl SshOutcome {
+    pub fn is_complete(&self) -> bool {
+        matches!(self, SshOutcome::Complete { .. })
+    }
+}
+
+/// One Git-over-SSH session as the load generator saw it.
+#[derive(Debug, Clone)]
+pub struct SshSession {
+    /// When it started, from the start of the run.
+    pub at: Duration,
+    /// The SSH front door, `HOST:PORT`.
+    pub addr: String,
+    pub repo: String,
+    pub elapsed: Duration,
+    pub outcome: SshOutcome,
+}
+
 /// One HTTP exchange as the load generator saw it.
 #[derive(Debug, Clone)]
 pub struct Exchange {
@@ -171,6 +200,14 @@ pub struct LoadReport {
     pub by_node: BTreeMap<String, u64>,
     /// Responses per `X-Sim-Version`.
     pub by_version: BTreeMap<String, u64>,
+    /// Git-over-SSH sessions (clones) attempted; not in `total`.
+    pub ssh_total: u64,
+    /// SSH sessions refused, cut or timed out; not in `failed`.
+    pub ssh_failed: u64,
+    /// Complete SSH sessions per node (the `PACK` head names it).
+    pub ssh_by_node: BTreeMap<String, u64>,
+    /// Over the complete SSH sessions.
+    pub ssh_ms: Percentiles,
     /// Over the complete short (page/REST) responses.
     pub latency_ms: Percentiles,
     /// Over the clones that completed.
@@ -186,9 +223,11 @@ impl LoadReport {
         let statuses = join_counts(self.by_status.iter().map(|(k, v)| (k.to_string(), *v)));
         let nodes = join_counts(self.by_node.iter().map(|(k, v)| (k.clone(), *v)));
         let versions = join_counts(self.by_version.iter().map(|(k, v)| (k.clone(), *v)));
+        let ssh_nodes = join_counts(self.ssh_by_node.iter().map(|(k, v)| (k.clone(), *v)));
         format!(
             "{} requests in {:.1} s: {} ok, {} failed (status {statuses}; {} connection errors, {} interrupted transfers); \
-             {} clones ({} failed); latency ms p50 {} p90 {} p99 {} max {}; clone ms p50 {} max {}; nodes {nodes}; versions {versions}",
+             {} clones ({} failed); {} ssh clones ({} failed); latency ms p50 {} p90 {} p99 {} max {}; clone ms p50 {} max {}; \
+             ssh ms p50 {} max {}; nodes {nodes}; ssh nodes {ssh_nodes}; versions {versions}",
             self.total,
             self.duration_ms as f64 / 1000.0,
             self.ok,
@@ -197,12 +236,16 @@ impl LoadReport {
             self.interrupted_transfers,
             self.clones,
             self.clones_failed,
+            self.ssh_total,
+            self.ssh_failed,
             self.latency_ms.p50,
             self.latency_ms.p90,
             self.latency_ms.p99,
             self.latency_ms.max,
             self.clone_ms.p50,
             self.clone_ms.max,
+            self.ssh_ms.p50,
+            self.ssh_ms.max,
         )
     }
 }
@@ -230,6 +273,10 @@ pub struct Stats {
     by_version: BTreeMap<String, u64>,
     latency: Sample,
     clone_latency: Sample,
+    ssh_total: u64,
+    ssh_failed: u64,
+    ssh_by_node: BTreeMap<String, u64>,
+    ssh_latency: Sample,
     failures: Vec<String>,
 }
 
@@ -247,6 +294,10 @@ impl Default for Stats {
             by_version: BTreeMap::new(),
             latency: Sample::with_cap(LATENCY_SAMPLE_CAP),
             clone_latency: Sample::with_cap(LATENCY_SAMPLE_CAP),
+            ssh_total: 0,
+            ssh_failed: 0,
+            ssh_by_node: BTreeMap::new(),
+            ssh_latency: Sample::with_cap(LATENCY_SAMPLE_CAP),
             failures: Vec::new(),
         }
     }
@@ -293,6 +344,29 @@ impl Stats {
         }
     }
 
+    /// Counts one Git-over-SSH session.
+    pub fn record_ssh(&mut self, session: &SshSession) {
+        self.ssh_total += 1;
+        let failure = match &session.outcome {
+            SshOutcome::Complete { node, .. } => {
+                *self.ssh_by_node.entry(node.clone()).or_default() += 1;
+                self.ssh_latency.add(millis(session.elapsed));
+                return;
+            }
+            SshOutcome::Refused(e) => format!("no pack: {e}"),
+            SshOutcome::Cut { node, reason } => {
+                format!("pack from {node} cut off: {reason}")
+            }
+        };
+        self.ssh_failed += 1;
+        self.note(format!(
+            "+{:.3}s ssh {} {} -> {failure}",
+            session.at.as_secs_f64(),
+            session.addr,
+            session.repo
+        ));
+    }
+
     /// A failure of the run itself (not of a request), listed and counted as failed.
     pub fn record_run_error(&mut self, description: String) {
         self.failed += 1;
@@ -319,6 +393,10 @@ impl Stats {
             by_version: self.by_version.clone(),
             latency_ms: self.latency.percentiles(),
             clone_ms: self.clone_latency.percentiles(),
+            ssh_total: self.ssh_total,
+            ssh_failed: self.ssh_failed,
+            ssh_by_node: self.ssh_by_node.clone(),
+            ssh_ms: self.ssh_latency.percentiles(),
             duration_ms: millis(duration),
             failures: self.failures.clone(),
         }
@@ -441,6 +519,49 @@ mod tests {
         assert!(line.contains("6 requests"), "{line}");
         assert!(line.contains("status 200=4 503=1"), "{line}");
         assert!(line.contains("nodes node1=3 node2=2"), "{line}");
+    }
+
+    #[test]
+    fn ssh_sessions_count_apart_from_http() {
+        let mut s = Stats::default();
+        let session = |ms: u64, outcome: SshOutcome| SshSession {
+            at: Duration::from_millis(2000),
+            addr: "lb:7999".into(),
+            repo: "/prj/repo1.git".into(),
+            elapsed: Duration::from_millis(ms),
+            outcome,
+        };
+        s.record_ssh(&session(
+            700,
+            SshOutcome::Complete {
+                node: "node1".into(),
+                version: "8.19.3".into(),
+            },
+        ));
+        s.record_ssh(&session(
+            5,
+            SshOutcome::Refused("connecting: refused".into()),
+        ));
+        s.record_ssh(&session(
+            300,
+            SshOutcome::Cut {
+                node: "node2".into(),
+                reason: "pack ended after 10 of 20 bytes".into(),
+            },
+        ));
+        let r = s.report(Duration::from_millis(3000));
+        assert_eq!((r.total, r.failed), (0, 0));
+        assert_eq!((r.ssh_total, r.ssh_failed), (3, 2));
+        assert_eq!(r.ssh_by_node, BTreeMap::from([("node1".into(), 1)]));
+        assert_eq!((r.ssh_ms.count, r.ssh_ms.max), (1, 700));
+        assert_eq!(
+            r.failures,
+            [
+                "+2.000s ssh lb:7999 /prj/repo1.git -> no pack: connecting: refused",
+                "+2.000s ssh lb:7999 /prj/repo1.git -> pack from node2 cut off: pack ended after 10 of 20 bytes",
+            ]
+        );
+        assert!(r.summary_line().contains("3 ssh clones (2 failed)"));
     }
 
     #[test]

@@ -485,6 +485,7 @@ async fn sim_info(State(node): State<Shared>) -> Response {
         "nodeId": node.id,
         "ipAddress": node.cfg.address.to_string(),
         "hazelcastPort": node.hazelcast_port(),
+        "sshPort": node.cfg.ssh_port,
         "maintenance": node.knobs().flag(settings::MAINTENANCE),
         "version": node.cfg.version.to_string(),
         "pid": node.pid,

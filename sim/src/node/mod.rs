@@ -4,6 +4,7 @@
 mod api;
 pub mod auth;
 pub mod settings;
+pub mod ssh;
 pub mod traffic;
 
 use std::path::Path;
@@ -267,6 +268,12 @@ async fn serve(cfg: NodeConfig, id: String, search: bool) -> anyhow::Result<()> 
             .await
     });
 
+    let (ssh_stop_tx, ssh_stop_rx) = tokio::sync::watch::channel(false);
+    let ssh = node
+        .cfg
+        .ssh_port
+        .map(|port| tokio::spawn(ssh::serve(Arc::clone(&node), port, ssh_stop_rx)));
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let startup = tokio::spawn(start_up(Arc::clone(&node)));
@@ -286,6 +293,11 @@ async fn serve(cfg: NodeConfig, id: String, search: bool) -> anyhow::Result<()> 
         tokio::time::sleep(Duration::from_millis(ignore_ms)).await;
     }
     node.set_health(Health::Stopping);
+    // The SSH door closes at once (new sessions refused); open sessions count in flight below.
+    ssh_stop_tx.send_replace(true);
+    if let Some(ssh) = ssh {
+        ssh.await.ok();
+    }
     if node.shared.is_some()
         && let Err(e) = node.with_cluster(|_| ()).await
     {

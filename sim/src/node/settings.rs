@@ -31,6 +31,9 @@ pub struct NodeConfig {
     pub label: Option<String>,
     /// `-Dhazelcast.port`, when given (else the shared `hazelcast.port`, else 5701).
     pub hazelcast_port: Option<u16>,
+    /// `-Dplugin.ssh.port`: the Git-over-SSH port. Without it the node opens no SSH port (the
+    /// product's default, 7999, would collide between nodes sharing one address).
+    pub ssh_port: Option<u16>,
     pub startup_ms: u64,
     pub version: Version,
 }
@@ -92,6 +95,13 @@ impl NodeConfig {
             ),
             None => None,
         };
+        let ssh_port = match props.get("plugin.ssh.port") {
+            Some(p) => Some(
+                p.parse()
+                    .with_context(|| format!("-Dplugin.ssh.port={p} is not a port number"))?,
+            ),
+            None => None,
+        };
         let install = PathBuf::from(install);
         let version = read_version(&install)?;
         let non_empty = |key: &str| props.get(key).filter(|v| !v.trim().is_empty()).cloned();
@@ -103,6 +113,7 @@ impl NodeConfig {
             name: non_empty("cluster.node.name"),
             label: non_empty("sim.node.label"),
             hazelcast_port,
+            ssh_port,
             startup_ms,
             version,
         })
@@ -203,6 +214,9 @@ pub const SLOW_RESPONSE_MS: &str = "sim.fault.slow.response.ms";
 pub const BACKGROUND_TASKS: &str = "sim.background.tasks";
 pub const CLONE_MS: &str = "sim.scm.clone.ms";
 pub const CLONE_CHUNKS: &str = "sim.scm.clone.chunks";
+/// How long a Git-over-SSH clone streams its pack, and in how many pieces.
+pub const SSH_CLONE_MS: &str = "sim.ssh.clone.ms";
+pub const SSH_CLONE_CHUNKS: &str = "sim.ssh.clone.chunks";
 pub const ACTIVE_USER_WINDOW_MS: &str = "sim.activeusers.window.ms";
 pub const STOP_GRACE_MS: &str = "sim.stop.grace.ms";
 
@@ -358,6 +372,7 @@ mod tests {
                 "-Dcluster.node.name=bb1",
                 "-Dsim.node.label=node1",
                 "-Dhazelcast.port=5702",
+                "-Dplugin.ssh.port=7997",
             ]),
             env,
         )
@@ -366,6 +381,9 @@ mod tests {
         assert_eq!(named.handle(), "node1");
         assert_eq!(named.knob_suffixes(), ["bb1", "node1", "7991"]);
         assert_eq!(named.hazelcast_port, Some(5702));
+        assert_eq!(named.ssh_port, Some(7997));
+        assert_eq!(plain.ssh_port, None);
+        assert!(NodeConfig::from_args(&args(&["-Dplugin.ssh.port=x"]), env).is_err());
         assert!(NodeConfig::from_args(&args(&["-Dhazelcast.port=x"]), env).is_err());
 
         let mut k = Knobs::with_suffixes(named.knob_suffixes());
