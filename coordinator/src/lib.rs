@@ -17,6 +17,7 @@ pub mod journal;
 pub mod loadbalancer;
 pub mod node_match;
 pub mod plan;
+pub mod procedure;
 pub mod report;
 pub mod run;
 pub mod sandbox;

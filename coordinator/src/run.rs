@@ -8,6 +8,7 @@ use crate::journal::{ClusterLock, Journal, NewRun, RunId, RunKind, RunResult, St
 use crate::loadbalancer::{self, LoadBalancer};
 use crate::node_match::{self, Match, NodeKey};
 use crate::plan::{self, ObservedNode};
+use crate::procedure::Step;
 use crate::report::{Reporter, Summary};
 use crate::zdu::ClusterView;
 use crate::zdu_pool::ZduPool;
@@ -212,10 +213,11 @@ impl Ctx {
     }
 
     /// Records a step around `work`; the journal gets its start, end and result.
-    pub async fn step<T, F>(&self, run: RunId, node: Option<&str>, step: &str, work: F) -> Result<T>
+    pub async fn step<T, F>(&self, run: RunId, node: Option<&str>, step: Step, work: F) -> Result<T>
     where
         F: std::future::Future<Output = Result<(T, String)>>,
     {
+        let step = step.as_str();
         // A dropped database connection fails the call that meets it; the next one reconnects.
         let id = self
             .journal
@@ -263,7 +265,7 @@ impl Ctx {
     }
 
     /// Whether this run's journal has `step` of `node` completed.
-    pub fn step_done(&self, run: RunId, node: &str, step: &str) -> Result<bool> {
+    pub fn step_done(&self, run: RunId, node: &str, step: Step) -> Result<bool> {
         let steps = self.journal.steps(run)?;
         let mine: Vec<_> = steps
             .iter()
@@ -272,7 +274,7 @@ impl Ctx {
         // A handled failure starts the node over: what came before it does not count as done.
         let since = mine
             .iter()
-            .rposition(|s| s.step == FAILURE_MARKER_STEP)
+            .rposition(|s| s.step == Step::FailureHandled)
             .map_or(0, |i| i + 1);
         Ok(mine[since..]
             .iter()
@@ -295,7 +297,7 @@ impl Ctx {
     /// How many times this run completed `step` on `node`. Agent operation ids carry it: a step
     /// repeated after a handled failure gets a fresh operation, while one cut short (begun, never
     /// recorded as done) keeps its id, so the agent replays or finishes it instead of doing it twice.
-    pub fn completions(&self, run: RunId, node: &str, step: &str) -> Result<usize> {
+    pub fn completions(&self, run: RunId, node: &str, step: Step) -> Result<usize> {
         Ok(self
             .journal
             .steps(run)?
@@ -335,7 +337,7 @@ impl Ctx {
     /// Puts a node back in the load balancer, journaled when the journal works.
     pub async fn put_back(&self, run: RunId, node: &Node, why: &str) -> Result<()> {
         let journaled = self
-            .step(run, Some(&node.id), "enable", async {
+            .step(run, Some(&node.id), Step::Enable, async {
                 self.lb.enable(&node.lb_server).await?;
                 Ok(((), why.to_string()))
             })
@@ -350,9 +352,6 @@ impl Ctx {
         Ok(())
     }
 }
-
-/// The step that closes a handled node failure; a resume starts that node over after it.
-pub const FAILURE_MARKER_STEP: &str = "failure_handled";
 
 /// A step could not begin (the cluster lock was lost, or the journal failed): nothing was done.
 #[derive(Debug, thiserror::Error)]
@@ -599,9 +598,9 @@ pub async fn plan_command(args: UpgradeArgs) -> Result<ExitCode> {
 }
 
 fn exit_for(summary: &Summary) -> ExitCode {
-    match summary.result.as_str() {
-        "upgraded" | "rolled_back" if summary.error.is_none() => ExitCode::SUCCESS,
-        "refused" => ExitCode::from(2),
+    match summary.result {
+        RunResult::Upgraded | RunResult::RolledBack if summary.error.is_none() => ExitCode::SUCCESS,
+        RunResult::Refused => ExitCode::from(2),
         _ => ExitCode::from(1),
     }
 }
@@ -700,7 +699,7 @@ pub async fn upgrade_summary(args: UpgradeArgs, progress: bool) -> Result<Summar
             cluster: ctx.cluster.name.clone(),
             from: report.from.clone().unwrap_or_default(),
             to: to.clone(),
-            result: "refused".into(),
+            result: RunResult::Refused,
             error: Some(
                 failed
                     .iter()

@@ -5,11 +5,13 @@
 
 use crate::agents;
 use crate::inventory::Node;
-use crate::journal::{RunId, RunResult, StepOutcome};
+use crate::journal::{RunId, RunResult, StepOutcome, StepRecord};
 use crate::node_match::Match;
 use crate::plan::{self, Busyness};
+use crate::procedure::Step;
+use crate::procedure::decide::{self, FailurePlan, NodeHistory, Recovery};
 use crate::report::{NodeSummary, Summary};
-use crate::run::{ArchiveSource, Ctx, FAILURE_MARKER_STEP, PreStepError, RunOptions};
+use crate::run::{ArchiveSource, Ctx, PreStepError, RunOptions};
 use crate::zdu::{ClusterState, NodeState};
 use anyhow::{Context, Result, anyhow, bail};
 use bbupgrade_common::proto::*;
@@ -21,24 +23,18 @@ pub const POLL_INTERVAL_MS: u64 = 250;
 pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
 pub const STAGE_TIMEOUT_SECS: u64 = 3600;
 pub const FINALIZE_TIMEOUT_SECS: u64 = 600;
+/// Bound on an agent's activate (a service definition edit and a daemon reload).
+pub const ACTIVATE_TIMEOUT_SECS: u64 = 120;
 /// How long an agent call is retried after the connection dropped (the agent restarting).
 pub const AGENT_RETRY_SECS: u64 = 20;
 
-fn op_id(run: RunId, node: &str, step: &str) -> String {
-    format!("run{run}.{node}.{step}")
-}
-
-/// The operation id of a step on a node, given how often the run already completed it there.
-fn attempt_op_id(run: RunId, node: &str, step: &str, completed: usize) -> String {
-    match completed {
-        0 => op_id(run, node, step),
-        n => format!("run{run}.{node}.{step}.a{n}"),
-    }
+fn op_id(run: RunId, node: &str, step: Step) -> String {
+    decide::attempt_op_id(run, node, step, 0)
 }
 
 /// The operation id for the next `step` on `node` in this run.
-fn next_op_id(ctx: &Ctx, run: RunId, node: &str, step: &str) -> String {
-    attempt_op_id(
+fn next_op_id(ctx: &Ctx, run: RunId, node: &str, step: Step) -> String {
+    decide::attempt_op_id(
         run,
         node,
         step,
@@ -51,6 +47,8 @@ struct NodeFailure {
     node: String,
     error: anyhow::Error,
     stopped: bool,
+    /// What the driver knew of the node's steps when it failed.
+    history: NodeHistory,
 }
 
 /// Calls an idempotent agent operation, reconnecting and repeating it (same operation id) while the
@@ -158,22 +156,22 @@ async fn stage_all(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Result<()> {
     let results = futures::future::join_all(ctx.cluster.nodes.iter().map(|node| {
         let archive = archive.clone();
         async move {
-            if !ctx.step_done(run, &node.id, "stage")? {
+            if !ctx.step_done(run, &node.id, Step::Stage)? {
                 ctx.step(
                     run,
                     Some(&node.id),
-                    "stage",
+                    Step::Stage,
                     stage_node(ctx, run, node, &opts.to, &archive),
                 )
                 .await?;
             }
-            if !ctx.step_done(run, &node.id, "prepare")? {
-                ctx.step(run, Some(&node.id), "prepare", async {
+            if !ctx.step_done(run, &node.id, Step::Prepare)? {
+                ctx.step(run, Some(&node.id), Step::Prepare, async {
                     let d = Duration::from_secs(120);
                     let r = agent_op(ctx, node, d, |mut c| {
                         let req = agents::request(
                             PrepareRequest {
-                                operation_id: op_id(run, &node.id, "prepare"),
+                                operation_id: op_id(run, &node.id, Step::Prepare),
                                 version: opts.to.clone(),
                             },
                             d,
@@ -235,7 +233,7 @@ async fn stage_node(
     if info.installed.iter().any(|i| i.version == version) {
         return Ok(((), format!("{version} already staged")));
     }
-    let id = op_id(run, &node.id, "stage");
+    let id = op_id(run, &node.id, Step::Stage);
     let deadline = Duration::from_secs(STAGE_TIMEOUT_SECS);
     let give_up = Instant::now() + Duration::from_secs(AGENT_RETRY_SECS);
     loop {
@@ -384,20 +382,13 @@ async fn stage_attempt(
 /// Picks the next node: the one a previous coordinator left mid-way, else the least busy.
 async fn next_node<'a>(
     ctx: &'a Ctx,
-    run: RunId,
+    steps: &[StepRecord],
     remaining: &[&'a Node],
 ) -> Result<(&'a Node, String)> {
-    let steps = ctx.journal.steps(run)?;
-    let open = remaining.iter().find(|n| {
-        steps
-            .iter()
-            .rev()
-            .find(|s| s.step == "node" && s.node.as_deref() == Some(n.id.as_str()))
-            // Open (a coordinator died) or failed (the run halted on it): that node may be out of
-            // service, so it goes first and no second node is taken out meanwhile.
-            .is_some_and(|s| s.outcome != Some(StepOutcome::Ok))
-    });
-    if let Some(n) = open {
+    let ids: Vec<&str> = remaining.iter().map(|n| n.id.as_str()).collect();
+    if let Some(first) = decide::finish_first(steps, &ids)
+        && let Some(n) = remaining.iter().find(|n| n.id == first)
+    {
         return Ok((
             n,
             format!(
@@ -439,23 +430,29 @@ async fn next_node<'a>(
     Ok((node, why))
 }
 
-/// One node, out and back: returns the time it was out of service.
+/// One node, out and back: returns the time it was out of service. The next step comes from
+/// [`decide::next_node_step`] over the node's history, read once from the journal and kept up to
+/// date here.
 async fn upgrade_node(
     ctx: &Ctx,
     run: RunId,
     node: &Node,
     opts: &RunOptions,
 ) -> Result<Duration, NodeFailure> {
-    let t = &opts.timeouts;
     let id = node.id.as_str();
-    let fail = |error: anyhow::Error, stopped: bool| {
+    // A journal that cannot be read: every step is done again (the agent replays what completed).
+    let mut h = ctx
+        .journal
+        .steps(run)
+        .map(|steps| NodeHistory::from_journal(&steps, id))
+        .unwrap_or_default();
+    let fail = |error: anyhow::Error, stopped: bool, h: &NodeHistory| {
         // A step that could not even begin did nothing: what counts is whether a stop was asked.
         let stopped = if error.downcast_ref::<PreStepError>().is_some() {
             match ctx.out_node() {
                 Some((n, stopping)) if n == id => stopping,
-                // Not taken out by this process (a resumed run): the journal says, and when it
-                // cannot, assume the worst and keep the node out.
-                _ => ctx.step_done(run, id, "stop").unwrap_or(true),
+                // Not taken out by this process (a resumed run): the journal says.
+                _ => h.done(Step::Stop) || h.begun(Step::Stop),
             }
         } else {
             stopped
@@ -464,166 +461,158 @@ async fn upgrade_node(
             node: node.id.clone(),
             error,
             stopped,
+            history: h.clone(),
         }
     };
+    if h.done(Step::Drain) {
+        // Taken out by an earlier coordinator: this one must know it to put the node back.
+        ctx.mark_out(id, h.begun(Step::Stop));
+    }
     let out_since = Instant::now();
-    let done = |step: &str| ctx.step_done(run, id, step).unwrap_or(false);
-    let op = |step: &str| next_op_id(ctx, run, id, step);
+    let mut out_of_service = Duration::ZERO;
+    while let Some(step) = decide::next_node_step(&h) {
+        if step == Step::Drain {
+            ctx.check_lock().map_err(|e| fail(e, false, &h))?;
+        }
+        h.begin(step);
+        node_step(ctx, run, node, opts, step, &h)
+            .await
+            // A stop that failed or went unanswered may still be under way: keep the node out.
+            .map_err(|e| fail(e, decide::stop_asked_by(step), &h))?;
+        h.completed(step);
+        match step {
+            Step::Drain => ctx.mark_out(id, false),
+            Step::Enable => {
+                ctx.mark_in();
+                out_of_service = out_since.elapsed();
+            }
+            _ => {}
+        }
+    }
+    Ok(out_of_service)
+}
 
-    if !done("drain") {
-        ctx.check_lock().map_err(|e| fail(e, false))?;
-        ctx.step(run, Some(id), "drain", async {
-            let r = ctx
-                .lb
-                .drain(&node.lb_server, Duration::from_secs(t.drain_secs))
-                .await?;
-            Ok((
-                (),
+/// Carries out one step of a node's out-and-back, journaled.
+async fn node_step(
+    ctx: &Ctx,
+    run: RunId,
+    node: &Node,
+    opts: &RunOptions,
+    step: Step,
+    h: &NodeHistory,
+) -> Result<()> {
+    let t = &opts.timeouts;
+    let id = node.id.as_str();
+    let op = h.op_id(run, id, step);
+    ctx.step(run, Some(id), step, async {
+        let detail = match step {
+            Step::Drain => {
+                // Marked out before the drain: a failing journal cannot hide the node.
+                ctx.mark_out(id, false);
+                let r = ctx
+                    .lb
+                    .drain(&node.lb_server, Duration::from_secs(t.drain_secs))
+                    .await?;
                 format!(
                     "{} sessions drained in {:.1}s",
                     r.sessions_at_start,
                     r.waited.as_secs_f64()
-                ),
-            ))
-        })
-        .await
-        .map_err(|e| fail(e, false))?;
-    }
-    ctx.mark_out(id, false);
-    if !done("stop") {
-        ctx.step(run, Some(id), "stop", async {
-            ctx.mark_out(id, true);
-            let d = Duration::from_secs(t.stop_secs);
-            let r = agent_op(ctx, node, d, |mut c| {
-                let req = agents::request(
-                    StopRequest {
-                        operation_id: op("stop"),
-                        timeout_secs: t.stop_secs as u32,
-                        kill_after_timeout: false,
-                    },
-                    d,
-                );
-                async move { c.stop(req).await }
-            })
-            .await?;
-            Ok((
-                (),
-                format!("was_running={} in {} ms", r.was_running, r.duration_ms),
-            ))
-        })
-        .await
-        // A stop that failed or went unanswered may still be under way: keep the node out.
-        .map_err(|e| fail(e, true))?;
-    }
-    if !done("wait_offline") {
-        ctx.step(run, Some(id), "wait_offline", async {
-            Ok((
-                (),
-                wait_zdu(
-                    ctx,
-                    node,
-                    NodeState::Offline,
-                    None,
-                    Duration::from_secs(t.stop_secs),
                 )
-                .await?,
-            ))
-        })
-        .await
-        .map_err(|e| fail(e, true))?;
-    }
-    if !done("activate") {
-        ctx.step(run, Some(id), "activate", async {
-            let d = Duration::from_secs(120);
-            let r = agent_op(ctx, node, d, |mut c| {
-                let req = agents::request(
-                    ActivateRequest {
-                        operation_id: op("activate"),
-                        version: opts.to.clone(),
-                    },
-                    d,
-                );
-                async move { c.activate(req).await }
-            })
-            .await?;
-            Ok((
-                (),
-                format!(
-                    "{} (was {}){}",
-                    r.install_path,
-                    r.previous_install,
-                    if r.notes.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; {}", r.notes.join("; "))
-                    }
-                ),
-            ))
-        })
-        .await
-        .map_err(|e| fail(e, true))?;
-    }
-    if !done("start") {
-        ctx.step(run, Some(id), "start", async {
-            let d = Duration::from_secs(t.start_secs);
-            let r = agent_op(ctx, node, d, |mut c| {
-                let req = agents::request(
-                    StartRequest {
-                        operation_id: op("start"),
-                        timeout_secs: t.start_secs as u32,
-                    },
-                    d,
-                );
-                async move { c.start(req).await }
-            })
-            .await?;
-            if let Some(why) = plan::start_failure(&r.state) {
-                bail!("node '{id}': {why}");
             }
-            Ok((
-                (),
-                format!("{} on {} after {} ms", r.state, r.version, r.duration_ms),
-            ))
-        })
-        .await
-        .map_err(|e| fail(e, true))?;
-    }
-    if !done("wait_active") {
-        ctx.step(run, Some(id), "wait_active", async {
-            Ok((
-                (),
-                wait_zdu(
-                    ctx,
-                    node,
-                    NodeState::Active,
-                    Some(&opts.to),
-                    Duration::from_secs(t.active_secs),
-                )
-                .await?,
-            ))
-        })
-        .await
-        .map_err(|e| fail(e, true))?;
-    }
-    // Always (it is idempotent): a coordinator that died while handling a failure may have taken
-    // the node out again after an earlier enable.
-    ctx.step(run, Some(id), "enable", async {
-        ctx.lb.enable(&node.lb_server).await?;
-        Ok(((), format!("back in {}", ctx.lb.describe())))
+            Step::Stop => {
+                ctx.mark_out(id, true);
+                stop_node(ctx, node, op, t.stop_secs).await?
+            }
+            Step::WaitOffline => {
+                let d = Duration::from_secs(t.stop_secs);
+                wait_zdu(ctx, node, NodeState::Offline, None, d).await?
+            }
+            Step::Activate => activate_node(ctx, node, op, &opts.to).await?,
+            Step::Start => start_node(ctx, node, op, t.start_secs).await?,
+            Step::WaitActive => {
+                let d = Duration::from_secs(t.active_secs);
+                wait_zdu(ctx, node, NodeState::Active, Some(&opts.to), d).await?
+            }
+            Step::Enable => {
+                ctx.lb.enable(&node.lb_server).await?;
+                format!("back in {}", ctx.lb.describe())
+            }
+            Step::Soak => {
+                soak(ctx, node, &opts.to, Duration::from_secs(t.soak_secs)).await?;
+                format!("healthy for {}s", t.soak_secs)
+            }
+            other => bail!("'{other}' is not a step of a node's upgrade"),
+        };
+        Ok(((), detail))
     })
     .await
-    .map_err(|e| fail(e, true))?;
-    ctx.mark_in();
-    let out_of_service = out_since.elapsed();
-    if !done("soak") {
-        ctx.step(run, Some(id), "soak", async {
-            soak(ctx, node, &opts.to, Duration::from_secs(t.soak_secs)).await?;
-            Ok(((), format!("healthy for {}s", t.soak_secs)))
-        })
-        .await
-        .map_err(|e| fail(e, false))?;
+}
+
+async fn stop_node(ctx: &Ctx, node: &Node, op: String, stop_secs: u64) -> Result<String> {
+    let d = Duration::from_secs(stop_secs);
+    let r = agent_op(ctx, node, d, |mut c| {
+        let req = agents::request(
+            StopRequest {
+                operation_id: op.clone(),
+                timeout_secs: stop_secs as u32,
+                kill_after_timeout: false,
+            },
+            d,
+        );
+        async move { c.stop(req).await }
+    })
+    .await?;
+    Ok(format!(
+        "was_running={} in {} ms",
+        r.was_running, r.duration_ms
+    ))
+}
+
+async fn activate_node(ctx: &Ctx, node: &Node, op: String, version: &str) -> Result<String> {
+    let d = Duration::from_secs(ACTIVATE_TIMEOUT_SECS);
+    let r = agent_op(ctx, node, d, |mut c| {
+        let req = agents::request(
+            ActivateRequest {
+                operation_id: op.clone(),
+                version: version.to_string(),
+            },
+            d,
+        );
+        async move { c.activate(req).await }
+    })
+    .await?;
+    Ok(format!(
+        "{} (was {}){}",
+        r.install_path,
+        r.previous_install,
+        if r.notes.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", r.notes.join("; "))
+        }
+    ))
+}
+
+async fn start_node(ctx: &Ctx, node: &Node, op: String, start_secs: u64) -> Result<String> {
+    let d = Duration::from_secs(start_secs);
+    let r = agent_op(ctx, node, d, |mut c| {
+        let req = agents::request(
+            StartRequest {
+                operation_id: op.clone(),
+                timeout_secs: start_secs as u32,
+            },
+            d,
+        );
+        async move { c.start(req).await }
+    })
+    .await?;
+    if let Some(why) = plan::start_failure(&r.state) {
+        bail!("node '{}': {why}", node.id);
     }
-    Ok(out_of_service)
+    Ok(format!(
+        "{} on {} after {} ms",
+        r.state, r.version, r.duration_ms
+    ))
 }
 
 /// Watches a rejoined node for a while: it must stay ACTIVE on the new version.
@@ -653,100 +642,181 @@ async fn soak(ctx: &Ctx, node: &Node, version: &str, dur: Duration) -> Result<()
     Ok(())
 }
 
-/// After a node failed: take it out and stop it gracefully, roll it back if asked, cancel upgrade
-/// mode when no node runs the new version. Returns notes for the report.
+/// After a node failed: what [`decide::on_failure`] says — back in if it was never stopped, else
+/// kept out and stopped gracefully, then rolled back (only if its new install was activated) or
+/// started on what it has, as the policy says; upgrade mode is cancelled when no node runs the
+/// new version. Returns notes for the report.
 async fn handle_failure(ctx: &Ctx, run: RunId, f: &NodeFailure, opts: &RunOptions) -> Vec<String> {
     let mut notes = Vec::new();
     let Ok(node) = ctx.cluster.node(&f.node) else {
         return notes;
     };
     let id = node.id.as_str();
-    let stop_done = ctx.step_done(run, id, "stop").unwrap_or(false);
-    if f.stopped || stop_done {
-        // Out of the load balancer (it may have rejoined before failing) and stopped gracefully.
-        let _ = ctx
-            .step(run, Some(id), "disable", async {
-                ctx.lb
-                    .drain(
-                        &node.lb_server,
-                        Duration::from_secs(opts.timeouts.drain_secs),
-                    )
-                    .await?;
-                Ok(((), "kept out of the load balancer".to_string()))
-            })
-            .await;
-        let d = Duration::from_secs(opts.timeouts.stop_secs);
-        // When its own stop is what failed, asking again would only wait out the same deadline.
-        let stopped = if !stop_done {
-            Err(anyhow!(
-                "its stop did not complete, so it may still be going down"
-            ))
-        } else {
-            ctx.step(run, Some(id), "stop_failed", async {
-                let r = agent_op(ctx, node, d, |mut c| {
-                    let req = agents::request(
-                        StopRequest {
-                            operation_id: next_op_id(ctx, run, id, "stop_failed"),
-                            timeout_secs: opts.timeouts.stop_secs as u32,
-                            kill_after_timeout: false,
-                        },
-                        d,
-                    );
-                    async move { c.stop(req).await }
-                })
-                .await?;
-                Ok((
-                    (),
-                    format!("stopped gracefully (was_running={})", r.was_running),
-                ))
-            })
-            .await
-        };
-        if let Err(e) = &stopped {
-            notes.push(format!(
-                "node '{id}' could not be stopped after its failure: {e:#}"
-            ));
-        }
-        if opts.auto_rollback {
-            match rollback_node(ctx, run, node, &opts.from, opts).await {
-                Ok(_) => notes.push(format!(
-                    "node '{id}' was rolled back to {} and is serving",
-                    opts.from
-                )),
-                Err(e) => notes.push(format!("rolling node '{id}' back failed: {e:#}")),
-            }
-        } else {
-            notes.push(format!(
-                "node '{id}' is {} the load balancer; fix it and run `bbupgrade resume`, or run `bbupgrade rollback`",
-                if stopped.is_ok() {
-                    "stopped and out of"
-                } else {
-                    "kept out of"
-                }
-            ));
-        }
-    } else {
-        // Never stopped: put it back as it was (journaled, so the journal shows it back in).
-        match ctx
-            .put_back(run, node, "put back: it was never stopped")
-            .await
-        {
-            Ok(()) => notes.push(format!(
-                "node '{id}' was not stopped and is back in the load balancer"
-            )),
-            Err(e) => notes.push(format!(
-                "node '{id}' was not stopped but could not be put back in the load balancer: {e}"
-            )),
+    let mut h = f.history.clone();
+    let facts = decide::FailedNode {
+        stop_asked: f.stopped,
+        stop_done: h.done(Step::Stop),
+        active_version: ctx.node_info(node).await.ok().map(|i| i.active_version),
+        activate_begun: h.begun(Step::Activate),
+        to: opts.to.clone(),
+        auto_rollback: opts.auto_rollback,
+    };
+    match decide::on_failure(&facts) {
+        FailurePlan::PutBack => put_back_failed(ctx, run, node, &mut notes).await,
+        FailurePlan::KeepOut {
+            stop_again,
+            recover,
+        } => {
+            keep_out_failed(ctx, run, node, opts, stop_again, &mut h, &mut notes).await;
+            recover_failed(ctx, run, node, opts, recover, &mut h, &mut notes).await;
         }
     }
     cancel_if_nothing_upgraded(ctx, run, &opts.to, &mut notes).await;
     // A resume starts this node over, with fresh operation ids.
     let _ = ctx
-        .step(run, Some(id), FAILURE_MARKER_STEP, async {
+        .step(run, Some(id), Step::FailureHandled, async {
             Ok(((), "a resume starts this node over".to_string()))
         })
         .await;
     notes
+}
+
+/// A failed node that was never stopped goes back as it was (journaled, so the journal shows it).
+async fn put_back_failed(ctx: &Ctx, run: RunId, node: &Node, notes: &mut Vec<String>) {
+    let id = &node.id;
+    match ctx
+        .put_back(run, node, "put back: it was never stopped")
+        .await
+    {
+        Ok(()) => notes.push(format!(
+            "node '{id}' was not stopped and is back in the load balancer"
+        )),
+        Err(e) => notes.push(format!(
+            "node '{id}' was not stopped but could not be put back in the load balancer: {e}"
+        )),
+    }
+}
+
+/// Keeps a failed node out of the load balancer (it may have rejoined before failing) and stops it
+/// gracefully; the notes say what did not work.
+async fn keep_out_failed(
+    ctx: &Ctx,
+    run: RunId,
+    node: &Node,
+    opts: &RunOptions,
+    stop_again: bool,
+    h: &mut NodeHistory,
+    notes: &mut Vec<String>,
+) {
+    let id = node.id.as_str();
+    let drain = Duration::from_secs(opts.timeouts.drain_secs);
+    let out = ctx
+        .step(run, Some(id), Step::Disable, async {
+            ctx.lb.drain(&node.lb_server, drain).await?;
+            Ok(((), "kept out of the load balancer".to_string()))
+        })
+        .await;
+    if let Err(e) = &out {
+        notes.push(format!(
+            "node '{id}' could not be taken out of the load balancer after its failure: {e:#}"
+        ));
+    }
+    let stopped = if stop_again {
+        let op = h.op_id(run, id, Step::StopFailed);
+        let r = ctx
+            .step(run, Some(id), Step::StopFailed, async {
+                let r = stop_node(ctx, node, op, opts.timeouts.stop_secs).await?;
+                Ok(((), format!("stopped gracefully ({r})")))
+            })
+            .await;
+        if r.is_ok() {
+            h.completed(Step::StopFailed);
+        }
+        r
+    } else {
+        // Its own stop is what failed: asking again would only wait out the same deadline.
+        Err(anyhow!(
+            "its stop did not complete, so it may still be going down"
+        ))
+    };
+    if let Err(e) = &stopped {
+        notes.push(format!(
+            "node '{id}' could not be stopped after its failure: {e:#}"
+        ));
+    }
+    if !opts.auto_rollback {
+        notes.push(format!(
+            "node '{id}' is {} the load balancer; fix it and run `bbupgrade resume`, or run `bbupgrade rollback`",
+            match (stopped.is_ok(), out.is_ok()) {
+                (true, true) => "stopped and out of",
+                (false, true) => "kept out of",
+                (true, false) => "stopped but may still be in",
+                (false, false) => "neither surely stopped nor surely out of",
+            }
+        ));
+    }
+}
+
+/// Brings a failed, stopped node back as the policy says.
+async fn recover_failed(
+    ctx: &Ctx,
+    run: RunId,
+    node: &Node,
+    opts: &RunOptions,
+    recover: Recovery,
+    h: &mut NodeHistory,
+    notes: &mut Vec<String>,
+) {
+    let id = &node.id;
+    match recover {
+        Recovery::LeaveStopped => {}
+        Recovery::RollBack => match rollback_node(ctx, run, node, &opts.from, opts).await {
+            Ok(_) => notes.push(format!(
+                "node '{id}' was rolled back to {} and is serving",
+                opts.from
+            )),
+            Err(e) => notes.push(format!("rolling node '{id}' back failed: {e:#}")),
+        },
+        Recovery::StartAsIs => match restart_as_is(ctx, run, node, opts, h).await {
+            Ok(()) => notes.push(format!(
+                "node '{id}' failed before its new install was activated: started again on {} and serving (nothing to roll back)",
+                opts.from
+            )),
+            Err(e) => notes.push(format!(
+                "node '{id}' failed before its new install was activated; starting it again on {} failed: {e:#}",
+                opts.from
+            )),
+        },
+    }
+}
+
+/// Starts a node that never left its install, waits for it ACTIVE on the run's from-version, and
+/// puts it back in the load balancer.
+async fn restart_as_is(
+    ctx: &Ctx,
+    run: RunId,
+    node: &Node,
+    opts: &RunOptions,
+    h: &mut NodeHistory,
+) -> Result<()> {
+    let t = &opts.timeouts;
+    let id = node.id.as_str();
+    let op = h.op_id(run, id, Step::Start);
+    ctx.step(run, Some(id), Step::Start, async {
+        Ok(((), start_node(ctx, node, op, t.start_secs).await?))
+    })
+    .await?;
+    h.completed(Step::Start);
+    ctx.step(run, Some(id), Step::WaitActive, async {
+        let d = Duration::from_secs(t.active_secs);
+        Ok((
+            (),
+            wait_zdu(ctx, node, NodeState::Active, Some(&opts.from), d).await?,
+        ))
+    })
+    .await?;
+    ctx.put_back(run, node, "back in on the version it ran")
+        .await
 }
 
 async fn cancel_if_nothing_upgraded(
@@ -760,7 +830,7 @@ async fn cancel_if_nothing_upgraded(
     };
     if view.upgrade_mode_enabled && !view.any_live_runs(new_version) {
         let r = ctx
-            .step(run, None, "cancel_upgrade_mode", async {
+            .step(run, None, Step::CancelUpgradeMode, async {
                 ctx.zdu.cancel().await?;
                 Ok((
                     (),
@@ -786,7 +856,7 @@ async fn rollback_node(
     let t = &opts.timeouts;
     let id = node.id.as_str();
     let since = Instant::now();
-    ctx.step(run, Some(id), "drain", async {
+    ctx.step(run, Some(id), Step::Drain, async {
         let r = ctx
             .lb
             .drain(&node.lb_server, Duration::from_secs(t.drain_secs))
@@ -794,12 +864,12 @@ async fn rollback_node(
         Ok(((), format!("{} sessions drained", r.sessions_at_start)))
     })
     .await?;
-    ctx.step(run, Some(id), "rollback", async {
+    ctx.step(run, Some(id), Step::Rollback, async {
         let d = Duration::from_secs(t.stop_secs + t.start_secs);
         let r = agent_op(ctx, node, d, |mut c| {
             let req = agents::request(
                 RollbackRequest {
-                    operation_id: next_op_id(ctx, run, id, "rollback"),
+                    operation_id: next_op_id(ctx, run, id, Step::Rollback),
                     stop_timeout_secs: t.stop_secs as u32,
                     start_timeout_secs: t.start_secs as u32,
                     no_start: false,
@@ -815,7 +885,7 @@ async fn rollback_node(
         ))
     })
     .await?;
-    ctx.step(run, Some(id), "wait_active", async {
+    ctx.step(run, Some(id), Step::WaitActive, async {
         Ok((
             (),
             wait_zdu(
@@ -829,7 +899,7 @@ async fn rollback_node(
         ))
     })
     .await?;
-    ctx.step(run, Some(id), "enable", async {
+    ctx.step(run, Some(id), Step::Enable, async {
         ctx.lb.enable(&node.lb_server).await?;
         Ok(((), "back in the load balancer".to_string()))
     })
@@ -877,13 +947,7 @@ fn finish(
         })
         .collect();
     s.duration_ms = ctx.reporter.elapsed_ms();
-    let result = match s.result.as_str() {
-        "upgraded" => RunResult::Upgraded,
-        "rolled_back" => RunResult::RolledBack,
-        "refused" => RunResult::Refused,
-        _ => RunResult::Halted,
-    };
-    if let Err(e) = ctx.journal.finish_run(run, result, s.error.as_deref()) {
+    if let Err(e) = ctx.journal.finish_run(run, s.result, s.error.as_deref()) {
         s.notes.push(format!(
             "could not record the run's end in the journal: {e}"
         ));
@@ -898,21 +962,21 @@ pub async fn drive(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
     let mut oos = HashMap::new();
     let outcome = drive_inner(ctx, run, opts, &mut s, &mut oos).await;
     match outcome {
-        Ok(()) => s.result = "upgraded".into(),
+        Ok(()) => s.result = RunResult::Upgraded,
         Err(DriveError::Node(f)) => {
             s.error = Some(format!("node '{}' failed: {:#}", f.node, f.error));
             s.notes.extend(handle_failure(ctx, run, &f, opts).await);
             let view = ctx.zdu.cluster().await.ok();
             let any_new = view.as_ref().is_some_and(|v| v.any_live_runs(&opts.to));
             s.result = if opts.auto_rollback && !any_new {
-                "rolled_back".into()
+                RunResult::RolledBack
             } else {
-                "halted".into()
+                RunResult::Halted
             };
         }
         Err(DriveError::Other(e)) => {
             s.error = Some(format!("{e:#}"));
-            s.result = "halted".into();
+            s.result = RunResult::Halted;
             // A node taken out but never asked to stop goes back in, journal or no journal.
             if let Some((out, false)) = ctx.out_node()
                 && let Ok(node) = ctx.cluster.node(&out)
@@ -932,7 +996,7 @@ pub async fn drive(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
             if !ctx
                 .journal
                 .steps(run)
-                .map(|st| st.iter().any(|x| x.step == "stop"))
+                .map(|st| decide::any_stop(&st))
                 .unwrap_or(true)
             {
                 cancel_if_nothing_upgraded(ctx, run, &opts.to, &mut s.notes).await;
@@ -944,7 +1008,7 @@ pub async fn drive(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
 }
 
 enum DriveError {
-    Node(NodeFailure),
+    Node(Box<NodeFailure>),
     Other(anyhow::Error),
 }
 
@@ -974,19 +1038,15 @@ async fn drive_inner(
     if !finalized {
         stage_all(ctx, run, opts).await?;
         if !view.upgrade_mode_enabled {
-            ctx.step(run, None, "upgrade_mode", async {
+            ctx.step(run, None, Step::UpgradeMode, async {
                 ctx.zdu.start().await?;
                 Ok(((), "upgrade mode enabled".to_string()))
             })
             .await?;
         }
         // Previously finished nodes keep their order in the report.
-        for st in ctx.journal.steps(run)? {
-            if st.step == "node"
-                && st.outcome == Some(StepOutcome::Ok)
-                && let Some(n) = st.node
-                && !s.order.contains(&n)
-            {
+        for n in decide::finished_nodes(&ctx.journal.steps(run)?) {
+            if !s.order.contains(&n) {
                 s.order.push(n);
             }
         }
@@ -1001,14 +1061,7 @@ async fn drive_inner(
                     ctx.row(&view, n).row(),
                     &opts.to,
                 );
-                // A node whose latest "node" step is open was out of service when a coordinator
-                // stopped: it is finished (back into the load balancer) even if already upgraded.
-                let open = steps
-                    .iter()
-                    .rev()
-                    .find(|st| st.step == "node" && st.node.as_deref() == Some(n.id.as_str()))
-                    .is_some_and(|st| st.outcome.is_none());
-                if !upgraded || open {
+                if !upgraded || decide::node_step_open(&steps, &n.id) {
                     remaining.push(n);
                 }
             }
@@ -1016,13 +1069,13 @@ async fn drive_inner(
                 break;
             }
             ctx.check_lock()?;
-            let (node, why) = next_node(ctx, run, &remaining).await?;
+            let (node, why) = next_node(ctx, &steps, &remaining).await?;
             s.order_reasons.push(why.clone());
             ctx.reporter.step(Some(&node.id), "pick", "info", &why);
             let node_step = ctx.journal.begin_step(
                 run,
                 Some(&node.id),
-                "node",
+                Step::Node.as_str(),
                 &format!("upgrade to {}", opts.to),
             )?;
             match upgrade_node(ctx, run, node, opts).await {
@@ -1045,11 +1098,11 @@ async fn drive_inner(
                         "",
                     )?;
                     s.order.push(node.id.clone());
-                    return Err(DriveError::Node(f));
+                    return Err(DriveError::Node(Box::new(f)));
                 }
             }
         }
-        ctx.step(run, None, "approve", async {
+        ctx.step(run, None, Step::Approve, async {
             let v = ctx.cluster_view().await?;
             if v.state != ClusterState::Stable || v.upgrade_mode_enabled {
                 ctx.zdu.approve().await?;
@@ -1092,7 +1145,7 @@ pub async fn drive_rollback(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary
         }
         let view = ctx.cluster_view().await?;
         if view.upgrade_mode_enabled {
-            ctx.step(run, None, "cancel_upgrade_mode", async {
+            ctx.step(run, None, Step::CancelUpgradeMode, async {
                 ctx.zdu.cancel().await?;
                 Ok(((), format!("cluster back on {}", opts.to)))
             })
@@ -1102,9 +1155,9 @@ pub async fn drive_rollback(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary
     }
     .await;
     match result {
-        Ok(()) => s.result = "rolled_back".into(),
+        Ok(()) => s.result = RunResult::RolledBack,
         Err(e) => {
-            s.result = "halted".into();
+            s.result = RunResult::Halted;
             s.error = Some(format!("{e:#}"));
         }
     }
