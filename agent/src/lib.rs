@@ -15,6 +15,7 @@ pub mod lb;
 pub mod metrics;
 pub mod node_state;
 pub mod prepare;
+pub mod rollback;
 pub mod server;
 pub mod service;
 pub mod stage;

@@ -15,7 +15,7 @@ use crate::zdu_pool::ZduPool;
 use anyhow::{Context, Result, anyhow, bail};
 use bbupgrade_common::proto::{LoadMetricsRequest, NodeInfoRequest, NodeInfoResponse};
 use bbupgrade_common::tls::TlsMaterial;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -29,45 +29,8 @@ pub const NODE_INFO_TIMEOUT_SECS: u64 = 10;
 /// How often a running coordinator refreshes its cluster lock.
 pub const LOCK_HEARTBEAT_INTERVAL_SECS: u64 = 2;
 
-/// Where the release comes from; recorded with the run so `resume` uses the same one.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum ArchiveSource {
-    File {
-        path: PathBuf,
-        sha256: String,
-        size_bytes: u64,
-    },
-    Url {
-        url: String,
-        sha256: String,
-    },
-}
-
-impl ArchiveSource {
-    pub fn sha256(&self) -> &str {
-        match self {
-            ArchiveSource::File { sha256, .. } | ArchiveSource::Url { sha256, .. } => sha256,
-        }
-    }
-
-    pub fn size_bytes(&self) -> u64 {
-        match self {
-            ArchiveSource::File { size_bytes, .. } => *size_bytes,
-            ArchiveSource::Url { .. } => 0,
-        }
-    }
-}
-
-/// The options of a run, kept in the journal.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunOptions {
-    pub to: String,
-    pub from: String,
-    pub archive: Option<ArchiveSource>,
-    pub auto_rollback: bool,
-    pub timeouts: Timeouts,
-}
+pub use crate::procedure::drive::PreStepError;
+pub use crate::procedure::{ArchiveSource, RunOptions};
 
 /// Everything a driver needs for one cluster.
 pub struct Ctx {
@@ -123,6 +86,11 @@ impl Ctx {
             .get(&node.id)
             .cloned()
             .unwrap_or_else(|| node.bitbucket_key())
+    }
+
+    /// How every node (by inventory id) is recognised in Bitbucket's cluster view.
+    pub fn keys(&self) -> &HashMap<String, NodeKey> {
+        &self.keys
     }
 
     /// The row of `node` in `view`: followed by name or address, never by an id seen before.
@@ -352,11 +320,6 @@ impl Ctx {
         Ok(())
     }
 }
-
-/// A step could not begin (the cluster lock was lost, or the journal failed): nothing was done.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct PreStepError(pub String);
 
 /// The journal named by `--state`, the inventory, or the default file.
 pub fn open_journal(state: Option<&str>, inventory_state: Option<&str>) -> Result<Journal> {
@@ -735,7 +698,7 @@ pub async fn upgrade_summary(args: UpgradeArgs, progress: bool) -> Result<Summar
         actor: actor(),
         options_json: serde_json::to_string(&options)?,
     })?;
-    let summary = crate::upgrade::drive(&ctx, run, &options).await;
+    let summary = crate::procedure::drive(&ctx, run, &options).await;
     beat.abort();
     Ok(summary)
 }
@@ -770,9 +733,9 @@ pub async fn resume_command(args: UpgradeArgs) -> Result<ExitCode> {
         ),
     );
     let summary = if open.kind == RunKind::Rollback {
-        crate::upgrade::drive_rollback(&ctx, open.id, &options).await
+        crate::procedure::drive_rollback(&ctx, open.id, &options).await
     } else {
-        crate::upgrade::drive(&ctx, open.id, &options).await
+        crate::procedure::drive(&ctx, open.id, &options).await
     };
     beat.abort();
     ctx.reporter.summary(&summary);
@@ -830,7 +793,7 @@ pub async fn rollback_command(args: UpgradeArgs) -> Result<ExitCode> {
         actor: actor(),
         options_json: serde_json::to_string(&options)?,
     })?;
-    let summary = crate::upgrade::drive_rollback(&ctx, run, &options).await;
+    let summary = crate::procedure::drive_rollback(&ctx, run, &options).await;
     beat.abort();
     ctx.reporter.summary(&summary);
     Ok(exit_for(&summary))

@@ -220,7 +220,7 @@ async fn upgrade(
         let options: RunOptions = serde_json::from_str(&open.options_json)
             .with_context(|| format!("reading the options of run #{}", open.id))?;
         ctx.timeouts = options.timeouts.clone();
-        let summary = crate::upgrade::drive(&ctx, open.id, &options).await;
+        let summary = crate::procedure::drive(&ctx, open.id, &options).await;
         return Ok(outcome_of(&summary, &format!("resumed run #{}", open.id)));
     }
     if let Some(id) = previous.cluster_run_id
@@ -263,7 +263,7 @@ async fn upgrade(
     })?;
     fleet_journal::set_cluster_run(&shared.journal, shared.fleet, &ctx.cluster.name, run_id)
         .map_err(|e| anyhow!(e))?;
-    let summary = crate::upgrade::drive(&ctx, run_id, &options).await;
+    let summary = crate::procedure::drive(&ctx, run_id, &options).await;
     Ok(outcome_of(&summary, &format!("run #{run_id}")))
 }
 
