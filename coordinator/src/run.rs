@@ -46,7 +46,6 @@ pub struct Ctx {
     clients: Mutex<HashMap<String, Client>>,
     /// Set when the cluster lock's heartbeat finds the lock gone: no further step begins.
     pub lock_lost: Arc<std::sync::atomic::AtomicBool>,
-    out_of_service: std::sync::Mutex<Option<(String, bool)>>,
 }
 
 impl Ctx {
@@ -76,7 +75,6 @@ impl Ctx {
             reporter,
             clients: Mutex::new(HashMap::new()),
             lock_lost: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            out_of_service: std::sync::Mutex::new(None),
         })
     }
 
@@ -247,77 +245,6 @@ impl Ctx {
         Ok(mine[since..]
             .iter()
             .any(|s| s.step == step && s.outcome == Some(StepOutcome::Ok)))
-    }
-
-    /// Refuses to take another node out once the cluster lock is lost: the run halts between
-    /// nodes, never with one out of service, and `resume` continues it.
-    pub fn check_lock(&self) -> Result<()> {
-        if self.lock_lost.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(PreStepError(format!(
-                "the cluster lock of '{}' was lost (the journal's database connection dropped, or another coordinator took over); the run stops between nodes — continue it with `bbupgrade resume`",
-                self.cluster.name
-            ))
-            .into());
-        }
-        Ok(())
-    }
-
-    /// How many times this run completed `step` on `node`. Agent operation ids carry it: a step
-    /// repeated after a handled failure gets a fresh operation, while one cut short (begun, never
-    /// recorded as done) keeps its id, so the agent replays or finishes it instead of doing it twice.
-    pub fn completions(&self, run: RunId, node: &str, step: Step) -> Result<usize> {
-        Ok(self
-            .journal
-            .steps(run)?
-            .iter()
-            .filter(|s| {
-                s.node.as_deref() == Some(node)
-                    && s.step == step
-                    && s.outcome == Some(StepOutcome::Ok)
-            })
-            .count())
-    }
-
-    /// Notes that `node` is out of the load balancer (`stopping`: a stop was asked for); kept in
-    /// memory so a failing journal cannot hide which node must go back in.
-    pub fn mark_out(&self, node: &str, stopping: bool) {
-        *self
-            .out_of_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some((node.to_string(), stopping));
-    }
-
-    pub fn mark_in(&self) {
-        *self
-            .out_of_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    /// The node out of the load balancer, and whether a stop was asked of it.
-    pub fn out_node(&self) -> Option<(String, bool)> {
-        self.out_of_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Puts a node back in the load balancer, journaled when the journal works.
-    pub async fn put_back(&self, run: RunId, node: &Node, why: &str) -> Result<()> {
-        let journaled = self
-            .step(run, Some(&node.id), Step::Enable, async {
-                self.lb.enable(&node.lb_server).await?;
-                Ok(((), why.to_string()))
-            })
-            .await;
-        match journaled {
-            Err(e) if e.downcast_ref::<PreStepError>().is_some() => {
-                self.lb.enable(&node.lb_server).await?;
-            }
-            other => other?,
-        }
-        self.mark_in();
-        Ok(())
     }
 }
 

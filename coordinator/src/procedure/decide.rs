@@ -31,8 +31,12 @@ pub struct NodeHistory {
     done: HashSet<Step>,
     /// Steps begun since the last handled failure whose end is not recorded (cut short) or failed.
     begun: HashSet<Step>,
-    /// How often each step completed in the whole run (attempt-numbered operation ids).
-    completions: HashMap<Step, usize>,
+    /// The attempt number of each step's operation id: how often it completed in the run, plus
+    /// how often another agent operation ran while it was unfinished.
+    attempts: HashMap<Step, usize>,
+    /// Agent steps begun and not completed: retried with the same id (the agent reruns a failed
+    /// operation and finishes one still under way) until another agent operation runs.
+    unfinished: HashSet<Step>,
     /// Steps carried out by this driver since it read the journal.
     this_pass: HashSet<Step>,
 }
@@ -41,26 +45,41 @@ impl NodeHistory {
     /// The history of `node` from the run's journaled steps (oldest first).
     pub fn from_journal(steps: &[StepRecord], node: &str) -> Self {
         let mut h = Self::default();
+        // Inside the handling of a failure (from its first step to its marker) nothing counts
+        // as done for the upgrade: the node may have been stopped, started as it was or rolled
+        // back, so a resume starts it over — also when the coordinator died mid-handling.
+        let mut handling = false;
         for s in steps.iter().filter(|s| s.node.as_deref() == Some(node)) {
             let Some(step) = Step::parse(&s.step) else {
                 continue;
             };
-            if step == Step::FailureHandled {
-                // A resume starts this node over: what came before does not count as done.
-                h.done.clear();
-                h.begun.clear();
+            // A new pass (its "node" step) also ends a handling the coordinator died in.
+            if step == Step::FailureHandled || (step == Step::Node && handling) {
+                h.failure_handled();
+                handling = false;
                 continue;
             }
+            if step == Step::Node {
+                continue;
+            }
+            if matches!(step, Step::Disable | Step::StopFailed | Step::Rollback) {
+                handling = true;
+            }
+            h.begin(step);
             match s.outcome {
-                Some(StepOutcome::Ok) => {
-                    h.done.insert(step);
-                    *h.completions.entry(step).or_default() += 1;
-                }
-                _ => {
-                    h.begun.insert(step);
-                }
+                Some(StepOutcome::Ok) => h.ended(step, true),
+                Some(StepOutcome::Failed(_)) => h.ended(step, false),
+                None => {}
+            }
+            if handling {
+                h.done.clear();
+                h.begun.clear();
             }
         }
+        if handling {
+            h.failure_handled();
+        }
+        h.this_pass.clear();
         h
     }
 
@@ -74,16 +93,43 @@ impl NodeHistory {
         self.done.contains(&step) || self.begun.contains(&step)
     }
 
-    /// Notes that `step` is about to run.
+    /// Notes that `step` is about to run. An agent operation makes every other unfinished one
+    /// stale: the agent may have completed it (its answer lost), and after this operation
+    /// replaying that recorded result would do nothing — so it gets a fresh id next time.
     pub fn begin(&mut self, step: Step) {
         self.begun.insert(step);
+        if is_agent_operation(step) {
+            let stale: Vec<Step> = self
+                .unfinished
+                .iter()
+                .copied()
+                .filter(|s| *s != step)
+                .collect();
+            for s in stale {
+                self.unfinished.remove(&s);
+                *self.attempts.entry(s).or_default() += 1;
+            }
+            self.unfinished.insert(step);
+        }
     }
 
-    /// Notes that `step` completed (whether or not the journal took its end).
+    /// Notes how `step` ended (whether or not the journal took it). A completed step gets a new
+    /// operation id the next time; a failed one keeps its id, so the agent reruns it — or
+    /// finishes it, when it is still under way (a stop outlasting its deadline).
+    pub fn ended(&mut self, step: Step, ok: bool) {
+        if ok {
+            *self.attempts.entry(step).or_default() += 1;
+            self.unfinished.remove(&step);
+            self.done.insert(step);
+            self.this_pass.insert(step);
+        } else {
+            self.begun.insert(step);
+        }
+    }
+
+    /// Notes that `step` completed.
     pub fn completed(&mut self, step: Step) {
-        self.done.insert(step);
-        self.this_pass.insert(step);
-        *self.completions.entry(step).or_default() += 1;
+        self.ended(step, true);
     }
 
     /// A handled failure: the node starts over.
@@ -93,19 +139,36 @@ impl NodeHistory {
         self.this_pass.clear();
     }
 
+    /// What Bitbucket shows now: a node the journal has ACTIVE on the target that no longer is
+    /// (it crashed, or was stopped after) starts over — only putting it back would loop.
+    pub fn observed(&mut self, not_serving_target: bool) {
+        if not_serving_target && self.done(Step::WaitActive) {
+            self.failure_handled();
+        }
+    }
+
     /// The agent operation id for the next `step` on `node` in `run`.
     pub fn op_id(&self, run: RunId, node: &str, step: Step) -> String {
         attempt_op_id(
             run,
             node,
             step,
-            self.completions.get(&step).copied().unwrap_or(0),
+            self.attempts.get(&step).copied().unwrap_or(0),
         )
     }
 }
 
-/// The operation id of a step on a node, given how often the run already completed it there: a
-/// step cut short keeps its id (the agent replays or finishes it), a repeated one gets a new id.
+/// Steps carried out by the node's agent under an operation id.
+fn is_agent_operation(step: Step) -> bool {
+    matches!(
+        step,
+        Step::Stop | Step::Activate | Step::Start | Step::StopFailed | Step::Rollback
+    )
+}
+
+/// The operation id of a step on a node, given how often the step already ran to an end there: a
+/// step cut short keeps its id (the agent replays or finishes it), a repeated one gets a new id —
+/// also after a failure, since the agent may have completed what the coordinator saw fail.
 pub fn attempt_op_id(run: RunId, node: &str, step: Step, completed: usize) -> String {
     match completed {
         0 => format!("run{run}.{node}.{step}"),
@@ -116,11 +179,21 @@ pub fn attempt_op_id(run: RunId, node: &str, step: Step, completed: usize) -> St
 /// The next step of a node being upgraded, or `None` when it is back and soaked. Completed steps
 /// are not repeated; putting the node back in the load balancer always is, once per pass (a
 /// coordinator that died while handling a failure may have taken it out again after an enable).
+/// The steps of a pass run in order, so one begun means every step before it ran: a step whose
+/// end the journal did not take is not repeated after a later one began (waiting for OFFLINE
+/// again on a node already started would only time out).
 pub fn next_node_step(h: &NodeHistory) -> Option<Step> {
-    NODE_STEPS.into_iter().find(|&s| match s {
-        Step::Enable => !h.this_pass.contains(&Step::Enable),
-        s => !h.done(s),
-    })
+    let latest = NODE_STEPS
+        .iter()
+        .rposition(|&s| s != Step::Enable && h.begun(s));
+    NODE_STEPS
+        .into_iter()
+        .enumerate()
+        .find(|&(i, s)| match s {
+            Step::Enable => !h.this_pass.contains(&Step::Enable),
+            s => !h.done(s) && latest.is_none_or(|l| i >= l),
+        })
+        .map(|(_, s)| s)
 }
 
 /// Whether a failure of `step` leaves the node possibly stopped (a stop was asked for, or the
@@ -148,6 +221,8 @@ pub struct FailedNode {
     pub active_version: Option<String>,
     /// The run's activate step on it was begun (it may have switched the install).
     pub activate_begun: bool,
+    /// Bitbucket shows it ACTIVE now (false when unknown).
+    pub serving: bool,
     /// The version the run upgrades to.
     pub to: String,
     /// The policy: return a failed node to service on the version it ran.
@@ -178,7 +253,9 @@ pub enum Recovery {
 
 /// The failure rule: keep a possibly stopped node out, and roll back only what was activated.
 pub fn on_failure(f: &FailedNode) -> FailurePlan {
-    if !(f.stop_asked || f.stop_done) {
+    // Back in only what is surely serving: a node never asked to stop can still be down (left
+    // starting, or in the setup wizard, by an earlier pass).
+    if !(f.stop_asked || f.stop_done) && f.serving {
         return FailurePlan::PutBack;
     }
     let activated = match &f.active_version {
@@ -208,14 +285,11 @@ pub fn node_left_unfinished(steps: &[StepRecord], node: &str) -> Option<bool> {
         .map(|s| s.outcome != Some(StepOutcome::Ok))
 }
 
-/// Whether the latest "node" step of `node` is open: it was out of service when a coordinator
-/// stopped, and it is finished (back into the load balancer) even if it already runs the target.
-pub fn node_step_open(steps: &[StepRecord], node: &str) -> bool {
-    steps
-        .iter()
-        .rev()
-        .find(|s| s.step == Step::Node && s.node.as_deref() == Some(node))
-        .is_some_and(|s| s.outcome.is_none())
+/// Whether a node still needs its out-and-back: it does not run the target yet, or its latest
+/// "node" step is open or failed — it may be out of service (a coordinator died, or it failed at
+/// its enable or soak while already ACTIVE on the target), so it is finished even if upgraded.
+pub fn node_remaining(upgraded: bool, steps: &[StepRecord], node: &str) -> bool {
+    !upgraded || node_left_unfinished(steps, node) == Some(true)
 }
 
 /// The node to finish before any other: one a previous coordinator stopped or halted on (it may
@@ -252,14 +326,70 @@ pub fn any_stop(steps: &[StepRecord]) -> bool {
 pub struct RollbackObs {
     /// The agent's active version.
     pub active_version: String,
-    /// Bitbucket shows the node ACTIVE on the original version.
-    pub serving_original: bool,
+    /// Bitbucket shows the node ACTIVE (on whatever version it runs).
+    pub serving: bool,
+    /// The upgrade this rollback supersedes left the node unfinished: it may be out of the load
+    /// balancer though Bitbucket shows it ACTIVE.
+    pub left_out: bool,
 }
 
 /// Whether `bbupgrade rollback` must take this node through its out-and-back: it runs another
 /// version, or it runs the original but is not serving (a failed node left stopped and out).
 pub fn needs_rollback(node: &RollbackObs, original: &str) -> bool {
-    node.active_version != original || !node.serving_original
+    node.active_version != original || !node.serving
+}
+
+/// Whether `node` was taken out of the load balancer in these steps and not put back since.
+pub fn taken_out(steps: &[StepRecord], node: &str) -> bool {
+    let mine: Vec<&StepRecord> = steps
+        .iter()
+        .filter(|s| s.node.as_deref() == Some(node))
+        .collect();
+    let out = mine
+        .iter()
+        .rposition(|s| s.step == Step::Drain || s.step == Step::Disable);
+    let back = mine
+        .iter()
+        .rposition(|s| s.step == Step::Enable && s.outcome == Some(StepOutcome::Ok));
+    match (out, back) {
+        (Some(o), Some(b)) => o > b,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+/// What `bbupgrade rollback` does with a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackAction {
+    /// Serving on the original version: only put back in the load balancer (a superseded run may
+    /// have drained it before it died).
+    PutBack,
+    /// Out, returned to the original version (or started on it), ACTIVE, back in.
+    RollBack,
+}
+
+/// The order of a rollback, by index into `nodes`: nodes serving on the original version go back
+/// in first, then nodes that are not serving (already out of service: finished before any other
+/// node is taken out), then the serving nodes on another version.
+pub fn rollback_order(nodes: &[RollbackObs], original: &str) -> Vec<(usize, RollbackAction)> {
+    let rank = |o: &RollbackObs| match (needs_rollback(o, original), o.serving && !o.left_out) {
+        (false, _) => 0,
+        (true, false) => 1,
+        (true, true) => 2,
+    };
+    let mut order: Vec<usize> = (0..nodes.len()).collect();
+    order.sort_by_key(|&i| rank(&nodes[i]));
+    order
+        .into_iter()
+        .map(|i| {
+            let action = if rank(&nodes[i]) == 0 {
+                RollbackAction::PutBack
+            } else {
+                RollbackAction::RollBack
+            };
+            (i, action)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -348,6 +478,147 @@ mod tests {
     }
 
     #[test]
+    fn a_step_that_failed_gets_a_fresh_operation_id_even_if_the_agent_completed_it() {
+        // The start's answer was lost: the coordinator recorded a failure, the agent a success.
+        // Replaying that id after the node was stopped again would start nothing.
+        let steps = vec![
+            ok("n1", Step::Stop),
+            rec("n1", Step::Start, Some(StepOutcome::Failed("lost".into()))),
+            ok("n1", Step::StopFailed),
+            ok("n1", Step::FailureHandled),
+        ];
+        let h = NodeHistory::from_journal(&steps, "n1");
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Start), "run1.n1.start.a1");
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Stop), "run1.n1.stop.a1");
+    }
+
+    #[test]
+    fn a_step_left_unfinished_keeps_its_id_unless_the_failure_handling_touched_the_node() {
+        // A stop that outlasted its deadline, handled by keeping the node out: the resume's stop
+        // keeps the id, so the agent finishes the stop still under way instead of starting one.
+        let steps = vec![
+            rec(
+                "n1",
+                Step::Stop,
+                Some(StepOutcome::Failed("deadline".into())),
+            ),
+            ok("n1", Step::Disable),
+            ok("n1", Step::FailureHandled),
+        ];
+        let h = NodeHistory::from_journal(&steps, "n1");
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Stop), "run1.n1.stop");
+        let mut touched = steps.clone();
+        touched.insert(2, ok("n1", Step::StopFailed));
+        let h = NodeHistory::from_journal(&touched, "n1");
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Stop), "run1.n1.stop.a1");
+        let mut live = NodeHistory::default();
+        live.begin(Step::Start);
+        live.ended(Step::Start, false);
+        assert_eq!(live.op_id(RunId(1), "n1", Step::Start), "run1.n1.start");
+        assert!(!live.done(Step::Start) && live.begun(Step::Start));
+        live.begin(Step::StopFailed);
+        assert_eq!(live.op_id(RunId(1), "n1", Step::Start), "run1.n1.start.a1");
+    }
+
+    #[test]
+    fn a_failure_handling_cut_short_voids_the_pass_before_it() {
+        // Found by the simulation: the node was upgraded, failed at soak, rolled back; the
+        // coordinator died before the failure marker. The resume saw every upgrade step done,
+        // only put the node back and soaked it on the old version.
+        let mut steps: Vec<StepRecord> = NODE_STEPS.iter().map(|s| ok("n1", *s)).collect();
+        steps.push(ok("n1", Step::Disable));
+        steps.push(ok("n1", Step::StopFailed));
+        steps.push(ok("n1", Step::Drain));
+        steps.push(ok("n1", Step::Rollback));
+        steps.push(rec("n1", Step::WaitActive, None));
+        let h = NodeHistory::from_journal(&steps, "n1");
+        assert_eq!(next_node_step(&h), Some(Step::Drain));
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Start), "run1.n1.start.a1");
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Stop), "run1.n1.stop.a1");
+    }
+
+    #[test]
+    fn a_node_down_though_its_steps_are_done_starts_over() {
+        // Found by the simulation: crashed after its soak; each pass only put it back.
+        let steps: Vec<StepRecord> = NODE_STEPS.iter().map(|s| ok("n1", *s)).collect();
+        let mut h = NodeHistory::from_journal(&steps, "n1");
+        h.observed(false);
+        assert_eq!(next_node_step(&h), Some(Step::Enable));
+        h.observed(true);
+        assert_eq!(next_node_step(&h), Some(Step::Drain));
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Start), "run1.n1.start.a1");
+    }
+
+    #[test]
+    fn a_step_whose_end_was_lost_is_not_repeated_after_a_later_one_began() {
+        // Found by the simulation: wait_offline's end was not journaled, activate and start ran,
+        // the coordinator died; the resume waited for OFFLINE on a started node.
+        let steps = vec![
+            ok("n1", Step::Drain),
+            ok("n1", Step::Stop),
+            rec("n1", Step::WaitOffline, None),
+            ok("n1", Step::Activate),
+            rec(
+                "n1",
+                Step::Start,
+                Some(StepOutcome::Failed("FIRST_RUN".into())),
+            ),
+        ];
+        let h = NodeHistory::from_journal(&steps, "n1");
+        assert_eq!(next_node_step(&h), Some(Step::Start));
+        // It failed on the agent too: the agent runs it again under the same id.
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Start), "run1.n1.start");
+    }
+
+    #[test]
+    fn a_new_pass_ends_a_handling_the_coordinator_died_in() {
+        // Found by the simulation: killed during stop_failed; the next pass's steps never
+        // counted as done, so its resume started the node over while it was starting.
+        let steps = vec![
+            rec(
+                "n1",
+                Step::Start,
+                Some(StepOutcome::Failed("FIRST_RUN".into())),
+            ),
+            ok("n1", Step::Disable),
+            rec("n1", Step::StopFailed, None),
+            rec("n1", Step::Node, None),
+            ok("n1", Step::Drain),
+            ok("n1", Step::Stop),
+            ok("n1", Step::WaitOffline),
+            ok("n1", Step::Activate),
+            rec("n1", Step::Start, None),
+        ];
+        let h = NodeHistory::from_journal(&steps, "n1");
+        assert_eq!(next_node_step(&h), Some(Step::Start));
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Start), "run1.n1.start.a1");
+    }
+
+    #[test]
+    fn an_unfinished_step_gets_a_fresh_id_once_another_agent_operation_ran() {
+        // Found by the simulation: a stop cut short, then a start whose answer was lost (the
+        // agent started the node); the next pass replayed both recorded results and neither
+        // stopped nor started anything, for ever.
+        let steps = vec![
+            ok("n1", Step::Drain),
+            rec("n1", Step::Stop, None),
+            ok("n1", Step::WaitOffline),
+            ok("n1", Step::Activate),
+            rec("n1", Step::Start, Some(StepOutcome::Failed("lost".into()))),
+            rec("n1", Step::Disable, None),
+            rec("n1", Step::Node, None),
+            ok("n1", Step::Drain),
+        ];
+        let h = NodeHistory::from_journal(&steps, "n1");
+        assert_eq!(next_node_step(&h), Some(Step::Stop));
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Stop), "run1.n1.stop.a1");
+        let mut h = h;
+        h.begin(Step::Stop);
+        h.completed(Step::Stop);
+        assert_eq!(h.op_id(RunId(1), "n1", Step::Start), "run1.n1.start.a1");
+    }
+
+    #[test]
     fn unknown_step_names_and_other_nodes_are_ignored() {
         let mut steps = vec![ok("n2", Step::Drain), ok("n2", Step::Stop)];
         let mut odd = ok("n1", Step::Drain);
@@ -382,6 +653,7 @@ mod tests {
             stop_done,
             active_version: active.map(str::to_string),
             activate_begun: false,
+            serving: !stop_asked,
             to: "8.19.6".into(),
             auto_rollback: true,
         }
@@ -392,6 +664,21 @@ mod tests {
         assert_eq!(
             on_failure(&failed(false, false, Some("8.19.3"))),
             FailurePlan::PutBack
+        );
+    }
+
+    #[test]
+    fn a_node_never_stopped_but_not_serving_is_kept_out() {
+        // Found by the simulation: left in FIRST_RUN on the new version by an earlier pass, its
+        // drain failed, and it was put back in the load balancer "as it was".
+        let mut f = failed(false, false, Some("8.19.6"));
+        f.serving = false;
+        assert_eq!(
+            on_failure(&f),
+            FailurePlan::KeepOut {
+                stop_again: false,
+                recover: Recovery::RollBack
+            }
         );
     }
 
@@ -465,20 +752,70 @@ mod tests {
         ];
         assert_eq!(finish_first(&steps, &["n1", "n3", "n2"]), Some("n3"));
         assert_eq!(finish_first(&steps, &["n1"]), None);
-        assert!(node_step_open(&steps, "n2"));
-        assert!(!node_step_open(&steps, "n3"));
+        // Upgraded, but left open or failed: it may be out of service, so it is finished.
+        assert!(node_remaining(true, &steps, "n2"));
+        assert!(node_remaining(true, &steps, "n3"));
+        assert!(!node_remaining(true, &steps, "n1"));
+        assert!(node_remaining(false, &steps, "n1"));
         assert_eq!(finished_nodes(&steps), vec!["n1".to_string()]);
         assert!(!any_stop(&steps));
+    }
+
+    #[test]
+    fn a_node_drained_and_not_enabled_since_is_out() {
+        let steps = vec![
+            ok("n1", Step::Drain),
+            ok("n1", Step::Enable),
+            rec("n1", Step::Drain, None),
+        ];
+        assert!(taken_out(&steps, "n1"));
+        assert!(!taken_out(&steps[..2], "n1"));
+        assert!(!taken_out(&steps, "n2"));
     }
 
     #[test]
     fn rollback_takes_a_stopped_node_on_the_original_version_too() {
         let on = |v: &str, serving: bool| RollbackObs {
             active_version: v.into(),
-            serving_original: serving,
+            serving,
+            left_out: false,
         };
         assert!(needs_rollback(&on("8.19.6", false), "8.19.3"));
         assert!(needs_rollback(&on("8.19.3", false), "8.19.3"));
         assert!(!needs_rollback(&on("8.19.3", true), "8.19.3"));
+    }
+
+    #[test]
+    fn rollback_finishes_the_node_already_out_before_taking_another_out() {
+        let on = |v: &str, serving: bool| RollbackObs {
+            active_version: v.into(),
+            serving,
+            left_out: false,
+        };
+        // Found by the simulation: node 0 upgraded and serving, node 1 activated and stopped
+        // when the coordinator died; the rollback took node 0 out while node 1 was down.
+        let nodes = [
+            on("8.19.6", true),
+            on("8.19.6", false),
+            on("8.19.3", false),
+            on("8.19.3", true),
+        ];
+        assert_eq!(
+            rollback_order(&nodes, "8.19.3"),
+            vec![
+                (3, RollbackAction::PutBack),
+                (1, RollbackAction::RollBack),
+                (2, RollbackAction::RollBack),
+                (0, RollbackAction::RollBack)
+            ]
+        );
+        // Also found by the simulation: node 1 ACTIVE on the new version but left drained by the
+        // upgrade that died; it goes before node 0.
+        let mut nodes = [on("8.19.6", true), on("8.19.6", true)];
+        nodes[1].left_out = true;
+        assert_eq!(
+            rollback_order(&nodes, "8.19.3")[0],
+            (1, RollbackAction::RollBack)
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! cluster (`real.rs`) and against the in-memory fakes of the simulation test. Time is tokio's, so
 //! a paused clock drives it deterministically.
 
-use super::decide::{self, FailurePlan, NodeHistory, Recovery};
+use super::decide::{self, FailurePlan, NodeHistory, Recovery, RollbackAction};
 use super::{RunOptions, Step};
 use crate::inventory::{Node, Timeouts};
 use crate::journal::{RunId, RunResult, StepId, StepOutcome, StepRecord};
@@ -118,6 +118,10 @@ pub struct Driver<'a> {
     /// The node out of the load balancer and whether a stop was asked of it; kept in memory so a
     /// failing journal cannot hide which node must go back in.
     out: Mutex<Option<(String, bool)>>,
+    /// The run's steps as last read from the journal, for a report when the journal fails.
+    seen: Mutex<Option<Vec<StepRecord>>>,
+    /// Whether Bitbucket showed each node not serving the target, when the nodes were last looked at.
+    down: Mutex<HashMap<String, bool>>,
 }
 
 impl<'a> Driver<'a> {
@@ -127,6 +131,8 @@ impl<'a> Driver<'a> {
             run,
             opts,
             out: Mutex::new(None),
+            seen: Mutex::new(None),
+            down: Mutex::new(HashMap::new()),
         }
     }
 
@@ -232,6 +238,13 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
+    /// The run's steps from the journal (remembered for a report if the journal fails later).
+    async fn steps(&self) -> Result<Vec<StepRecord>> {
+        let steps = self.env.journal.steps().await?;
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(steps.clone());
+        Ok(steps)
+    }
+
     async fn cluster_view(&self) -> Result<ClusterView> {
         self.env.bitbucket.cluster().await
     }
@@ -252,13 +265,15 @@ impl<'a> Driver<'a> {
 
     async fn halted_on_node(&self, s: &mut Summary, f: &NodeFailure) {
         s.error = Some(format!("node '{}' failed: {:#}", f.node, f.error));
-        let notes = self.handle_failure(f).await;
+        let (notes, recovered) = self.handle_failure(f).await;
         s.notes.extend(notes);
         let view = self.env.bitbucket.cluster().await.ok();
-        let any_new = view
+        // Rolled back only when that is sure: the node is back, nothing runs the new version and
+        // upgrade mode is off; otherwise halted, and `resume` or `rollback` continues.
+        let back_on_source = view
             .as_ref()
-            .is_some_and(|v| v.any_live_runs(&self.opts.to));
-        s.result = if self.opts.auto_rollback && !any_new {
+            .is_some_and(|v| !v.any_live_runs(&self.opts.to) && !v.upgrade_mode_enabled);
+        s.result = if self.opts.auto_rollback && recovered && back_on_source {
             RunResult::RolledBack
         } else {
             RunResult::Halted
@@ -284,15 +299,40 @@ impl<'a> Driver<'a> {
                 )),
             }
         }
-        let stopped_any = self
-            .env
-            .journal
-            .steps()
-            .await
-            .map(|st| decide::any_stop(&st))
-            .unwrap_or(true);
+        let steps = match self.steps().await {
+            Ok(st) => Some(st),
+            Err(_) => self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        };
+        self.name_unfinished(s, steps.as_deref());
+        let stopped_any = steps.as_deref().is_none_or(decide::any_stop);
         if !stopped_any {
             self.cancel_if_nothing_upgraded(&mut s.notes).await;
+        }
+    }
+
+    /// Names in the report every node that may be out of service: the one this process asked to
+    /// stop, and those the journal shows unfinished.
+    fn name_unfinished(&self, s: &mut Summary, steps: Option<&[StepRecord]>) {
+        let mut out: Vec<String> = Vec::new();
+        if let Some((n, true)) = self.out_node() {
+            out.push(n);
+        }
+        match steps {
+            Some(st) => {
+                for n in self.env.nodes {
+                    if decide::node_left_unfinished(st, &n.id) == Some(true) && !out.contains(&n.id) {
+                        out.push(n.id.clone());
+                    }
+                }
+            }
+            None => s.notes.push(
+                "the journal could not be read, so this report cannot say whether a node is out of service; `bbupgrade status` shows the nodes".into(),
+            ),
+        }
+        for n in out {
+            s.notes.push(format!(
+                "node '{n}' may be out of service: its upgrade in this run is unfinished; `bbupgrade resume` finishes it first, `bbupgrade rollback` returns it"
+            ));
         }
     }
 
@@ -317,7 +357,7 @@ impl<'a> Driver<'a> {
             .await?;
         }
         // Previously finished nodes keep their order in the report.
-        for n in decide::finished_nodes(&self.env.journal.steps().await?) {
+        for n in decide::finished_nodes(&self.steps().await?) {
             if !s.order.contains(&n) {
                 s.order.push(n);
             }
@@ -327,7 +367,7 @@ impl<'a> Driver<'a> {
             let (node, why) = self.pick(&steps, &node).await?;
             s.order_reasons.push(why.clone());
             self.env.reporter.step(Some(&node.id), "pick", "info", &why);
-            self.one_node(node, s, oos).await?;
+            self.one_node(node, &steps, s, oos).await?;
         }
         self.approve().await?;
         Ok(())
@@ -336,7 +376,7 @@ impl<'a> Driver<'a> {
     /// The nodes still to upgrade (with the run's steps as read), or `None` when none is left.
     async fn next_remaining(&self) -> Result<Option<(Vec<&'a Node>, Vec<StepRecord>)>> {
         let view = self.cluster_view().await?;
-        let steps = self.env.journal.steps().await?;
+        let steps = self.steps().await?;
         let mut remaining = Vec::new();
         for n in self.env.nodes {
             let agent_version = self.env.agents.active_version(n).await.ok();
@@ -345,9 +385,17 @@ impl<'a> Driver<'a> {
                 self.row(&view, n).row(),
                 &self.opts.to,
             );
-            if !upgraded || decide::node_step_open(&steps, &n.id) {
+            if decide::node_remaining(upgraded, &steps, &n.id) {
                 remaining.push(n);
             }
+            let serving_target = self
+                .row(&view, n)
+                .row()
+                .is_some_and(|z| z.state == NodeState::Active && z.runs(&self.opts.to));
+            self.down
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(n.id.clone(), !serving_target);
         }
         Ok((!remaining.is_empty()).then_some((remaining, steps)))
     }
@@ -356,6 +404,7 @@ impl<'a> Driver<'a> {
     async fn one_node(
         &self,
         node: &Node,
+        steps: &[StepRecord],
         s: &mut Summary,
         oos: &mut HashMap<String, u64>,
     ) -> Result<(), DriveError> {
@@ -363,12 +412,15 @@ impl<'a> Driver<'a> {
         let detail = format!("upgrade to {}", self.opts.to);
         let node_step = j.begin_step(Some(&node.id), Step::Node, &detail).await?;
         s.order.retain(|n| *n != node.id);
-        let outcome = self.upgrade_node(node).await;
+        let outcome = self.upgrade_node(node, steps).await;
         s.order.push(node.id.clone());
         match outcome {
             Ok(d) => {
                 let text = format!("out of service {} ms", d.as_millis());
-                j.end_step(node_step, StepOutcome::Ok, &text).await?;
+                // Found by the simulation: a journal failing here turned a finished (or failed)
+                // node into a halt that named no node; the end is reported like any step's.
+                self.record_end(node_step, Step::Node, StepOutcome::Ok, &text)
+                    .await;
                 oos.insert(node.id.clone(), d.as_millis() as u64);
                 if let Some(note) = self.env.lb.after_rejoin(node).await {
                     s.notes.push(note);
@@ -377,7 +429,8 @@ impl<'a> Driver<'a> {
             }
             Err(f) => {
                 let text = format!("{:#}", f.error);
-                j.end_step(node_step, StepOutcome::Failed(text), "").await?;
+                self.record_end(node_step, Step::Node, StepOutcome::Failed(text), "")
+                    .await;
                 Err(DriveError::Node(Box::new(f)))
             }
         }
@@ -435,18 +488,23 @@ impl<'a> Driver<'a> {
     }
 
     /// One node, out and back: returns the time it was out of service. The next step comes from
-    /// [`decide::next_node_step`] over the node's history, read once from the journal and kept up
-    /// to date here.
-    async fn upgrade_node(&self, node: &Node) -> Result<Duration, NodeFailure> {
+    /// [`decide::next_node_step`] over the node's history, from the run's steps as read before
+    /// the pick and kept up to date here.
+    async fn upgrade_node(
+        &self,
+        node: &Node,
+        steps: &[StepRecord],
+    ) -> Result<Duration, NodeFailure> {
         let id = node.id.as_str();
-        // A journal that cannot be read: every step is done again (the agent replays them).
-        let mut h = self
-            .env
-            .journal
-            .steps()
-            .await
-            .map(|steps| NodeHistory::from_journal(&steps, id))
-            .unwrap_or_default();
+        // The steps as read just before the node was picked: no second read that could fail.
+        let mut h = NodeHistory::from_journal(steps, id);
+        let down = self
+            .down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied();
+        h.observed(down == Some(true));
         if h.done(Step::Drain) {
             // Taken out by an earlier coordinator: this one must know it to put the node back.
             self.mark_out(id, h.begun(Step::Stop));
@@ -459,11 +517,10 @@ impl<'a> Driver<'a> {
                     .map_err(|e| self.failure(node, e, false, &h))?;
             }
             h.begin(step);
-            self.node_step(node, step, &h)
-                .await
-                // A stop that failed or went unanswered may still be under way: keep it out.
-                .map_err(|e| self.failure(node, e, decide::stop_asked_by(step), &h))?;
-            h.completed(step);
+            let r = self.node_step(node, step, &h).await;
+            note_end(&mut h, step, &r);
+            // A stop that failed or went unanswered may still be under way: keep it out.
+            r.map_err(|e| self.failure(node, e, decide::stop_asked_by(step), &h))?;
             if step == Step::Enable {
                 self.mark_in();
                 out_of_service = out_since.elapsed();
@@ -585,11 +642,25 @@ impl<'a> Driver<'a> {
     /// Watches a rejoined node for a while: it must stay ACTIVE on the new version.
     async fn soak(&self, node: &Node, version: &str, dur: Duration) -> Result<()> {
         let until = Instant::now() + dur;
-        while Instant::now() < until {
+        // Soaked only when seen healthy once the time is up (a clock that jumps, or a Bitbucket
+        // that does not answer, proves nothing); bounded when Bitbucket stays silent.
+        let give_up = until + secs(self.opts.timeouts.active_secs);
+        loop {
             let left = until.saturating_duration_since(Instant::now());
-            tokio::time::sleep(Duration::from_millis(SOAK_SAMPLE_MS).min(left)).await;
-            let Ok(view) = self.env.bitbucket.cluster().await else {
-                continue;
+            let sample = Duration::from_millis(SOAK_SAMPLE_MS);
+            tokio::time::sleep(if left.is_zero() {
+                sample
+            } else {
+                sample.min(left)
+            })
+            .await;
+            let view = match self.env.bitbucket.cluster().await {
+                Ok(v) => v,
+                Err(e) if Instant::now() > give_up => bail!(
+                    "node '{}' could not be seen healthy at the end of its soak: {e:#}",
+                    node.id
+                ),
+                Err(_) => continue,
             };
             match self.row(&view, node) {
                 Match::Row(z) if z.state == NodeState::Active && z.runs(version) => {}
@@ -604,8 +675,10 @@ impl<'a> Driver<'a> {
                     node.id
                 ),
             }
+            if Instant::now() >= until {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     /// Approves the upgrade and waits for the cluster to become STABLE.
@@ -638,10 +711,10 @@ impl<'a> Driver<'a> {
     /// else kept out and stopped gracefully, then rolled back (only if its new install was
     /// activated) or started on what it has, as the policy says; upgrade mode is cancelled when
     /// no node runs the new version. Returns notes for the report.
-    async fn handle_failure(&self, f: &NodeFailure) -> Vec<String> {
+    async fn handle_failure(&self, f: &NodeFailure) -> (Vec<String>, bool) {
         let mut notes = Vec::new();
         let Some(node) = self.node(&f.node) else {
-            return notes;
+            return (notes, false);
         };
         let mut h = f.history.clone();
         let facts = decide::FailedNode {
@@ -649,10 +722,15 @@ impl<'a> Driver<'a> {
             stop_done: h.done(Step::Stop),
             active_version: self.env.agents.active_version(node).await.ok(),
             activate_begun: h.begun(Step::Activate),
+            serving: self.env.bitbucket.cluster().await.is_ok_and(|v| {
+                self.row(&v, node)
+                    .row()
+                    .is_some_and(|z| z.state == NodeState::Active)
+            }),
             to: self.opts.to.clone(),
             auto_rollback: self.opts.auto_rollback,
         };
-        match decide::on_failure(&facts) {
+        let recovered = match decide::on_failure(&facts) {
             FailurePlan::PutBack => self.put_back_failed(node, &mut notes).await,
             FailurePlan::KeepOut {
                 stop_again,
@@ -660,9 +738,9 @@ impl<'a> Driver<'a> {
             } => {
                 self.keep_out_failed(node, stop_again, &mut h, &mut notes)
                     .await;
-                self.recover_failed(node, recover, &mut h, &mut notes).await;
+                self.recover_failed(node, recover, &mut h, &mut notes).await
             }
-        }
+        };
         self.cancel_if_nothing_upgraded(&mut notes).await;
         // A resume starts this node over, with fresh operation ids.
         let _ = self
@@ -670,19 +748,25 @@ impl<'a> Driver<'a> {
                 Ok(((), "a resume starts this node over".to_string()))
             })
             .await;
-        notes
+        (notes, recovered)
     }
 
-    /// A failed node that was never stopped goes back as it was (journaled).
-    async fn put_back_failed(&self, node: &Node, notes: &mut Vec<String>) {
+    /// A failed node that was never stopped goes back as it was (journaled); true when it is.
+    async fn put_back_failed(&self, node: &Node, notes: &mut Vec<String>) -> bool {
         let id = &node.id;
         match self.put_back(node, "put back: it was never stopped").await {
-            Ok(()) => notes.push(format!(
-                "node '{id}' was not stopped and is back in the load balancer"
-            )),
-            Err(e) => notes.push(format!(
-                "node '{id}' was not stopped but could not be put back in the load balancer: {e:#}"
-            )),
+            Ok(()) => {
+                notes.push(format!(
+                    "node '{id}' was not stopped and is back in the load balancer"
+                ));
+                true
+            }
+            Err(e) => {
+                notes.push(format!(
+                    "node '{id}' was not stopped but could not be put back in the load balancer: {e:#}"
+                ));
+                false
+            }
         }
     }
 
@@ -709,6 +793,7 @@ impl<'a> Driver<'a> {
             ));
         }
         let stopped = if stop_again {
+            h.begin(Step::StopFailed);
             let op = h.op_id(self.run, id, Step::StopFailed);
             self.mark_out(id, true);
             let r = self
@@ -717,9 +802,7 @@ impl<'a> Driver<'a> {
                     Ok(((), format!("stopped gracefully ({r})")))
                 })
                 .await;
-            if r.is_ok() {
-                h.completed(Step::StopFailed);
-            }
+            note_end(h, Step::StopFailed, &r);
             r
         } else {
             // Its own stop is what failed: asking again would only wait out the same deadline.
@@ -745,33 +828,42 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Brings a failed, stopped node back as the policy says.
+    /// Brings a failed, stopped node back as the policy says; true when it is serving again.
     async fn recover_failed(
         &self,
         node: &Node,
         recover: Recovery,
         h: &mut NodeHistory,
         notes: &mut Vec<String>,
-    ) {
+    ) -> bool {
         let id = &node.id;
         let from = &self.opts.from;
-        match recover {
-            Recovery::LeaveStopped => {}
+        let (note, ok) = match recover {
+            Recovery::LeaveStopped => return false,
             Recovery::RollBack => match self.rollback_node(node, from, h).await {
-                Ok(_) => notes.push(format!(
-                    "node '{id}' was rolled back to {from} and is serving"
-                )),
-                Err(e) => notes.push(format!("rolling node '{id}' back failed: {e:#}")),
+                Ok(_) => (
+                    format!("node '{id}' was rolled back to {from} and is serving"),
+                    true,
+                ),
+                Err(e) => (format!("rolling node '{id}' back failed: {e:#}"), false),
             },
             Recovery::StartAsIs => match self.restart_as_is(node, h).await {
-                Ok(()) => notes.push(format!(
-                    "node '{id}' failed before its new install was activated: started again on {from} and serving (nothing to roll back)"
-                )),
-                Err(e) => notes.push(format!(
-                    "node '{id}' failed before its new install was activated; starting it again on {from} failed: {e:#}"
-                )),
+                Ok(()) => (
+                    format!(
+                        "node '{id}' failed before its new install was activated: started again on {from} and serving (nothing to roll back)"
+                    ),
+                    true,
+                ),
+                Err(e) => (
+                    format!(
+                        "node '{id}' failed before its new install was activated; starting it again on {from} failed: {e:#}"
+                    ),
+                    false,
+                ),
             },
-        }
+        };
+        notes.push(note);
+        ok
     }
 
     /// Starts a node that never left its install, waits for it ACTIVE on the run's from-version,
@@ -779,12 +871,15 @@ impl<'a> Driver<'a> {
     async fn restart_as_is(&self, node: &Node, h: &mut NodeHistory) -> Result<()> {
         let t = &self.opts.timeouts;
         let id = node.id.as_str();
+        h.begin(Step::Start);
         let op = h.op_id(self.run, id, Step::Start);
-        self.step(Some(id), Step::Start, async {
-            Ok(((), self.env.agents.start(node, &op, t.start_secs).await?))
-        })
-        .await?;
-        h.completed(Step::Start);
+        let r = self
+            .step(Some(id), Step::Start, async {
+                Ok(((), self.env.agents.start(node, &op, t.start_secs).await?))
+            })
+            .await;
+        note_end(h, Step::Start, &r);
+        r?;
         self.step(Some(id), Step::WaitActive, async {
             let d = secs(t.active_secs);
             let from = Some(self.opts.from.as_str());
@@ -809,13 +904,16 @@ impl<'a> Driver<'a> {
             Ok(((), self.env.lb.drain(node, secs(t.drain_secs)).await?))
         })
         .await?;
+        h.begin(Step::Rollback);
         let op = h.op_id(self.run, id, Step::Rollback);
         self.mark_out(id, true);
-        self.step(Some(id), Step::Rollback, async {
-            Ok(((), self.env.agents.rollback(node, &op, version, t).await?))
-        })
-        .await?;
-        h.completed(Step::Rollback);
+        let r = self
+            .step(Some(id), Step::Rollback, async {
+                Ok(((), self.env.agents.rollback(node, &op, version, t).await?))
+            })
+            .await;
+        note_end(h, Step::Rollback, &r);
+        r?;
         self.step(Some(id), Step::WaitActive, async {
             let d = secs(t.active_secs);
             Ok((
@@ -854,42 +952,94 @@ impl<'a> Driver<'a> {
     }
 
     /// Returns every node not serving on the original version (`opts.to` of a rollback run) to
-    /// it, one at a time, then cancels upgrade mode.
-    pub async fn rollback(&self) -> Summary {
+    /// it, one at a time, then cancels upgrade mode. `superseded`: the steps of the upgrade run
+    /// being undone (its unfinished node is finished first).
+    pub async fn rollback(&self, superseded: &[StepRecord]) -> Summary {
         let mut s = self.base_summary();
         let before = self.versions_now().await;
         let mut oos = HashMap::new();
-        match self.rollback_inner(&mut s, &mut oos).await {
+        let mut down = Vec::new();
+        match self
+            .rollback_inner(&mut s, &mut oos, &mut down, superseded)
+            .await
+        {
             Ok(()) => s.result = RunResult::RolledBack,
             Err(e) => {
                 s.result = RunResult::Halted;
                 s.error = Some(format!("{e:#}"));
+                // Name what may be out of service: the node being rolled back, and the nodes
+                // seen down before it (a rollback finishes those first).
+                if let Some((n, _)) = self.out_node() {
+                    down.retain(|d| *d != n);
+                    down.insert(0, n);
+                }
+                for n in down {
+                    s.notes.push(format!(
+                        "node '{n}' may be out of service: its rollback did not finish; run `bbupgrade rollback` again"
+                    ));
+                }
             }
         }
         let after = self.versions_now().await;
         self.finish(s, &before, &after, &oos).await
     }
 
-    async fn rollback_inner(&self, s: &mut Summary, oos: &mut HashMap<String, u64>) -> Result<()> {
+    async fn rollback_inner(
+        &self,
+        s: &mut Summary,
+        oos: &mut HashMap<String, u64>,
+        down: &mut Vec<String>,
+        superseded: &[StepRecord],
+    ) -> Result<()> {
         let original = self.opts.to.as_str();
-        let steps = self.env.journal.steps().await?;
+        // Everything is looked at before anything is decided, so a halt names every node down.
+        let view = self.cluster_view().await;
+        let steps = self.steps().await;
+        if steps.is_err() {
+            s.notes.push(
+                "the journal could not be read, so this report cannot say whether a node is out of service; `bbupgrade status` shows the nodes".into(),
+            );
+        }
+        let own = steps.as_deref().unwrap_or_default();
+        let mut seen = Vec::new();
+        let mut unanswered = None;
         for node in self.env.nodes {
-            let active_version = self.env.agents.active_version(node).await?;
-            // Without a cluster view, the agent's version alone decides.
-            let serving_original = self.env.bitbucket.cluster().await.map_or(true, |v| {
-                self.row(&v, node)
+            let serving = view.as_ref().is_ok_and(|v| {
+                self.row(v, node)
                     .row()
-                    .is_some_and(|z| z.state == NodeState::Active && z.runs(original))
+                    .is_some_and(|z| z.state == NodeState::Active)
             });
-            let obs = decide::RollbackObs {
-                active_version,
-                serving_original,
-            };
-            if !decide::needs_rollback(&obs, original) {
+            let left_out = decide::node_left_unfinished(superseded, &node.id) == Some(true)
+                || decide::taken_out(own, &node.id);
+            if !serving || left_out {
+                down.push(node.id.clone());
+            }
+            match self.env.agents.active_version(node).await {
+                Ok(active_version) => seen.push(decide::RollbackObs {
+                    active_version,
+                    serving,
+                    left_out,
+                }),
+                Err(e) => {
+                    unanswered.get_or_insert(e);
+                }
+            }
+        }
+        view?;
+        if let Some(e) = unanswered {
+            return Err(e);
+        }
+        let steps = steps?;
+        for (i, action) in decide::rollback_order(&seen, original) {
+            let node = &self.env.nodes[i];
+            if action == RollbackAction::PutBack {
+                self.put_back(node, &format!("serving on {original}"))
+                    .await?;
                 continue;
             }
             let mut h = NodeHistory::from_journal(&steps, &node.id);
             let d = self.rollback_node(node, original, &mut h).await?;
+            down.retain(|n| *n != node.id);
             oos.insert(node.id.clone(), d.as_millis() as u64);
             s.order.push(node.id.clone());
         }
@@ -954,6 +1104,15 @@ impl<'a> Driver<'a> {
             ));
         }
         s
+    }
+}
+
+/// Notes in `h` how a step ended; one that could not begin did nothing and keeps its id.
+fn note_end<T>(h: &mut NodeHistory, step: Step, r: &Result<T>) {
+    match r {
+        Ok(_) => h.completed(step),
+        Err(e) if e.downcast_ref::<PreStepError>().is_none() => h.ended(step, false),
+        Err(_) => {}
     }
 }
 

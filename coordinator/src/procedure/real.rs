@@ -36,7 +36,24 @@ pub async fn drive(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
 /// Returns every node not serving on the original version (`opts.to`) to it, one at a time.
 pub async fn drive_rollback(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
     let io = CtxIo::new(ctx, run, opts);
-    Driver::new(io.env(), run, opts).rollback().await
+    let superseded = superseded_steps(ctx, run).await;
+    Driver::new(io.env(), run, opts).rollback(&superseded).await
+}
+
+/// The steps of the latest upgrade run before rollback run `run` (none when it cannot be read).
+async fn superseded_steps(ctx: &Ctx, run: RunId) -> Vec<StepRecord> {
+    let (j, cluster) = (ctx.journal.clone(), ctx.cluster.name.clone());
+    tokio::task::spawn_blocking(move || {
+        let runs = j.recent_runs(&cluster, 20).ok()?;
+        let upgrade = runs
+            .iter()
+            .find(|r| r.id < run && r.kind == crate::journal::RunKind::Upgrade)?;
+        j.steps(upgrade.id).ok()
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_default()
 }
 
 /// The driver's traits over a command's context.
@@ -387,106 +404,124 @@ async fn stage_attempt(
 ) -> Result<StageResult, (bool, anyhow::Error)> {
     let mut client = ctx.client(node).await.map_err(|e| (true, e))?;
     let bar = ctx.reporter.stage_bar(&node.id, archive.size_bytes());
-    let response = match archive {
+    let (response, feeder) = match archive {
         ArchiveSource::Url { url, sha256 } => {
-            client
-                .stage_from_url(agents::request(
-                    StageFromUrlRequest {
-                        operation_id: id.to_string(),
-                        version: version.to_string(),
-                        url: url.clone(),
-                        sha256: sha256.clone(),
-                    },
-                    deadline,
-                ))
-                .await
+            let req = StageFromUrlRequest {
+                operation_id: id.to_string(),
+                version: version.to_string(),
+                url: url.clone(),
+                sha256: sha256.clone(),
+            };
+            let r = client.stage_from_url(agents::request(req, deadline)).await;
+            (r, None)
         }
         ArchiveSource::File {
             path,
             sha256,
             size_bytes,
         } => {
-            let header = StageUploadMessage {
-                msg: Some(stage_upload_message::Msg::Header(StageHeader {
-                    operation_id: id.to_string(),
-                    version: version.to_string(),
-                    sha256: sha256.clone(),
-                    size_bytes: *size_bytes,
-                })),
+            let header = StageHeader {
+                operation_id: id.to_string(),
+                version: version.to_string(),
+                sha256: sha256.clone(),
+                size_bytes: *size_bytes,
             };
-            let (tx, rx) = tokio::sync::mpsc::channel::<StageUploadMessage>(4);
-            let path = path.clone();
-            tokio::spawn(async move {
-                if tx.send(header).await.is_err() {
-                    return;
-                }
-                let Ok(mut f) = tokio::fs::File::open(&path).await else {
-                    return;
-                };
-                use tokio::io::AsyncReadExt;
-                loop {
-                    let mut buf = vec![0u8; UPLOAD_CHUNK_BYTES];
-                    let n = match f.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    buf.truncate(n);
-                    let msg = StageUploadMessage {
-                        msg: Some(stage_upload_message::Msg::Chunk(buf)),
-                    };
-                    if tx.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            client
-                .stage_upload(agents::request(
-                    tokio_stream::wrappers::ReceiverStream::new(rx),
-                    deadline,
-                ))
-                .await
+            let (rx, feeder) = upload_feed(path.clone(), header);
+            let r = client.stage_upload(agents::request(rx, deadline)).await;
+            (r, Some(feeder))
         }
     };
-    let retryable = |s: &tonic::Status| {
-        matches!(
-            s.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Aborted
-                | tonic::Code::Cancelled
-        )
+    let outcome = match response {
+        Ok(r) => stage_events(node, r.into_inner(), bar.as_ref()).await,
+        Err(s) => Err(stage_status(node, &s)),
     };
-    let mut stream = response
-        .map_err(|s| (retryable(&s), anyhow!(agents::status_text(&node.id, &s))))?
-        .into_inner();
-    let mut result = None;
-    while let Some(ev) = stream.next().await {
-        match ev {
-            Ok(StageEvent {
-                event: Some(stage_event::Event::Progress(p)),
-            }) => {
-                if let Some(b) = &bar {
-                    b.set_position(p.bytes);
-                }
-            }
-            Ok(StageEvent {
-                event: Some(stage_event::Event::Result(r)),
-            }) => result = Some(r),
-            Ok(_) => {}
-            Err(s) => return Err((retryable(&s), anyhow!(agents::status_text(&node.id, &s)))),
-        }
-    }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    // A file that could not be read is what failed, not the archive the agent received short.
+    if outcome.is_err()
+        && let Some(feeder) = feeder
+        && let Ok(Err(why)) = feeder.await
+    {
+        return Err((false, anyhow!("{why}")));
+    }
+    outcome
+}
+
+/// Streams the archive file after `header`; the task ends with why the file could not be read.
+fn upload_feed(
+    path: std::path::PathBuf,
+    header: StageHeader,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<StageUploadMessage>,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<StageUploadMessage>(4);
+    let task = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let header = StageUploadMessage {
+            msg: Some(stage_upload_message::Msg::Header(header)),
+        };
+        if tx.send(header).await.is_err() {
+            return Ok(());
+        }
+        let cannot = |e: std::io::Error| format!("cannot read the archive {}: {e}", path.display());
+        let mut f = tokio::fs::File::open(&path).await.map_err(cannot)?;
+        loop {
+            let mut buf = vec![0u8; UPLOAD_CHUNK_BYTES];
+            let n = f.read(&mut buf).await.map_err(cannot)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.truncate(n);
+            let msg = StageUploadMessage {
+                msg: Some(stage_upload_message::Msg::Chunk(buf)),
+            };
+            if tx.send(msg).await.is_err() {
+                // The agent stopped listening; its answer says why.
+                return Ok(());
+            }
+        }
+    });
+    (tokio_stream::wrappers::ReceiverStream::new(rx), task)
+}
+
+/// Whether a failed staging call is worth repeating (the connection, not the archive).
+fn stage_status(node: &Node, s: &tonic::Status) -> (bool, anyhow::Error) {
+    let retryable = matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Aborted
+            | tonic::Code::Cancelled
+    );
+    (retryable, anyhow!(agents::status_text(&node.id, s)))
+}
+
+/// Follows a staging stream to its result, moving the progress bar.
+async fn stage_events(
+    node: &Node,
+    mut stream: tonic::Streaming<StageEvent>,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<StageResult, (bool, anyhow::Error)> {
+    let mut result = None;
+    while let Some(ev) = stream.next().await {
+        match ev.map_err(|s| stage_status(node, &s))?.event {
+            Some(stage_event::Event::Progress(p)) => {
+                if let Some(b) = bar {
+                    b.set_position(p.bytes);
+                }
+            }
+            Some(stage_event::Event::Result(r)) => result = Some(r),
+            None => {}
+        }
+    }
     result.ok_or_else(|| {
-        (
-            true,
-            anyhow!(
-                "node '{}': the staging stream ended without a result",
-                node.id
-            ),
-        )
+        let e = anyhow!(
+            "node '{}': the staging stream ended without a result",
+            node.id
+        );
+        (true, e)
     })
 }
 
@@ -555,4 +590,30 @@ async fn start_node(ctx: &Ctx, node: &Node, op: String, start_secs: u64) -> Resu
         "{} on {} after {} ms",
         r.state, r.version, r.duration_ms
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unreadable_archive_is_reported_as_such_not_as_a_corrupt_upload() {
+        let header = StageHeader {
+            operation_id: "op".into(),
+            version: "8.19.6".into(),
+            sha256: String::new(),
+            size_bytes: 1,
+        };
+        let (mut rx, task) = upload_feed("/nonexistent/bitbucket.tar.gz".into(), header);
+        let mut sent = 0;
+        while rx.next().await.is_some() {
+            sent += 1;
+        }
+        assert_eq!(sent, 1, "only the header goes out");
+        let why = task.await.unwrap().unwrap_err();
+        assert!(
+            why.contains("cannot read the archive /nonexistent/bitbucket.tar.gz"),
+            "{why}"
+        );
+    }
 }
