@@ -9,6 +9,9 @@ use crate::loadbalancer::{self, LoadBalancer};
 use crate::node_match::{self, Match, NodeKey};
 use crate::plan::{self, ObservedNode};
 use crate::procedure::Step;
+use crate::procedure::decide::NodeHistory;
+use crate::procedure::drive::RunJournal;
+use crate::procedure::real::JournalOnThread;
 use crate::report::{Reporter, Summary};
 use crate::zdu::ClusterView;
 use crate::zdu_pool::ZduPool;
@@ -178,29 +181,35 @@ impl Ctx {
         })
     }
 
-    /// Records a step around `work`; the journal gets its start, end and result.
+    /// Records a step around `work`; the journal gets its start, end and result, on a blocking
+    /// thread (never on the async executor).
     pub async fn step<T, F>(&self, run: RunId, node: Option<&str>, step: Step, work: F) -> Result<T>
     where
         F: std::future::Future<Output = Result<(T, String)>>,
     {
-        let step = step.as_str();
+        let j = JournalOnThread::new(self.journal.clone(), run);
         // A dropped database connection fails the call that meets it; the next one reconnects.
-        let id = self
-            .journal
-            .begin_step(run, node, step, "")
-            .or_else(|_| self.journal.begin_step(run, node, step, ""))
-            .map_err(|e| PreStepError(format!("the journal failed before '{step}': {e}")))?;
-        self.reporter.step(node, step, "begin", "");
+        let id = match j.begin_step(node, step, "").await {
+            Ok(id) => id,
+            Err(_) => j
+                .begin_step(node, step, "")
+                .await
+                .map_err(|e| PreStepError(format!("the journal failed before '{step}': {e:#}")))?,
+        };
+        let name = step.as_str();
+        self.reporter.step(node, name, "begin", "");
         match work.await {
             Ok((v, detail)) => {
-                self.record_end(id, step, StepOutcome::Ok, &detail);
-                self.reporter.step(node, step, "ok", &detail);
+                self.record_end(&j, id, step, StepOutcome::Ok, &detail)
+                    .await;
+                self.reporter.step(node, name, "ok", &detail);
                 Ok(v)
             }
             Err(e) => {
                 let text = format!("{e:#}");
-                self.record_end(id, step, StepOutcome::Failed(text.clone()), "");
-                self.reporter.step(node, step, "failed", &text);
+                self.record_end(&j, id, step, StepOutcome::Failed(text.clone()), "")
+                    .await;
+                self.reporter.step(node, name, "failed", &text);
                 Err(e)
             }
         }
@@ -209,42 +218,34 @@ impl Ctx {
     /// Records a step's end; the work is done either way, so a journal that cannot take it (after
     /// one retry, which reconnects a dropped database) is reported, not made the step's failure.
     /// Resuming repeats such a step through its operation id, which the agent replays.
-    fn record_end(
+    async fn record_end(
         &self,
+        j: &JournalOnThread,
         id: crate::journal::StepId,
-        step: &str,
+        step: Step,
         outcome: StepOutcome,
         detail: &str,
     ) {
-        let first = self.journal.end_step(id, outcome.clone(), detail);
-        if first.is_err()
-            && let Err(e) = self.journal.end_step(id, outcome, detail)
-        {
-            tracing::error!(step, error = %e, "could not record the end of a step in the journal");
+        if j.end_step(id, outcome.clone(), detail).await.is_ok() {
+            return;
+        }
+        if let Err(e) = j.end_step(id, outcome, detail).await {
+            tracing::error!(%step, error = %e, "could not record the end of a step in the journal");
             self.reporter.step(
                 None,
-                step,
+                step.as_str(),
                 "info",
-                &format!("the journal did not take this step's end: {e}"),
+                &format!("the journal did not take this step's end: {e:#}"),
             );
         }
     }
 
-    /// Whether this run's journal has `step` of `node` completed.
-    pub fn step_done(&self, run: RunId, node: &str, step: Step) -> Result<bool> {
-        let steps = self.journal.steps(run)?;
-        let mine: Vec<_> = steps
-            .iter()
-            .filter(|s| s.node.as_deref() == Some(node))
-            .collect();
-        // A handled failure starts the node over: what came before it does not count as done.
-        let since = mine
-            .iter()
-            .rposition(|s| s.step == Step::FailureHandled)
-            .map_or(0, |i| i + 1);
-        Ok(mine[since..]
-            .iter()
-            .any(|s| s.step == step && s.outcome == Some(StepOutcome::Ok)))
+    /// Whether this run's journal has `step` of `node` completed (since its last handled failure).
+    pub async fn step_done(&self, run: RunId, node: &str, step: Step) -> Result<bool> {
+        let steps = JournalOnThread::new(self.journal.clone(), run)
+            .steps()
+            .await?;
+        Ok(NodeHistory::from_journal(&steps, node).done(step))
     }
 }
 

@@ -148,7 +148,10 @@ fn describe(v: &Verdict) -> String {
 /// run's summary when something was seen or done; never fails the run.
 pub async fn after_rejoin(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions) -> Option<String> {
     if matches!(ctx.cluster.load_balancer, LbConfig::None {})
-        || ctx.step_done(run, &node.id, Step::Skew).unwrap_or(false)
+        || ctx
+            .step_done(run, &node.id, Step::Skew)
+            .await
+            .unwrap_or(false)
     {
         return None;
     }

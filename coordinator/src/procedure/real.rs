@@ -70,10 +70,7 @@ impl<'a> CtxIo<'a> {
             ctx,
             run,
             opts,
-            journal: JournalOnThread {
-                journal: ctx.journal.clone(),
-                run,
-            },
+            journal: JournalOnThread::new(ctx.journal.clone(), run),
         }
     }
 
@@ -189,6 +186,10 @@ pub struct JournalOnThread {
 }
 
 impl JournalOnThread {
+    pub fn new(journal: Arc<Journal>, run: RunId) -> Self {
+        Self { journal, run }
+    }
+
     async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Journal, RunId) -> Result<T, crate::journal::JournalError> + Send + 'static,
@@ -284,7 +285,7 @@ async fn stage_all(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Result<()> {
     let results = futures::future::join_all(ctx.cluster.nodes.iter().map(|node| {
         let archive = archive.clone();
         async move {
-            if !ctx.step_done(run, &node.id, Step::Stage)? {
+            if !ctx.step_done(run, &node.id, Step::Stage).await? {
                 ctx.step(
                     run,
                     Some(&node.id),
@@ -293,7 +294,7 @@ async fn stage_all(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Result<()> {
                 )
                 .await?;
             }
-            if !ctx.step_done(run, &node.id, Step::Prepare)? {
+            if !ctx.step_done(run, &node.id, Step::Prepare).await? {
                 ctx.step(run, Some(&node.id), Step::Prepare, async {
                     let d = Duration::from_secs(PREPARE_TIMEOUT_SECS);
                     let r = agent_op(ctx, node, d, |mut c| {
