@@ -253,7 +253,12 @@ where
             Ok(Err(s))
                 if matches!(
                     s.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Aborted
+                    // Cancelled: the connection was cut mid-call (seen in the fault suite);
+                    // the operation id makes asking again safe.
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Aborted
+                        | tonic::Code::Cancelled
                 ) && Instant::now() < give_up =>
             {
                 ctx.forget_client(node).await;
