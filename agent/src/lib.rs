@@ -17,6 +17,7 @@ pub mod lb;
 pub mod metrics;
 pub mod node_state;
 pub mod prepare;
+pub mod rollback;
 pub mod rootfs;
 pub mod server;
 pub mod service;

@@ -279,6 +279,26 @@ impl AgentService {
         })
     }
 
+    /// A rollback whose target is already active: nothing is re-activated; the node is started
+    /// (it may have been stopped by a failed upgrade step) unless asked to stay stopped.
+    async fn rollback_in_place(
+        &self,
+        state: &NodeState,
+        no_start: bool,
+        start_timeout_secs: u32,
+    ) -> Result<RollbackRecord, Status> {
+        let state_text = if no_start {
+            "UNCHANGED".to_string()
+        } else {
+            self.start_bitbucket(start_timeout_secs).await?.state
+        };
+        Ok(RollbackRecord {
+            install_path: state.active_install.display().to_string(),
+            version: install_version(&state.active_install).unwrap_or_default(),
+            state: state_text,
+        })
+    }
+
     async fn start_bitbucket(&self, timeout_secs: u32) -> Result<StartResponse, Status> {
         let started = Instant::now();
         let version = install_version(&self.node_state().active_install).unwrap_or_default();
@@ -894,10 +914,22 @@ impl Agent for AgentService {
         let resp = self
             .run_detached(r.operation_id.clone(), "rollback", move |this| async move {
                 let state = this.node_state();
-                let Some(previous) = state.previous_install.clone() else {
-                    return Err(Status::failed_precondition(
-                        "there is no previous install to roll back to on this node",
-                    ));
+                let active_version = install_version(&state.active_install);
+                let previous_version = state.previous_install.as_deref().and_then(install_version);
+                let installs = crate::rollback::Installs {
+                    active_version: active_version.as_deref(),
+                    previous: state.previous_install.as_deref(),
+                    previous_version: previous_version.as_deref(),
+                };
+                let previous = match crate::rollback::plan_rollback(installs, &r.target_version)
+                    .map_err(Status::failed_precondition)?
+                {
+                    crate::rollback::RollbackPlan::Activate(p) => p,
+                    crate::rollback::RollbackPlan::AlreadyActive => {
+                        return this
+                            .rollback_in_place(&state, r.no_start, r.start_timeout_secs)
+                            .await;
+                    }
                 };
                 this.stop_bitbucket(r.stop_timeout_secs, false).await?;
                 let def = this.service_def();

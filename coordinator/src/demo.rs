@@ -174,7 +174,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let report = load.stop().await;
     let (summary, code) = match summary {
         Ok(s) => {
-            let code = if s.result == "upgraded" && report.failed == 0 && report.ssh_failed == 0 {
+            let code = if s.result == crate::journal::RunResult::Upgraded
+                && report.failed == 0
+                && report.ssh_failed == 0
+            {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -111,10 +111,13 @@ impl RunKind {
 }
 
 /// How a run ended; the same words as the `result` field of the JSON summary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RunResult {
     Upgraded,
     RolledBack,
+    /// Also what a summary says until the run's end is known: nothing is claimed.
+    #[default]
     Halted,
     Refused,
 }

@@ -3,8 +3,9 @@
 //!
 //! Layout: `cli` parses commands; `inventory` holds validated clusters and nodes; `agents` connects
 //! to agents over mutual TLS; `zdu` is Bitbucket's rolling-upgrade API; `loadbalancer` drains and
-//! restores nodes; `plan` decides (preflight, least-busy order) without I/O; `upgrade` carries a run
-//! out; `run` wires commands to it; `journal` records every step in SQLite; `report` prints;
+//! restores nodes; `plan` decides (preflight, least-busy order) without I/O; `procedure` carries a
+//! run out (pure decisions in `procedure::decide`, the driver in `procedure::drive`); `run` wires
+//! commands to it; `journal` records every step in SQLite; `report` prints;
 //! `status` and `demo` (with `sandbox`) are the other commands; `fleet` upgrades many clusters in
 //! waves.
 
@@ -17,11 +18,11 @@ pub mod journal;
 pub mod loadbalancer;
 pub mod node_match;
 pub mod plan;
+pub mod procedure;
 pub mod report;
 pub mod run;
 pub mod sandbox;
 pub mod skew;
 pub mod status;
-pub mod upgrade;
 pub mod zdu;
 pub mod zdu_pool;

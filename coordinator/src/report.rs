@@ -2,6 +2,7 @@
 //! bars for staging, and the final summary document.
 
 use crate::cli::Output;
+use crate::journal::RunResult;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use std::io::IsTerminal;
@@ -14,7 +15,7 @@ pub struct Summary {
     pub from: String,
     pub to: String,
     /// "upgraded" | "rolled_back" | "halted" | "refused"
-    pub result: String,
+    pub result: RunResult,
     pub order: Vec<String>,
     pub nodes: Vec<NodeSummary>,
     pub duration_ms: u64,
@@ -152,7 +153,7 @@ pub fn render_summary(s: &Summary) -> String {
         s.cluster,
         s.from,
         s.to,
-        s.result.to_uppercase(),
+        s.result.as_str().to_uppercase(),
         s.duration_ms as f64 / 1000.0
     );
     if !s.nodes.is_empty() {

@@ -8,13 +8,17 @@ use crate::journal::{ClusterLock, Journal, NewRun, RunId, RunKind, RunResult, St
 use crate::loadbalancer::{self, LoadBalancer};
 use crate::node_match::{self, Match, NodeKey};
 use crate::plan::{self, ObservedNode};
+use crate::procedure::Step;
+use crate::procedure::decide::NodeHistory;
+use crate::procedure::drive::RunJournal;
+use crate::procedure::real::JournalOnThread;
 use crate::report::{Reporter, Summary};
 use crate::zdu::ClusterView;
 use crate::zdu_pool::ZduPool;
 use anyhow::{Context, Result, anyhow, bail};
 use bbupgrade_common::proto::{LoadMetricsRequest, NodeInfoRequest, NodeInfoResponse};
 use bbupgrade_common::tls::TlsMaterial;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,45 +32,8 @@ pub const NODE_INFO_TIMEOUT_SECS: u64 = 10;
 /// How often a running coordinator refreshes its cluster lock.
 pub const LOCK_HEARTBEAT_INTERVAL_SECS: u64 = 2;
 
-/// Where the release comes from; recorded with the run so `resume` uses the same one.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum ArchiveSource {
-    File {
-        path: PathBuf,
-        sha256: String,
-        size_bytes: u64,
-    },
-    Url {
-        url: String,
-        sha256: String,
-    },
-}
-
-impl ArchiveSource {
-    pub fn sha256(&self) -> &str {
-        match self {
-            ArchiveSource::File { sha256, .. } | ArchiveSource::Url { sha256, .. } => sha256,
-        }
-    }
-
-    pub fn size_bytes(&self) -> u64 {
-        match self {
-            ArchiveSource::File { size_bytes, .. } => *size_bytes,
-            ArchiveSource::Url { .. } => 0,
-        }
-    }
-}
-
-/// The options of a run, kept in the journal.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunOptions {
-    pub to: String,
-    pub from: String,
-    pub archive: Option<ArchiveSource>,
-    pub auto_rollback: bool,
-    pub timeouts: Timeouts,
-}
+pub use crate::procedure::drive::PreStepError;
+pub use crate::procedure::{ArchiveSource, RunOptions};
 
 /// Everything a driver needs for one cluster.
 pub struct Ctx {
@@ -82,7 +49,6 @@ pub struct Ctx {
     clients: Mutex<HashMap<String, Client>>,
     /// Set when the cluster lock's heartbeat finds the lock gone: no further step begins.
     pub lock_lost: Arc<std::sync::atomic::AtomicBool>,
-    out_of_service: std::sync::Mutex<Option<(String, bool)>>,
 }
 
 impl Ctx {
@@ -112,7 +78,6 @@ impl Ctx {
             reporter,
             clients: Mutex::new(HashMap::new()),
             lock_lost: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            out_of_service: std::sync::Mutex::new(None),
         })
     }
 
@@ -122,6 +87,11 @@ impl Ctx {
             .get(&node.id)
             .cloned()
             .unwrap_or_else(|| node.bitbucket_key())
+    }
+
+    /// How every node (by inventory id) is recognised in Bitbucket's cluster view.
+    pub fn keys(&self) -> &HashMap<String, NodeKey> {
+        &self.keys
     }
 
     /// The row of `node` in `view`: followed by name or address, never by an id seen before.
@@ -211,28 +181,35 @@ impl Ctx {
         })
     }
 
-    /// Records a step around `work`; the journal gets its start, end and result.
-    pub async fn step<T, F>(&self, run: RunId, node: Option<&str>, step: &str, work: F) -> Result<T>
+    /// Records a step around `work`; the journal gets its start, end and result, on a blocking
+    /// thread (never on the async executor).
+    pub async fn step<T, F>(&self, run: RunId, node: Option<&str>, step: Step, work: F) -> Result<T>
     where
         F: std::future::Future<Output = Result<(T, String)>>,
     {
+        let j = JournalOnThread::new(self.journal.clone(), run);
         // A dropped database connection fails the call that meets it; the next one reconnects.
-        let id = self
-            .journal
-            .begin_step(run, node, step, "")
-            .or_else(|_| self.journal.begin_step(run, node, step, ""))
-            .map_err(|e| PreStepError(format!("the journal failed before '{step}': {e}")))?;
-        self.reporter.step(node, step, "begin", "");
+        let id = match j.begin_step(node, step, "").await {
+            Ok(id) => id,
+            Err(_) => j
+                .begin_step(node, step, "")
+                .await
+                .map_err(|e| PreStepError(format!("the journal failed before '{step}': {e:#}")))?,
+        };
+        let name = step.as_str();
+        self.reporter.step(node, name, "begin", "");
         match work.await {
             Ok((v, detail)) => {
-                self.record_end(id, step, StepOutcome::Ok, &detail);
-                self.reporter.step(node, step, "ok", &detail);
+                self.record_end(&j, id, step, StepOutcome::Ok, &detail)
+                    .await;
+                self.reporter.step(node, name, "ok", &detail);
                 Ok(v)
             }
             Err(e) => {
                 let text = format!("{e:#}");
-                self.record_end(id, step, StepOutcome::Failed(text.clone()), "");
-                self.reporter.step(node, step, "failed", &text);
+                self.record_end(&j, id, step, StepOutcome::Failed(text.clone()), "")
+                    .await;
+                self.reporter.step(node, name, "failed", &text);
                 Err(e)
             }
         }
@@ -241,123 +218,36 @@ impl Ctx {
     /// Records a step's end; the work is done either way, so a journal that cannot take it (after
     /// one retry, which reconnects a dropped database) is reported, not made the step's failure.
     /// Resuming repeats such a step through its operation id, which the agent replays.
-    fn record_end(
+    async fn record_end(
         &self,
+        j: &JournalOnThread,
         id: crate::journal::StepId,
-        step: &str,
+        step: Step,
         outcome: StepOutcome,
         detail: &str,
     ) {
-        let first = self.journal.end_step(id, outcome.clone(), detail);
-        if first.is_err()
-            && let Err(e) = self.journal.end_step(id, outcome, detail)
-        {
-            tracing::error!(step, error = %e, "could not record the end of a step in the journal");
+        if j.end_step(id, outcome.clone(), detail).await.is_ok() {
+            return;
+        }
+        if let Err(e) = j.end_step(id, outcome, detail).await {
+            tracing::error!(%step, error = %e, "could not record the end of a step in the journal");
             self.reporter.step(
                 None,
-                step,
+                step.as_str(),
                 "info",
-                &format!("the journal did not take this step's end: {e}"),
+                &format!("the journal did not take this step's end: {e:#}"),
             );
         }
     }
 
-    /// Whether this run's journal has `step` of `node` completed.
-    pub fn step_done(&self, run: RunId, node: &str, step: &str) -> Result<bool> {
-        let steps = self.journal.steps(run)?;
-        let mine: Vec<_> = steps
-            .iter()
-            .filter(|s| s.node.as_deref() == Some(node))
-            .collect();
-        // A handled failure starts the node over: what came before it does not count as done.
-        let since = mine
-            .iter()
-            .rposition(|s| s.step == FAILURE_MARKER_STEP)
-            .map_or(0, |i| i + 1);
-        Ok(mine[since..]
-            .iter()
-            .any(|s| s.step == step && s.outcome == Some(StepOutcome::Ok)))
-    }
-
-    /// Refuses to take another node out once the cluster lock is lost: the run halts between
-    /// nodes, never with one out of service, and `resume` continues it.
-    pub fn check_lock(&self) -> Result<()> {
-        if self.lock_lost.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(PreStepError(format!(
-                "the cluster lock of '{}' was lost (the journal's database connection dropped, or another coordinator took over); the run stops between nodes — continue it with `bbupgrade resume`",
-                self.cluster.name
-            ))
-            .into());
-        }
-        Ok(())
-    }
-
-    /// How many times this run completed `step` on `node`. Agent operation ids carry it: a step
-    /// repeated after a handled failure gets a fresh operation, while one cut short (begun, never
-    /// recorded as done) keeps its id, so the agent replays or finishes it instead of doing it twice.
-    pub fn completions(&self, run: RunId, node: &str, step: &str) -> Result<usize> {
-        Ok(self
-            .journal
-            .steps(run)?
-            .iter()
-            .filter(|s| {
-                s.node.as_deref() == Some(node)
-                    && s.step == step
-                    && s.outcome == Some(StepOutcome::Ok)
-            })
-            .count())
-    }
-
-    /// Notes that `node` is out of the load balancer (`stopping`: a stop was asked for); kept in
-    /// memory so a failing journal cannot hide which node must go back in.
-    pub fn mark_out(&self, node: &str, stopping: bool) {
-        *self
-            .out_of_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some((node.to_string(), stopping));
-    }
-
-    pub fn mark_in(&self) {
-        *self
-            .out_of_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    /// The node out of the load balancer, and whether a stop was asked of it.
-    pub fn out_node(&self) -> Option<(String, bool)> {
-        self.out_of_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Puts a node back in the load balancer, journaled when the journal works.
-    pub async fn put_back(&self, run: RunId, node: &Node, why: &str) -> Result<()> {
-        let journaled = self
-            .step(run, Some(&node.id), "enable", async {
-                self.lb.enable(&node.lb_server).await?;
-                Ok(((), why.to_string()))
-            })
-            .await;
-        match journaled {
-            Err(e) if e.downcast_ref::<PreStepError>().is_some() => {
-                self.lb.enable(&node.lb_server).await?;
-            }
-            other => other?,
-        }
-        self.mark_in();
-        Ok(())
+    /// Whether this run's journal has `step` of `node` completed (since its last handled failure).
+    pub async fn step_done(&self, run: RunId, node: &str, step: Step) -> Result<bool> {
+        let steps = JournalOnThread::new(self.journal.clone(), run)
+            .steps()
+            .await?;
+        Ok(NodeHistory::from_journal(&steps, node).done(step))
     }
 }
-
-/// The step that closes a handled node failure; a resume starts that node over after it.
-pub const FAILURE_MARKER_STEP: &str = "failure_handled";
-
-/// A step could not begin (the cluster lock was lost, or the journal failed): nothing was done.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct PreStepError(pub String);
 
 /// The journal named by `--state`, the inventory, or the default file.
 pub fn open_journal(state: Option<&str>, inventory_state: Option<&str>) -> Result<Journal> {
@@ -599,9 +489,9 @@ pub async fn plan_command(args: UpgradeArgs) -> Result<ExitCode> {
 }
 
 fn exit_for(summary: &Summary) -> ExitCode {
-    match summary.result.as_str() {
-        "upgraded" | "rolled_back" if summary.error.is_none() => ExitCode::SUCCESS,
-        "refused" => ExitCode::from(2),
+    match summary.result {
+        RunResult::Upgraded | RunResult::RolledBack if summary.error.is_none() => ExitCode::SUCCESS,
+        RunResult::Refused => ExitCode::from(2),
         _ => ExitCode::from(1),
     }
 }
@@ -700,7 +590,7 @@ pub async fn upgrade_summary(args: UpgradeArgs, progress: bool) -> Result<Summar
             cluster: ctx.cluster.name.clone(),
             from: report.from.clone().unwrap_or_default(),
             to: to.clone(),
-            result: "refused".into(),
+            result: RunResult::Refused,
             error: Some(
                 failed
                     .iter()
@@ -736,7 +626,7 @@ pub async fn upgrade_summary(args: UpgradeArgs, progress: bool) -> Result<Summar
         actor: actor(),
         options_json: serde_json::to_string(&options)?,
     })?;
-    let summary = crate::upgrade::drive(&ctx, run, &options).await;
+    let summary = crate::procedure::drive(&ctx, run, &options).await;
     beat.abort();
     Ok(summary)
 }
@@ -771,9 +661,9 @@ pub async fn resume_command(args: UpgradeArgs) -> Result<ExitCode> {
         ),
     );
     let summary = if open.kind == RunKind::Rollback {
-        crate::upgrade::drive_rollback(&ctx, open.id, &options).await
+        crate::procedure::drive_rollback(&ctx, open.id, &options).await
     } else {
-        crate::upgrade::drive(&ctx, open.id, &options).await
+        crate::procedure::drive(&ctx, open.id, &options).await
     };
     beat.abort();
     ctx.reporter.summary(&summary);
@@ -831,7 +721,7 @@ pub async fn rollback_command(args: UpgradeArgs) -> Result<ExitCode> {
         actor: actor(),
         options_json: serde_json::to_string(&options)?,
     })?;
-    let summary = crate::upgrade::drive_rollback(&ctx, run, &options).await;
+    let summary = crate::procedure::drive_rollback(&ctx, run, &options).await;
     beat.abort();
     ctx.reporter.summary(&summary);
     Ok(exit_for(&summary))

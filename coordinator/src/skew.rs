@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::inventory::Node;
 use crate::journal::RunId;
 use crate::loadbalancer::LbConfig;
+use crate::procedure::Step;
 use crate::run::{Ctx, RunOptions};
 use crate::zdu::{ClusterView, NodeState, ZduNode};
 
@@ -147,7 +148,10 @@ fn describe(v: &Verdict) -> String {
 /// run's summary when something was seen or done; never fails the run.
 pub async fn after_rejoin(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions) -> Option<String> {
     if matches!(ctx.cluster.load_balancer, LbConfig::None {})
-        || ctx.step_done(run, &node.id, "skew").unwrap_or(false)
+        || ctx
+            .step_done(run, &node.id, Step::Skew)
+            .await
+            .unwrap_or(false)
     {
         return None;
     }
@@ -185,7 +189,7 @@ pub async fn after_rejoin(ctx: &Ctx, run: RunId, node: &Node, opts: &RunOptions)
     };
     let seen = describe(&verdict);
     let r = ctx
-        .step(run, Some(&node.id), "skew", async {
+        .step(run, Some(&node.id), Step::Skew, async {
             let drained = ctx.lb.drain(&node.lb_server, s.drain).await;
             if drained.is_ok() {
                 tokio::time::sleep(s.out).await;

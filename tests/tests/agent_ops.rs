@@ -319,6 +319,7 @@ async fn stage_prepare_stop_activate_start_rollback() {
             stop_timeout_secs: CALL_TIMEOUT_SECS,
             start_timeout_secs: CALL_TIMEOUT_SECS,
             no_start: false,
+            target_version: "8.19.3".into(),
         })
         .await
         .expect("rollback")
@@ -334,6 +335,46 @@ async fn stage_prepare_stop_activate_start_rollback() {
     let facts = c.node_info(NodeInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(facts.active_version, "8.19.3");
     assert_eq!(Path::new(&facts.previous_install), install);
+
+    // Repeated with fresh operation ids (a re-run rollback, a resume): the node stays where the
+    // rollback named, it never flips back to the new install.
+    for id in ["rollback-2", "rollback-3"] {
+        let again = c
+            .rollback(RollbackRequest {
+                operation_id: id.into(),
+                stop_timeout_secs: CALL_TIMEOUT_SECS,
+                start_timeout_secs: CALL_TIMEOUT_SECS,
+                no_start: false,
+                target_version: "8.19.3".into(),
+            })
+            .await
+            .expect("repeated rollback")
+            .into_inner();
+        assert_eq!(
+            (again.version.as_str(), again.state.as_str()),
+            ("8.19.3", "RUNNING"),
+            "{id}"
+        );
+    }
+    let facts = c.node_info(NodeInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(facts.active_version, "8.19.3");
+    // A version that is not the previous install is refused, never activated.
+    let refused = c
+        .rollback(RollbackRequest {
+            operation_id: "rollback-older".into(),
+            stop_timeout_secs: CALL_TIMEOUT_SECS,
+            start_timeout_secs: CALL_TIMEOUT_SECS,
+            no_start: false,
+            target_version: "8.19.1".into(),
+        })
+        .await
+        .expect_err("no install of 8.19.1 to return to");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert_eq!(sim_info(&node.base_url).await["version"], "8.19.3");
 }
 
 /// Serves one file over HTTP/1.1 to any GET; counts the requests.

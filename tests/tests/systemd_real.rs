@@ -702,6 +702,7 @@ async fn drive(node: &Node, variant: Variant) -> Result<()> {
             stop_timeout_secs: STEP_SECS,
             start_timeout_secs: STEP_SECS,
             no_start: false,
+            target_version: String::new(),
         }))
         .await?
         .into_inner();

@@ -220,7 +220,7 @@ async fn upgrade(
         let options: RunOptions = serde_json::from_str(&open.options_json)
             .with_context(|| format!("reading the options of run #{}", open.id))?;
         ctx.timeouts = options.timeouts.clone();
-        let summary = crate::upgrade::drive(&ctx, open.id, &options).await;
+        let summary = crate::procedure::drive(&ctx, open.id, &options).await;
         return Ok(outcome_of(&summary, &format!("resumed run #{}", open.id)));
     }
     if let Some(id) = previous.cluster_run_id
@@ -263,12 +263,12 @@ async fn upgrade(
     })?;
     fleet_journal::set_cluster_run(&shared.journal, shared.fleet, &ctx.cluster.name, run_id)
         .map_err(|e| anyhow!(e))?;
-    let summary = crate::upgrade::drive(&ctx, run_id, &options).await;
+    let summary = crate::procedure::drive(&ctx, run_id, &options).await;
     Ok(outcome_of(&summary, &format!("run #{run_id}")))
 }
 
 fn outcome_of(s: &Summary, run: &str) -> Outcome {
-    if s.result == "upgraded" && s.error.is_none() {
+    if s.result == RunResult::Upgraded && s.error.is_none() {
         return Outcome::Upgraded(format!(
             "{} -> {}: {} node(s) in {:.1}s ({run})",
             s.from,
@@ -279,7 +279,7 @@ fn outcome_of(s: &Summary, run: &str) -> Outcome {
     }
     let mut why = format!(
         "{}: {} ({run})",
-        s.result,
+        s.result.as_str(),
         s.error.as_deref().unwrap_or("no error recorded")
     );
     if !s.notes.is_empty() {
@@ -337,13 +337,13 @@ mod tests {
         let mut s = Summary {
             from: "8.19.3".into(),
             to: "8.19.6".into(),
-            result: "upgraded".into(),
+            result: RunResult::Upgraded,
             ..Default::default()
         };
         assert!(
             matches!(outcome_of(&s, "run #1"), Outcome::Upgraded(r) if r.contains("8.19.3 -> 8.19.6"))
         );
-        s.result = "halted".into();
+        s.result = RunResult::Halted;
         s.error = Some("node 'n1' failed: ERROR".into());
         s.notes = vec!["node 'n1' is stopped".into()];
         let o = outcome_of(&s, "run #2");
