@@ -169,21 +169,6 @@ pub fn read(path: impl AsRef<Path>) -> String {
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.as_ref().display()))
 }
 
-/// The real-world fixtures (`../shared/fixtures/real-world`), or `None` (with a message) in a
-/// clone without them.
-pub fn fixtures_dir() -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/real-world");
-    if d.is_dir() {
-        Some(d)
-    } else {
-        eprintln!(
-            "SKIPPED: the real-world fixtures are not at {}",
-            d.display()
-        );
-        None
-    }
-}
-
 /// The row of a simulated node in a `GET /rest/zdu/cluster` document: the live row at its cluster
 /// port, else an OFFLINE one left there (ids change on every restart, names are "Not configured").
 pub fn zdu_row<'a>(

@@ -12,6 +12,11 @@ fn fixtures() -> Option<PathBuf> {
     if dir.is_dir() {
         Some(dir)
     } else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "real-world fixtures not found at {} (CI=true)",
+            dir.display()
+        );
         println!(
             "SKIPPED: real-world fixtures not found at {} (they live outside the project)",
             dir.display()

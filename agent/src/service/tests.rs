@@ -355,6 +355,11 @@ fn bitbucket_user_parses() {
         "/../../shared/fixtures/real-world/bin-scripts/release-7.21.17/set-bitbucket-user.sh"
     ))
     .ok() else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "real-world fixtures not found (CI=true)"
+        );
         println!("SKIPPED: real-world fixtures not found");
         return;
     };

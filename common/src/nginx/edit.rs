@@ -681,6 +681,11 @@ mod tests {
         if p.is_file() {
             Some(p)
         } else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "fixture {} is absent (CI=true)",
+                p.display()
+            );
             eprintln!("SKIPPED: fixture {} is absent", p.display());
             None
         }
