@@ -130,7 +130,14 @@ async fn rolling_upgrade_under_load_fails_no_request() {
                 .map(str::to_string)
                 .unwrap_or_else(|| panic!("{}: no {step} step in {steps:#?}", node.name))
         };
-        detail("drain");
+        let out_of = detail("drain");
+        assert!(
+            out_of.contains("drained in")
+                && out_of.contains("backend bitbucket and ")
+                && out_of.ends_with("backend bitbucket_ssh"),
+            "{}: {out_of}",
+            node.name
+        );
         let back = detail("enable");
         assert!(
             back.contains("backend bitbucket and ") && back.ends_with("backend bitbucket_ssh"),

@@ -159,10 +159,12 @@ impl Bitbucket for CtxIo<'_> {
 impl Balancer for CtxIo<'_> {
     async fn drain(&self, node: &Node, timeout: Duration) -> Result<String> {
         let r = self.ctx.lb.drain(&node.lb_server, timeout).await?;
+        // Name every door (backend and load balancer) the node was drained from, for the journal.
         Ok(format!(
-            "{} sessions drained in {:.1}s",
+            "{} sessions drained in {:.1}s from {}",
             r.sessions_at_start,
-            r.waited.as_secs_f64()
+            r.waited.as_secs_f64(),
+            self.ctx.lb.describe()
         ))
     }
 
