@@ -27,12 +27,16 @@ pub struct Cli {
 pub enum Command {
     /// Verify and extract a release archive into <install-root>/<version>, in one pass.
     Stage {
+        /// The release archive (atlassian-bitbucket-X.Y.Z.tar.gz).
         #[arg(long)]
         archive: PathBuf,
+        /// Its expected SHA-256 (64 hex digits); a mismatch stages nothing.
         #[arg(long)]
         sha256: String,
+        /// The release the archive holds, e.g. 8.19.6.
         #[arg(long)]
         version: String,
+        /// Where installs live; the release goes to <install-root>/<version>.
         #[arg(long)]
         install_root: PathBuf,
     },
@@ -40,12 +44,7 @@ pub enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BBUPGRADE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    bbupgrade_common::logging::init("info");
     match cli.command {
         Some(Command::Stage {
             archive,

@@ -176,6 +176,7 @@ impl OpJournal {
                 );
             }
         }
+        log_end(&rec);
         if let Err(e) = self.write(&rec) {
             tracing::error!(operation = id, error = %e, "could not record an operation's end");
         }
@@ -211,6 +212,26 @@ impl OpJournal {
 fn read_record(path: &Path) -> Option<OpRecord> {
     let bytes = std::fs::read(path).ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// The one log line of a finished operation (journald shows it with the agent's unit).
+fn log_end(rec: &OpRecord) {
+    let ms = rec
+        .finished_unix_ms
+        .unwrap_or(rec.started_unix_ms)
+        .saturating_sub(rec.started_unix_ms);
+    match &rec.error {
+        None => tracing::info!(
+            "operation {} ({}) succeeded in {ms} ms",
+            rec.operation_id,
+            rec.kind
+        ),
+        Some(e) => tracing::warn!(
+            "operation {} ({}) failed after {ms} ms: {e}",
+            rec.operation_id,
+            rec.kind
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -261,11 +261,11 @@ async fn handshake(
         r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => match r {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                tracing::warn!(%remote, error = %e, "refused a TLS peer: handshake failed");
                 return;
             }
             Err(_) => {
-                tracing::debug!(%remote, timeout = ?limits.handshake_timeout, "TLS handshake not completed in time; closed");
+                tracing::warn!(%remote, timeout = ?limits.handshake_timeout, "refused a TLS peer: handshake not completed in time");
                 return;
             }
         },

@@ -11,6 +11,7 @@ pub mod accept;
 pub mod echo;
 pub mod identity;
 pub mod keyfile;
+pub mod logging;
 pub mod nginx;
 pub mod pki;
 pub mod tls;

@@ -1,5 +1,6 @@
-//! The `bbupgrade` command line: argument parsing and dispatch. Exit codes: 0 done, 1 failed,
-//! 2 bad input.
+//! The `bbupgrade` command line: argument parsing and dispatch. Exit codes (the same failure gives
+//! the same code from every command; `manual::EXIT_CODES`): 0 done, 1 failed or not ready, 2 bad
+//! input.
 
 use crate::inventory::Inventory;
 use anyhow::{Context, Result};
@@ -42,33 +43,49 @@ pub enum Command {
     /// Agent reachability, identity, versions and load of every node of a cluster, and its latest
     /// runs from the journal (who ran what, when, how it ended); `--steps` for each step.
     Status(StatusArgs),
-    /// Preflight checks and the ordered plan; changes nothing.
-    Plan(UpgradeArgs),
+    /// Preflight checks, the archive verified, and the ordered plan; changes nothing.
+    Plan(PlanArgs),
     /// Upgrade a cluster node by node without downtime.
     Upgrade(UpgradeArgs),
     /// Continue the cluster's unfinished run from its journal and the live state.
-    Resume(UpgradeArgs),
+    Resume(ResumeArgs),
     /// Return every upgraded node to the original version, one at a time.
-    Rollback(UpgradeArgs),
+    Rollback(RollbackArgs),
     /// A local sandbox cluster of simulated nodes with real agents, upgraded end to end.
     Demo(crate::demo::DemoArgs),
     /// Upgrade many clusters in waves (canary, concurrency, failure budget, windows); `fleet status`.
     Fleet(crate::fleet::FleetArgs),
+    /// Print the shell completion script (bash: /usr/share/bash-completion/completions/bbupgrade).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (bbupgrade.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum PkiCommand {
     /// Create the CA (ca.pem, ca.key) and an empty revocation list (crl.pem) in a directory.
     Init {
+        /// The PKI directory (ca.pem, ca.key, crl.pem and the issued certificates).
         #[arg(long)]
         dir: PathBuf,
     },
     /// Issue a certificate for an agent (397 days) or a coordinator (90 days).
     Issue {
+        /// The PKI directory (ca.pem, ca.key, crl.pem and the issued certificates).
         #[arg(long)]
         dir: PathBuf,
+        /// `agent` for a node's agent, `coordinator` for an admin or a CI job running bbupgrade.
         #[arg(long, value_parser = ["agent", "coordinator"])]
         role: String,
+        /// The node id (agents; the inventory's node id) or the admin's name (coordinators).
         #[arg(long)]
         name: String,
         /// DNS name or IP address the holder is reached at (repeatable).
@@ -84,8 +101,10 @@ pub enum PkiCommand {
     /// Revoke a certificate: add it to crl.pem, then copy crl.pem to every agent (`[tls] crl`)
     /// and to the inventory's `tls.crl`.
     Revoke {
+        /// The PKI directory (ca.pem, ca.key, crl.pem and the issued certificates).
         #[arg(long)]
         dir: PathBuf,
+        /// The name the certificate was issued to.
         #[arg(long)]
         name: String,
         /// Which certificate when an agent and a coordinator share the name.
@@ -96,12 +115,45 @@ pub enum PkiCommand {
 
 #[derive(Args, Clone)]
 pub struct ClusterArgs {
-    #[arg(long)]
+    /// The inventory (TOML): clusters, their nodes and agents, load balancers, TLS files.
+    #[arg(short = 'i', long, env = "BBUPGRADE_INVENTORY")]
     pub inventory: PathBuf,
-    #[arg(long)]
-    pub cluster: String,
+    /// The cluster in the inventory; may be left out when the inventory has only one.
+    #[arg(short = 'c', long)]
+    pub cluster: Option<String>,
+    /// How to print: `human` for people, `json` for programs (runs stream one JSON object per line).
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
+}
+
+/// The journal and the soak time, shared by the commands that drive a run.
+#[derive(Args, Clone, Default)]
+pub struct RunArgs {
+    /// The journal: `postgres://...`, `sqlite:PATH` or a path (default: from the inventory, else
+    /// ./bbupgrade-journal.db).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Healthy time after a node rejoins before the next node is taken out (overrides the inventory).
+    #[arg(long)]
+    pub soak_secs: Option<u64>,
+}
+
+/// The release to upgrade to and where its archive comes from.
+#[derive(Args, Clone, Default)]
+pub struct ReleaseArgs {
+    /// The bug-fix release to upgrade to, e.g. 8.19.6.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// The release archive (atlassian-bitbucket-X.Y.Z.tar.gz), streamed to every agent.
+    #[arg(long, conflicts_with = "archive_url")]
+    pub archive: Option<PathBuf>,
+    /// A URL the agents download the release from themselves (with --sha256).
+    #[arg(long, requires = "sha256")]
+    pub archive_url: Option<String>,
+    /// The archive's SHA-256 (64 hex digits): required with --archive-url, checked against
+    /// --archive when given.
+    #[arg(long)]
+    pub sha256: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -123,30 +175,76 @@ pub struct StatusArgs {
     pub run: Option<i64>,
 }
 
+/// `plan`: the target, and the archive it verifies.
+#[derive(Args, Clone)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub target: ClusterArgs,
+    #[command(flatten)]
+    pub release: ReleaseArgs,
+}
+
 #[derive(Args, Clone)]
 pub struct UpgradeArgs {
     #[command(flatten)]
     pub target: ClusterArgs,
-    /// The bug-fix release to upgrade to, e.g. 8.19.6.
-    #[arg(long)]
-    pub to: Option<String>,
-    /// The release archive (atlassian-bitbucket-X.Y.Z.tar.gz), streamed to every agent.
-    #[arg(long, conflicts_with = "archive_url")]
-    pub archive: Option<PathBuf>,
-    /// A URL the agents download the release from themselves (with --sha256).
-    #[arg(long, requires = "sha256")]
-    pub archive_url: Option<String>,
-    #[arg(long)]
-    pub sha256: Option<String>,
-    /// The journal: `sqlite:PATH` or a path (default: from the inventory, else ./bbupgrade-journal.db).
-    #[arg(long)]
-    pub state: Option<String>,
+    #[command(flatten)]
+    pub release: ReleaseArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Roll a failed node back to the original version and put it back in service.
     #[arg(long)]
     pub auto_rollback: bool,
-    /// Healthy time after a node rejoins before the next node is taken out (overrides the inventory).
-    #[arg(long)]
-    pub soak_secs: Option<u64>,
+}
+
+/// `resume`: the run's own options come from the journal.
+#[derive(Args, Clone)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    pub target: ClusterArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `rollback`: the versions come from the journal (or Bitbucket's original version).
+#[derive(Args, Clone)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub target: ClusterArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl From<PlanArgs> for UpgradeArgs {
+    fn from(a: PlanArgs) -> Self {
+        Self {
+            target: a.target,
+            release: a.release,
+            run: RunArgs::default(),
+            auto_rollback: false,
+        }
+    }
+}
+
+impl From<ResumeArgs> for UpgradeArgs {
+    fn from(a: ResumeArgs) -> Self {
+        Self {
+            target: a.target,
+            release: ReleaseArgs::default(),
+            run: a.run,
+            auto_rollback: false,
+        }
+    }
+}
+
+impl From<RollbackArgs> for UpgradeArgs {
+    fn from(a: RollbackArgs) -> Self {
+        ResumeArgs {
+            target: a.target,
+            run: a.run,
+        }
+        .into()
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -176,12 +274,7 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BBUPGRADE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    bbupgrade_common::logging::init("warn");
 }
 
 /// Loads the inventory; problems with it are bad input.
@@ -193,12 +286,21 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Pki { command } => pki(command).map(|_| ExitCode::SUCCESS),
         Command::Status(args) => status(args).await,
-        Command::Plan(args) => crate::run::plan_command(args).await,
+        Command::Plan(args) => crate::run::plan_command(args.into()).await,
         Command::Upgrade(args) => crate::run::upgrade_command(args).await,
-        Command::Resume(args) => crate::run::resume_command(args).await,
-        Command::Rollback(args) => crate::run::rollback_command(args).await,
+        Command::Resume(args) => crate::run::resume_command(args.into()).await,
+        Command::Rollback(args) => crate::run::rollback_command(args.into()).await,
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Fleet(args) => crate::fleet::command(args).await,
+        Command::Completions { shell } => {
+            crate::manual::print_completions(shell);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            let pages = crate::manual::write_man_pages(&dir)?;
+            println!("wrote {} man pages to {}", pages.len(), dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -279,7 +381,7 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
     } = args;
     let inv = load_inventory(&args.inventory)?;
     let cluster = inv
-        .cluster(&args.cluster)
+        .pick_cluster(args.cluster.as_deref())
         .map_err(|e| BadInput(format!("{e:#}")))?;
     let tls = inv
         .tls
@@ -310,6 +412,7 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
         Ok(audit) => {
             report.journal = audit.journal;
             report.runs = audit.runs;
+            report.open_run = audit.open_run;
         }
         Err(e) if explicit || e.downcast_ref::<BadInput>().is_some() => return Err(e),
         Err(e) => report.journal_error = Some(format!("{e:#}")),
@@ -321,7 +424,14 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
     let unreachable = report.nodes.iter().filter(|n| !n.reachable).count();
     if unreachable > 0 {
         eprintln!("{unreachable} of {} agents unreachable", report.nodes.len());
-        return Ok(ExitCode::from(1));
     }
-    Ok(ExitCode::SUCCESS)
+    let problems = crate::status::problems(&report.nodes, &report.bitbucket);
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

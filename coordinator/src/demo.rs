@@ -15,10 +15,13 @@ use std::time::Duration;
 
 #[derive(Args, Clone)]
 pub struct DemoArgs {
+    /// How many simulated nodes.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
+    /// The version the nodes run first.
     #[arg(long, default_value = "8.19.3")]
     pub from: String,
+    /// The version the demo upgrades to.
     #[arg(long, default_value = "8.19.6")]
     pub to: String,
     /// Load balancer in front of the nodes (default: haproxy; without it installed, the simulator's
@@ -28,6 +31,7 @@ pub struct DemoArgs {
     /// Keep the sandbox's files here (inventory.toml, pki/, homes, installs) after the demo exits.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// How to print: `human` for people, `json` for programs.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
     /// Size of each simulated release's payload.
@@ -159,16 +163,17 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let upgrade_args = UpgradeArgs {
         target: crate::cli::ClusterArgs {
             inventory: sandbox.inventory.clone(),
-            cluster: sandbox.cluster_name.clone(),
+            cluster: Some(sandbox.cluster_name.clone()),
             output: args.output,
         },
-        to: Some(to.to_string()),
-        archive: Some(sandbox.to_archive.path.clone()),
-        archive_url: None,
-        sha256: Some(sandbox.to_archive.sha256.clone()),
-        state: None,
+        release: crate::cli::ReleaseArgs {
+            to: Some(to.to_string()),
+            archive: Some(sandbox.to_archive.path.clone()),
+            archive_url: None,
+            sha256: Some(sandbox.to_archive.sha256.clone()),
+        },
+        run: crate::cli::RunArgs::default(),
         auto_rollback: false,
-        soak_secs: None,
     };
     let summary = crate::run::upgrade_summary(upgrade_args, args.output == Output::Human).await;
     let report = load.stop().await;

@@ -17,7 +17,7 @@ pub mod report;
 pub mod waves;
 pub mod window;
 
-use crate::cli::{BadInput, ClusterArgs, Output, UpgradeArgs, load_inventory};
+use crate::cli::{BadInput, Output, ReleaseArgs, load_inventory};
 use crate::journal::{Journal, this_process_holder};
 use crate::run::{ArchiveSource, open_journal};
 use anyhow::{Result, anyhow};
@@ -49,7 +49,8 @@ pub enum FleetCommand {
 
 #[derive(Args, Clone)]
 pub struct FleetRunArgs {
-    #[arg(long, required = true)]
+    /// The inventory (TOML) listing the fleet's clusters.
+    #[arg(short = 'i', long, env = "BBUPGRADE_INVENTORY", required = true)]
     pub inventory: Option<PathBuf>,
     /// The bug-fix release every selected cluster goes to, e.g. 8.19.6.
     #[arg(long)]
@@ -78,11 +79,14 @@ pub struct FleetRunArgs {
     /// A URL every agent downloads the release from itself (with --sha256); agents keep a cache.
     #[arg(long, requires = "sha256")]
     pub archive_url: Option<String>,
+    /// The archive's SHA-256 (64 hex digits): required with --archive-url, checked against
+    /// --archive when given.
     #[arg(long)]
     pub sha256: Option<String>,
     /// The journal: `sqlite:PATH` or a path (default: from the inventory, else ./bbupgrade-journal.db).
     #[arg(long)]
     pub state: Option<String>,
+    /// How to print: `human` for people, `json` for programs.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
     /// Roll a failed node back to the original version and put it back in service.
@@ -101,26 +105,32 @@ pub struct FleetRunArgs {
 
 #[derive(Args, Clone)]
 pub struct FleetStatusArgs {
-    #[arg(long)]
+    /// The inventory (TOML) listing the fleet's clusters.
+    #[arg(short = 'i', long, env = "BBUPGRADE_INVENTORY")]
     pub inventory: PathBuf,
+    /// The journal holding the fleet runs (default: from the inventory, else ./bbupgrade-journal.db).
     #[arg(long)]
     pub state: Option<String>,
     /// A fleet run id (default: the latest).
     #[arg(long)]
     pub run: Option<i64>,
+    /// How to print: `human` for people, `json` for programs.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
 }
 
 #[derive(Args, Clone)]
 pub struct FleetResumeArgs {
-    #[arg(long)]
+    /// The inventory (TOML) listing the fleet's clusters.
+    #[arg(short = 'i', long, env = "BBUPGRADE_INVENTORY")]
     pub inventory: PathBuf,
+    /// The journal holding the fleet runs (default: from the inventory, else ./bbupgrade-journal.db).
     #[arg(long)]
     pub state: Option<String>,
     /// A fleet run id (default: the latest unfinished one).
     #[arg(long)]
     pub run: Option<i64>,
+    /// How to print: `human` for people, `json` for programs.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
     /// Give failed clusters another turn (their cluster runs are resumed).
@@ -189,19 +199,11 @@ async fn start(args: FleetRunArgs) -> Result<ExitCode> {
         .collect();
     let selected =
         plan::select(&candidates, &args.clusters, &args.labels, &args.canary).map_err(bad)?;
-    let archive = crate::run::archive_source(&UpgradeArgs {
-        target: ClusterArgs {
-            inventory: inventory.clone(),
-            cluster: String::new(),
-            output: args.output,
-        },
+    let archive = crate::run::archive_source(&ReleaseArgs {
         to: Some(to.clone()),
         archive: args.archive.clone(),
         archive_url: args.archive_url.clone(),
         sha256: args.sha256.clone(),
-        state: args.state.clone(),
-        auto_rollback: args.auto_rollback,
-        soak_secs: args.soak_secs,
     })
     .await?
     .ok_or_else(|| bad("give the release with --archive-url URL --sha256 HEX (agents download it) or --archive FILE (streamed)"))?;

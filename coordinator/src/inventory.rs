@@ -284,6 +284,24 @@ impl Inventory {
         })
     }
 
+    /// The cluster named `name`, or with no name the inventory's only cluster (`-c` may be left
+    /// out then).
+    pub fn pick_cluster(&self, name: Option<&str>) -> Result<&Cluster> {
+        match (name, self.clusters.as_slice()) {
+            (Some(name), _) => self.cluster(name),
+            (None, [only]) => Ok(only),
+            (None, all) => {
+                let known: Vec<_> = all.iter().map(|c| c.name.as_str()).collect();
+                anyhow::bail!(
+                    "{} has {} clusters ({}): say which with -c/--cluster NAME",
+                    self.path.display(),
+                    all.len(),
+                    known.join(", ")
+                )
+            }
+        }
+    }
+
     pub fn cluster(&self, name: &str) -> Result<&Cluster> {
         self.clusters
             .iter()
@@ -518,6 +536,8 @@ lb_server = "bb2"
             Some("Mon-Fri 22:00-02:00 UTC".to_string())
         );
         let err = inv.cluster("test").unwrap_err().to_string();
+        assert_eq!(inv.pick_cluster(None).unwrap().name, "prod");
+        assert_eq!(inv.pick_cluster(Some("prod")).unwrap().name, "prod");
         assert!(err.contains("known clusters: prod"), "{err}");
         assert!(c.node("n9").is_err());
     }

@@ -29,7 +29,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &str, ok: bool, detail: impl Into<String>) -> Self {
+    pub fn new(name: &str, ok: bool, detail: impl Into<String>) -> Self {
         Self {
             name: name.to_string(),
             ok,

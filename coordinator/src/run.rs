@@ -2,7 +2,7 @@
 //! they share: inventory, journal, agents, Bitbucket's API and the load balancer.
 
 use crate::agents::{self, Client};
-use crate::cli::{BadInput, Output, UpgradeArgs, load_inventory};
+use crate::cli::{BadInput, Output, ReleaseArgs, UpgradeArgs, load_inventory};
 use crate::inventory::{Cluster, Node, Timeouts};
 use crate::journal::{ClusterLock, Journal, NewRun, RunId, RunKind, RunResult, StepOutcome};
 use crate::loadbalancer::{self, LoadBalancer};
@@ -126,8 +126,11 @@ impl Ctx {
             c.node_info(agents::request(NodeInfoRequest {}, d)),
         )
         .await;
-        if r.is_err() {
-            self.forget_client(node).await;
+        match &r {
+            Ok(info) => self
+                .reporter
+                .learn_paths(&info.install_root, &info.bitbucket_home),
+            Err(_) => self.forget_client(node).await,
         }
         r
     }
@@ -273,7 +276,7 @@ fn actor() -> String {
 }
 
 /// Hashes an archive file once, before anything changes (the agents verify it again as they extract).
-pub async fn archive_source(args: &UpgradeArgs) -> Result<Option<ArchiveSource>> {
+pub async fn archive_source(args: &ReleaseArgs) -> Result<Option<ArchiveSource>> {
     if let Some(path) = &args.archive {
         let path = path.clone();
         let (sha, size) = tokio::task::spawn_blocking(move || -> Result<(String, u64, PathBuf)> {
@@ -329,17 +332,20 @@ pub async fn archive_source(args: &UpgradeArgs) -> Result<Option<ArchiveSource>>
 async fn context(args: &UpgradeArgs, reporter: Reporter) -> Result<Ctx> {
     let inv = load_inventory(&args.target.inventory)?;
     let mut cluster = inv
-        .cluster(&args.target.cluster)
+        .pick_cluster(args.target.cluster.as_deref())
         .map_err(|e| BadInput(format!("{e:#}")))?
         .clone();
-    if let Some(s) = args.soak_secs {
+    if let Some(s) = args.run.soak_secs {
         cluster.timeouts.soak_secs = s;
     }
     let tls = inv
         .tls
         .load()
         .map_err(|e| BadInput(format!("coordinator TLS files: {e:#}")))?;
-    let journal = Arc::new(open_journal(args.state.as_deref(), inv.state.as_deref())?);
+    let journal = Arc::new(open_journal(
+        args.run.state.as_deref(),
+        inv.state.as_deref(),
+    )?);
     Ctx::new(cluster, tls, journal, reporter)
 }
 
@@ -410,21 +416,35 @@ pub async fn make_plan(ctx: &Ctx, to: &str, archive_bytes: u64) -> PlanReport {
     }
 }
 
+/// Adds the archive's check to `report`: no plan is ready with an archive that is not the release.
+async fn check_archive(report: &mut PlanReport, archive: Option<&ArchiveSource>, to: &str) {
+    if let Some(a) = archive {
+        report.checks.push(crate::release_check::check(a, to).await);
+        report.ready = report.checks.iter().all(|c| c.ok);
+    }
+}
+
 fn target_of(args: &UpgradeArgs) -> Result<String> {
-    let to = args
-        .to
-        .clone()
-        .ok_or_else(|| BadInput("give the target version with --to, e.g. --to 8.19.6".into()))?;
+    let to =
+        args.release.to.clone().ok_or_else(|| {
+            BadInput("give the target version with --to, e.g. --to 8.19.6".into())
+        })?;
     to.parse::<bbupgrade_common::version::Version>()
         .map_err(|e| BadInput(e.to_string()))?;
     Ok(to)
 }
 
-/// Checks whose failure `plan` reports as bad input (exit 2): a target that is not a bug-fix upgrade
-/// of the cluster's version, a rolling-upgrade API that refuses or cannot be reached (not clustered,
-/// credentials without system-admin rights, a wrong URL), a cluster view the nodes cannot be mapped
-/// to. `upgrade` refuses the same with a "refused" summary, also exit 2.
-const PLAN_REFUSALS: [&str; 3] = ["target", plan::CHECK_API, plan::CHECK_MAPPED];
+/// Checks whose failure `plan` and `upgrade` both report as bad input (exit 2): a target that is
+/// not a bug-fix upgrade of the cluster's version, an archive that is not that release, a rolling-upgrade API that refuses or cannot be
+/// reached (not clustered, credentials without system-admin rights, a wrong URL), a cluster view
+/// the nodes cannot be mapped to. Any other failed check is a cluster not ready: exit 1 from both
+/// (`upgrade` with a "refused" summary).
+const PLAN_REFUSALS: [&str; 4] = [
+    "target",
+    plan::CHECK_API,
+    plan::CHECK_MAPPED,
+    crate::release_check::CHECK_ARCHIVE,
+];
 
 /// Refuses (bad input, exit 2) when one of the `refusing` checks failed.
 fn refuse_bad_target(report: &PlanReport, refusing: &[&str]) -> Result<()> {
@@ -443,11 +463,10 @@ fn refuse_bad_target(report: &PlanReport, refusing: &[&str]) -> Result<()> {
 pub async fn plan_command(args: UpgradeArgs) -> Result<ExitCode> {
     let to = target_of(&args)?;
     let ctx = context(&args, Reporter::new(args.target.output)).await?;
-    let archive_bytes = archive_source(&args)
-        .await?
-        .map(|a| a.size_bytes())
-        .unwrap_or(0);
-    let report = make_plan(&ctx, &to, archive_bytes).await;
+    let archive = archive_source(&args.release).await?;
+    let archive_bytes = archive.as_ref().map(|a| a.size_bytes()).unwrap_or(0);
+    let mut report = make_plan(&ctx, &to, archive_bytes).await;
+    check_archive(&mut report, archive.as_ref(), &to).await;
     match args.target.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Human => {
@@ -459,6 +478,11 @@ pub async fn plan_command(args: UpgradeArgs) -> Result<ExitCode> {
                 report.load_balancer
             );
             println!("{}", checks_text(&report.checks));
+            if archive.is_none() {
+                println!(
+                    "  (archive not checked: give --archive FILE or --archive-url URL --sha256 HEX)"
+                );
+            }
             println!("order (least busy first, re-ranked before each node):");
             for (i, b) in report.order.iter().enumerate() {
                 println!(
@@ -491,7 +515,6 @@ pub async fn plan_command(args: UpgradeArgs) -> Result<ExitCode> {
 fn exit_for(summary: &Summary) -> ExitCode {
     match summary.result {
         RunResult::Upgraded | RunResult::RolledBack if summary.error.is_none() => ExitCode::SUCCESS,
-        RunResult::Refused => ExitCode::from(2),
         _ => ExitCode::from(1),
     }
 }
@@ -561,14 +584,15 @@ pub async fn upgrade_summary(args: UpgradeArgs, progress: bool) -> Result<Summar
         Reporter::silent()
     };
     let ctx = context(&args, reporter).await?;
-    let archive = archive_source(&args).await?;
-    let report = make_plan(
+    let archive = archive_source(&args.release).await?;
+    let mut report = make_plan(
         &ctx,
         &to,
         archive.as_ref().map(|a| a.size_bytes()).unwrap_or(0),
     )
     .await;
-    refuse_bad_target(&report, &["target"])?;
+    check_archive(&mut report, archive.as_ref(), &to).await;
+    refuse_bad_target(&report, &PLAN_REFUSALS)?;
     if let Some(open) = resumable_run(&ctx)? {
         bail!(
             "cluster '{}' has an unfinished {} run (#{}, {} -> {}) started by {}; continue it with `bbupgrade resume` or undo it with `bbupgrade rollback`",
@@ -642,7 +666,7 @@ pub async fn resume_command(args: UpgradeArgs) -> Result<ExitCode> {
     };
     let mut options: RunOptions = serde_json::from_str(&open.options_json)
         .with_context(|| format!("reading the options of run #{}", open.id))?;
-    if let Some(s) = args.soak_secs {
+    if let Some(s) = args.run.soak_secs {
         options.timeouts.soak_secs = s;
     }
     let mut ctx = ctx;
@@ -685,7 +709,7 @@ pub async fn rollback_command(args: UpgradeArgs) -> Result<ExitCode> {
             view.original_version.clone().ok_or_else(|| {
                 BadInput("no upgrade run in the journal and Bitbucket reports no original version; nothing to roll back".into())
             })?,
-            args.to.clone().unwrap_or_default(),
+            String::new(),
         ),
     };
     if view.state == crate::zdu::ClusterState::Stable && !view.upgrade_mode_enabled {

@@ -3,8 +3,10 @@
 //! coordinator's runs — with who ran each step, when, and how it ended (an audit trail).
 
 mod bitbucket;
+mod verdict;
 
 pub use bitbucket::{BitbucketRow, BitbucketView};
+pub use verdict::{LbView, OpenRun, problems};
 
 use crate::agents;
 use crate::cli::BadInput;
@@ -31,6 +33,8 @@ pub struct StatusReport {
     pub journal: Option<String>,
     /// The cluster's latest runs, newest first.
     pub runs: Vec<RunView>,
+    /// The run not finished yet (running, or its coordinator stopped), with its step in progress.
+    pub open_run: Option<OpenRun>,
     /// Why the runs could not be read (the live node rows are still shown).
     pub journal_error: Option<String>,
 }
@@ -89,6 +93,7 @@ pub enum StepsOf {
 pub struct Audit {
     pub journal: Option<String>,
     pub runs: Vec<RunView>,
+    pub open_run: Option<OpenRun>,
 }
 
 pub fn run_view(r: &RunRecord, steps: Option<&[StepRecord]>) -> RunView {
@@ -108,7 +113,7 @@ pub fn run_view(r: &RunRecord, steps: Option<&[StepRecord]>) -> RunView {
     }
 }
 
-fn step_view(s: &StepRecord) -> StepView {
+pub(crate) fn step_view(s: &StepRecord) -> StepView {
     let (outcome, error) = match &s.outcome {
         None => ("unfinished", None),
         Some(StepOutcome::Ok) => ("ok", None),
@@ -182,6 +187,10 @@ pub fn audit(
             Some(id)
         }
     };
+    let open_run = match journal.open_run(cluster)? {
+        Some(r) => Some(verdict::open_run(run_view(&r, None), &journal.steps(r.id)?)),
+        None => None,
+    };
     let mut views = Vec::with_capacity(runs.len());
     for r in &runs {
         let steps = match wanted {
@@ -193,6 +202,7 @@ pub fn audit(
     Ok(Audit {
         journal: Some(journal.location().to_string()),
         runs: views,
+        open_run,
     })
 }
 
@@ -212,6 +222,8 @@ pub struct NodeStatus {
     pub load: Option<LoadView>,
     /// Service definitions the agent keeps for rollback.
     pub backups: Vec<BackupView>,
+    /// The node as its load balancer sees it.
+    pub load_balancer: LbView,
 }
 
 #[derive(Debug, Serialize)]
@@ -303,13 +315,22 @@ pub async fn collect(cluster: &Cluster, tls: &TlsMaterial) -> StatusReport {
         }
         row
     }));
-    let (rows, bitbucket) = tokio::join!(rows, bitbucket::collect(cluster));
+    let lb_timeout = Duration::from_secs(STATUS_CALL_TIMEOUT_SECS);
+    let (mut rows, bitbucket, lbs) = tokio::join!(
+        rows,
+        bitbucket::collect(cluster),
+        verdict::load_balancer_views(cluster, tls, lb_timeout)
+    );
+    for (row, lb) in rows.iter_mut().zip(lbs) {
+        row.load_balancer = lb;
+    }
     StatusReport {
         cluster: cluster.name.clone(),
         nodes: rows,
         bitbucket,
         journal: None,
         runs: Vec::new(),
+        open_run: None,
         journal_error: None,
     }
 }
@@ -331,38 +352,88 @@ fn mib(b: u64) -> String {
 pub fn render_human(r: &StatusReport) -> String {
     let mut out = format!("cluster {}\n", r.cluster);
     out.push_str(&format!(
-        "{:<12} {:<22} {:<10} {:<10} {:<9} {:>6} {:>10} {:>12}\n",
-        "NODE", "AGENT", "REACHABLE", "VERSION", "STATUS", "CPU%", "JVM RSS", "DISK FREE"
+        "{:<12} {:<22} {:<10} {:<10} {:<9} {:<14} {:>6} {:>10} {:>12}\n",
+        "NODE",
+        "AGENT",
+        "REACHABLE",
+        "VERSION",
+        "STATUS",
+        "LOAD BALANCER",
+        "CPU%",
+        "JVM RSS",
+        "DISK FREE"
     ));
     for n in &r.nodes {
         match &n.load {
             Some(l) => out.push_str(&format!(
-                "{:<12} {:<22} {:<10} {:<10} {:<9} {:>6.1} {:>10} {:>12}\n",
+                "{:<12} {:<22} {:<10} {:<10} {:<9} {:<14} {:>6.1} {:>10} {:>12}\n",
                 n.id,
                 n.agent,
                 "yes",
                 n.version.as_deref().unwrap_or("?"),
                 n.bitbucket_status.as_deref().unwrap_or("?"),
+                lb_cell(&n.load_balancer),
                 l.cpu_percent,
                 mib(l.bitbucket_rss_bytes),
                 mib(l.install_root_free_bytes),
             )),
             None => out.push_str(&format!(
-                "{:<12} {:<22} {:<10} {}\n",
+                "{:<12} {:<22} {:<10} {:<10} {:<9} {:<14} {}\n",
                 n.id,
                 n.agent,
                 "NO",
+                "?",
+                "?",
+                lb_cell(&n.load_balancer),
                 n.error.as_deref().unwrap_or("")
             )),
+        }
+        if let Some(e) = &n.load_balancer.error {
+            out.push_str(&format!("{:<12} load balancer: {e}\n", ""));
         }
         for b in &n.backups {
             out.push_str(&format!("{:<12} backup of {}: {}\n", "", b.version, b.path));
         }
     }
     out.push_str(&bitbucket::render(&r.bitbucket));
+    if let Some(open) = &r.open_run {
+        out.push_str(&render_open_run(open));
+    }
     match &r.journal_error {
         Some(e) => out.push_str(&format!("\nruns: the journal could not be read: {e}\n")),
         None => out.push_str(&render_runs(r.journal.as_deref(), &r.runs)),
+    }
+    out
+}
+
+/// `in (ready/up)` or `OUT (maint/up)`: whether the load balancer sends the node traffic.
+fn lb_cell(lb: &LbView) -> String {
+    if lb.error.is_some() {
+        return "unreadable".to_string();
+    }
+    format!(
+        "{} ({}/{})",
+        if lb.in_service { "in" } else { "OUT" },
+        lb.admin.as_deref().unwrap_or("?"),
+        lb.health.as_deref().unwrap_or("?")
+    )
+}
+
+/// The open run and the step it is in.
+fn render_open_run(open: &OpenRun) -> String {
+    let r = &open.run;
+    let mut out = format!(
+        "\nopen run #{}: {} {} -> {}, started {} by {}\n",
+        r.id, r.kind, r.from, r.to, r.started, r.actor
+    );
+    match &open.step_in_progress {
+        Some(s) => out.push_str(&format!(
+            "  in progress: {} on {} since {}\n",
+            s.step,
+            s.node.as_deref().unwrap_or("the cluster"),
+            s.started
+        )),
+        None => out.push_str("  no step in progress (between steps, or its coordinator stopped: `bbupgrade resume`)\n"),
     }
     out
 }

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Parser)]
 #[command(
     name = "bitbucket-sim",
+    version,
     about = "A Bitbucket Data Center node simulator and release-archive builder"
 )]
 struct Cli {
@@ -29,6 +30,7 @@ enum Output {
 enum Cmd {
     /// Write a release archive, atlassian-bitbucket-X.Y.Z.tar.gz.
     Archive {
+        /// The release to build, e.g. 8.19.6.
         #[arg(long)]
         version: String,
         /// The file to write (or a directory to write atlassian-bitbucket-X.Y.Z.tar.gz into).
@@ -40,29 +42,37 @@ enum Cmd {
     },
     /// Run one node (what bin/_start-webapp.sh launches); takes JVM-style -D arguments.
     Node {
+        /// -Dname=value settings, as the release's scripts pass them.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Run the bundled-search stand-in (what bin/_start-search.sh launches) until stopped.
     Search {
+        /// The node's home (BITBUCKET_HOME).
         #[arg(long)]
         home: Option<PathBuf>,
+        /// The install the search stand-in belongs to.
         #[arg(long)]
         install: Option<PathBuf>,
     },
     /// Start a local cluster through the release scripts and keep it until Ctrl-C / SIGTERM.
     Cluster {
+        /// How many nodes.
         #[arg(long, default_value_t = 2)]
         nodes: usize,
+        /// The release the nodes run.
         #[arg(long)]
         version: String,
+        /// Where the installs, homes and shared home go.
         #[arg(long)]
         dir: PathBuf,
         /// First node port (then +1, +2, ...); free ports on 127.0.0.1 by default.
         #[arg(long)]
         base_port: Option<u16>,
+        /// How long each node takes from STARTING to RUNNING, in ms.
         #[arg(long, default_value_t = 3_000)]
         startup_ms: u64,
+        /// Size of the release's incompressible payload, in MiB.
         #[arg(long, default_value_t = 0)]
         payload_mib: u64,
         /// The sysadmin token to write in the shared bitbucket.properties.
@@ -98,6 +108,7 @@ enum Cmd {
         /// A personal access token without system-admin rights (sim.user.token).
         #[arg(long, env = "BITBUCKET_SIM_USER_TOKEN", hide_env_values = true)]
         user_token: Option<String>,
+        /// How to print: `human` for people, `json` for programs.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
@@ -110,6 +121,7 @@ enum Cmd {
         /// The runtime-API unix socket (HAProxy's `stats socket ... level admin`).
         #[arg(long)]
         socket: PathBuf,
+        /// The backend name the runtime API answers for.
         #[arg(long, default_value = "bitbucket")]
         backend: String,
         /// A server, NAME=IP:PORT (repeat for each node), e.g. node1=127.0.0.1:7991.
@@ -143,6 +155,7 @@ enum Cmd {
         /// Longest one request (or whole clone) may take, in seconds.
         #[arg(long, default_value_t = 30)]
         timeout_secs: u64,
+        /// How to print: `human` for people, `json` for programs.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },

@@ -29,8 +29,14 @@ fn status_reports_every_agent_then_one_that_is_down() {
     let dir = temp_dir();
     let mut s = sandbox(dir.path());
 
+    // The agents answer but no Bitbucket runs: no node is ACTIVE, so status exits 1 and says so.
     let out = status(&s, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no node is known to be ACTIVE"),
+        "{}",
+        describe(&out)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     for (i, node) in ["node1", "node2", "node3"].iter().enumerate() {
         let line = text
@@ -48,7 +54,7 @@ fn status_reports_every_agent_then_one_that_is_down() {
         "postgresql://postgres@/nope?host=/nonexistent-bbupgrade&port=1",
     ];
     let out = status(&s, &[unreachable[0], unreachable[1], "--output", "json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let doc = json(&out);
     assert_eq!(doc["nodes"].as_array().map(Vec::len), Some(3), "{doc}");
     assert!(
@@ -59,7 +65,7 @@ fn status_reports_every_agent_then_one_that_is_down() {
     assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
 
     let out = status(&s, &["--output", "json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let doc = json(&out);
     assert_eq!(doc["cluster"], "sandbox");
     let nodes = doc["nodes"].as_array().expect("nodes");
@@ -79,6 +85,8 @@ fn status_reports_every_agent_then_one_that_is_down() {
         );
         assert!(n["error"].is_null(), "{n}");
         assert!(n["load"]["memory_total_bytes"].as_u64() > Some(0), "{n}");
+        // No load balancer (kind = "none"): every node counts as in service.
+        assert_eq!(n["load_balancer"]["in_service"], true, "{n}");
     }
 
     s.kill_agent(1);
@@ -368,4 +376,100 @@ fn pki_init_and_issue_through_the_cli() {
         ca_before,
         "the CA must be left alone"
     );
+}
+
+/// `status` shows each node as HAProxy sees it and the open run's step in progress, and exits 1
+/// while a node is out of service, 0 when all are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_load_balancers_view_and_the_open_run() {
+    if !bbupgrade_tests::require_program("haproxy") {
+        return;
+    }
+    let dir = temp_dir();
+    let bins = bins!();
+    let s =
+        bbupgrade_tests::start_sandbox(dir.path(), sandbox_options(&bins, 2, SandboxLb::Haproxy))
+            .await
+            .expect("sandbox");
+    let run_status = |extra: &'static [&'static str]| {
+        let args = cluster_args(&s);
+        tokio::task::spawn_blocking(move || status_with(&args, extra))
+    };
+    let out = run_status(&["--output", "json"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let doc = json(&out);
+    for n in doc["nodes"].as_array().expect("nodes") {
+        let lb = &n["load_balancer"];
+        assert_eq!(
+            (lb["in_service"].as_bool(), lb["admin"].as_str()),
+            (Some(true), Some("ready")),
+            "{n}"
+        );
+    }
+    assert!(doc["open_run"].is_null(), "{doc}");
+
+    // node2 taken out by hand, and a run left open in the middle of a step.
+    let inventory = bbupgrade::inventory::Inventory::load(&s.inventory).expect("inventory");
+    let cluster = inventory.cluster(&s.cluster_name).expect("cluster");
+    let lb = bbupgrade::loadbalancer::from_config(&cluster.load_balancer).expect("driver");
+    lb.drain("node2", Duration::from_secs(10))
+        .await
+        .expect("drain node2");
+    let journal = bbupgrade::journal::Journal::open(&s.dir.join("journal.db")).expect("journal");
+    let run = journal
+        .create_run(&bbupgrade::journal::NewRun {
+            cluster: s.cluster_name.clone(),
+            kind: bbupgrade::journal::RunKind::Upgrade,
+            from_version: "8.19.3".into(),
+            to_version: "8.19.6".into(),
+            plan_json: "{}".into(),
+            actor: "test@here:1".into(),
+            options_json: "{}".into(),
+        })
+        .expect("run");
+    journal
+        .begin_step(run, Some("node2"), "stop", "")
+        .expect("step");
+
+    let out = run_status(&["--output", "json"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node2: out of service in the load balancer (maint"),
+        "{err}"
+    );
+    let doc = json(&out);
+    assert_eq!(
+        doc["nodes"][1]["load_balancer"]["in_service"], false,
+        "{doc}"
+    );
+    assert_eq!(
+        doc["nodes"][0]["load_balancer"]["in_service"], true,
+        "{doc}"
+    );
+    let open = &doc["open_run"];
+    assert_eq!(open["run"]["id"], run.0, "{doc}");
+    assert_eq!(
+        (
+            open["step_in_progress"]["step"].as_str(),
+            open["step_in_progress"]["node"].as_str()
+        ),
+        (Some("stop"), Some("node2")),
+        "{doc}"
+    );
+    let out = run_status(&[]).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("OUT (maint")
+            && text.contains(&format!("open run #{}", run.0))
+            && text.contains("in progress: stop on node2"),
+        "{text}"
+    );
+
+    lb.enable("node2").await.expect("enable node2");
+    journal
+        .finish_run(run, bbupgrade::journal::RunResult::Halted, Some("test"))
+        .expect("finish");
+    let out = run_status(&[]).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }

@@ -179,12 +179,14 @@ fn edit(path: &Path, f: impl Fn(&str) -> Option<String>) -> Result<()> {
     Ok(())
 }
 
-/// One machine with Bitbucket on `FROM`, the agent installed (not started), and the
-/// coordinator's TLS files outside it.
+/// One machine with Bitbucket on `FROM`, and outside it the agent's configuration and the
+/// TLS files of agent and coordinator (the agent is installed by hand or from its package).
 struct Node {
     machine: Machine,
     to_archive: ArchiveInfo,
     coordinator_tls: TlsFiles,
+    agent_tls: TlsFiles,
+    agent_config: String,
 }
 
 fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
@@ -265,22 +267,6 @@ fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
             .with_sans([machine.link.guest_addr.to_string(), "localhost".into()]),
     )?
     .save(&pki)?;
-    let agent_tls = TlsFiles::in_pki_dir(&pki, Role::Agent, NODE);
-    let etc = machine.path("/etc/bbupgrade/pki");
-    std::fs::create_dir_all(&etc)?;
-    for f in [&agent_tls.ca, &agent_tls.cert, &agent_tls.key] {
-        std::fs::copy(f, etc.join(f.file_name().context("file name")?))?;
-    }
-    let inside = TlsFiles::in_pki_dir(Path::new("/etc/bbupgrade/pki"), Role::Agent, NODE);
-
-    // The agent and its unit, as shipped.
-    std::fs::copy(&bins.agent, machine.path("/usr/local/bin/bbupgrade-agent"))?;
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/bbupgrade-agent.service");
-    std::fs::copy(
-        &shipped,
-        machine.path("/etc/systemd/system/bbupgrade-agent.service"),
-    )
-    .with_context(|| format!("copying {}", shipped.display()))?;
     let service = match variant {
         Variant::Initd | Variant::InitdVariables => {
             format!("kind = \"initd\"\npath = {INITD_PATH:?}\n")
@@ -294,12 +280,41 @@ fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
         inside.key,
         install(FROM),
     );
-    std::fs::write(machine.path("/etc/bbupgrade/agent.toml"), config)?;
     Ok(Node {
         coordinator_tls: TlsFiles::in_pki_dir(&pki, Role::Coordinator, "systemd-test"),
+        agent_tls: TlsFiles::in_pki_dir(&pki, Role::Agent, NODE),
+        agent_config: config,
         machine,
         to_archive,
     })
+}
+
+/// The agent's configuration and certificates in /etc/bbupgrade, as the admin writes them.
+fn configure_agent(node: &Node) -> Result<()> {
+    let etc = node.machine.path("/etc/bbupgrade/pki");
+    std::fs::create_dir_all(&etc)?;
+    let tls = &node.agent_tls;
+    for f in [&tls.ca, &tls.cert, &tls.key] {
+        std::fs::copy(f, etc.join(f.file_name().context("file name")?))?;
+    }
+    std::fs::write(
+        node.machine.path("/etc/bbupgrade/agent.toml"),
+        &node.agent_config,
+    )?;
+    Ok(())
+}
+
+/// The agent and its unit installed by hand, as shipped in systemd/.
+fn install_agent_by_hand(bins: &Bins, node: &Node) -> Result<()> {
+    let machine = &node.machine;
+    std::fs::copy(&bins.agent, machine.path("/usr/bin/bbupgrade-agent"))?;
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/bbupgrade-agent.service");
+    std::fs::copy(
+        &shipped,
+        machine.path("/etc/systemd/system/bbupgrade-agent.service"),
+    )
+    .with_context(|| format!("copying {}", shipped.display()))?;
+    configure_agent(node)
 }
 
 async fn connect(node: &Node) -> Result<AgentClient<Channel>> {
@@ -491,6 +506,7 @@ async fn upgrade_and_roll_back(variant: Variant, name: &str) -> Result<()> {
     let started = Instant::now();
     let bins = bins!();
     let mut node = prepare_machine(&bins, name, variant)?;
+    install_agent_by_hand(&bins, &node)?;
     let prepared = started.elapsed();
     node.machine.boot()?;
     let booted = started.elapsed();
@@ -769,7 +785,7 @@ async fn initd_script_with_its_own_variables_upgrades_and_rolls_back() -> Result
 fn shipped_unit_verifies() -> Result<()> {
     let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/bbupgrade-agent.service");
     let m = Machine::create("sd-verify")?;
-    std::fs::copy(&bins!().agent, m.path("/usr/local/bin/bbupgrade-agent"))?;
+    std::fs::copy(&bins!().agent, m.path("/usr/bin/bbupgrade-agent"))?;
     std::fs::copy(&unit, m.path("/etc/systemd/system/bbupgrade-agent.service"))?;
     let out = m.chroot(&[
         "systemd-analyze",
@@ -779,4 +795,112 @@ fn shipped_unit_verifies() -> Result<()> {
     ]);
     m.shutdown()?;
     out.map(drop)
+}
+
+/// The newest `target/debian/bbupgrade-agent_*.deb`; `None` (skipped) outside CI when there is none.
+fn agent_package() -> Result<Option<std::path::PathBuf>> {
+    let dir = bbupgrade_tests::systemd_harness::target_dir().join("debian");
+    let newest = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("bbupgrade-agent_") && n.ends_with(".deb"))
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
+    let how = "build it with `cargo install cargo-deb --locked && cargo build -p bbupgrade-agent && cargo deb -p bbupgrade-agent --profile dev --no-build` (.ci/run does)";
+    match newest {
+        Some(p) => Ok(Some(p)),
+        None if std::env::var("CI").as_deref() == Ok("true") => {
+            anyhow::bail!("no bbupgrade-agent .deb in {}: {how}", dir.display())
+        }
+        None => {
+            eprintln!(
+                "SKIPPED: no bbupgrade-agent .deb in {}: {how}",
+                dir.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// The agent's .deb installs into a fresh node (binary, unit, /etc/bbupgrade 0750, the state
+/// dir), leaves the agent stopped and disabled while there is no configuration, and starts under
+/// `systemctl` once agent.toml and the certificates are in place, serving over mutual TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_package_installs_and_starts() -> Result<()> {
+    let Some(deb) = agent_package()? else {
+        return Ok(());
+    };
+    let bins = bins!();
+    let mut node = prepare_machine(&bins, "sd-deb", Variant::SystemdForeground)?;
+    std::fs::copy(&deb, node.machine.path("/root/bbupgrade-agent.deb"))
+        .with_context(|| format!("copying {}", deb.display()))?;
+    node.machine.boot()?;
+    let result = install_and_start(&node).await;
+    let result = result.with_context(|| {
+        format!(
+            "agent journal:\n{}",
+            node.machine.journal("bbupgrade-agent.service")
+        )
+    });
+    let teardown = node.machine.shutdown();
+    match (result, teardown) {
+        (Err(e), Err(t)) => Err(e.context(format!("and the teardown failed: {t:#}"))),
+        (r, t) => r.and(t),
+    }
+}
+
+async fn install_and_start(node: &Node) -> Result<()> {
+    let m = &node.machine;
+    let said = m.run(&["dpkg", "-i", "/root/bbupgrade-agent.deb"])?;
+    ensure!(
+        said.contains("write /etc/bbupgrade/agent.toml"),
+        "dpkg -i did not say what to do next: {said}"
+    );
+    let listed = m.run(&["dpkg", "-L", "bbupgrade-agent"])?;
+    for f in [
+        "/usr/bin/bbupgrade-agent",
+        "/lib/systemd/system/bbupgrade-agent.service",
+        "/usr/share/doc/bbupgrade-agent/examples/agent.toml.example",
+    ] {
+        ensure!(
+            listed.lines().any(|l| l == f),
+            "{f} not in the package: {listed}"
+        );
+    }
+    let modes = m.run(&["stat", "-c", "%a %U %n", "/etc/bbupgrade", STATE_DIR])?;
+    ensure!(
+        modes.contains("750 root /etc/bbupgrade")
+            && modes.contains(&format!("700 root {STATE_DIR}")),
+        "directory modes: {modes}"
+    );
+    // No configuration yet: systemd knows the unit (daemon-reload) but nothing started it.
+    ensure!(
+        m.show("bbupgrade-agent.service", "LoadState")? == "loaded"
+            && m.show("bbupgrade-agent.service", "ActiveState")? == "inactive"
+            && m.show("bbupgrade-agent.service", "UnitFileState")? == "disabled",
+        "the agent unit after install: {}",
+        m.exec_text(&["systemctl", "status", "bbupgrade-agent.service"])
+    );
+    configure_agent(node)?;
+    m.systemctl(&["enable", "--now", "bbupgrade-agent.service"])?;
+    ensure!(
+        m.show("bbupgrade-agent.service", "ActiveState")? == "active",
+        "the packaged agent is not active"
+    );
+    let mut client = connect(node).await?;
+    let info = client
+        .node_info(req(NodeInfoRequest {}))
+        .await?
+        .into_inner();
+    ensure!(
+        info.node_id == NODE,
+        "the agent says it is {}",
+        info.node_id
+    );
+    Ok(())
 }

@@ -26,6 +26,10 @@ pub const ACTIVATE_TIMEOUT_SECS: u64 = 120;
 pub const PREPARE_TIMEOUT_SECS: u64 = 120;
 /// How long an agent call is retried after the connection dropped (the agent restarting).
 pub const AGENT_RETRY_SECS: u64 = 20;
+/// How often a long stop or start reports a sign of life.
+pub const HEARTBEAT_SECS: u64 = 10;
+/// Bound on asking the node's agent for its status during a heartbeat.
+pub const HEARTBEAT_PROBE_SECS: u64 = 5;
 
 /// Upgrades (or continues upgrading) a cluster.
 pub async fn drive(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
@@ -117,7 +121,7 @@ impl Agents for CtxIo<'_> {
 
     async fn rollback(&self, node: &Node, op: &str, target: &str, t: &Timeouts) -> Result<String> {
         let d = Duration::from_secs(t.stop_secs + t.start_secs);
-        let r = agent_op(self.ctx, node, d, |mut c| {
+        let call = agent_op(self.ctx, node, d, |mut c| {
             let req = agents::request(
                 RollbackRequest {
                     operation_id: op.to_string(),
@@ -130,8 +134,8 @@ impl Agents for CtxIo<'_> {
                 d,
             );
             async move { c.rollback(req).await }
-        })
-        .await?;
+        });
+        let r = with_heartbeat(self.ctx, node, Step::Rollback, d, call).await?;
         Ok(format!("{} {} at {}", r.state, r.version, r.install_path))
     }
 }
@@ -280,6 +284,35 @@ where
                 );
             }
         }
+    }
+}
+
+/// Waits for `call` (a stop, start or rollback the agent waits out, up to `deadline`) while
+/// reporting, every `HEARTBEAT_SECS`, the time so far and what the node's status said last, so a
+/// five-minute stop is not a silent "begin".
+async fn with_heartbeat<T>(
+    ctx: &Ctx,
+    node: &Node,
+    step: Step,
+    deadline: Duration,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    let began = Instant::now();
+    let beat = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(HEARTBEAT_SECS)).await;
+            let probe = Duration::from_secs(HEARTBEAT_PROBE_SECS);
+            let seen = match tokio::time::timeout(probe, ctx.node_info(node)).await {
+                Ok(Ok(info)) => info.status,
+                Ok(Err(_)) | Err(_) => "unknown (its agent did not answer)".to_string(),
+            };
+            ctx.reporter
+                .heartbeat(&node.id, step.as_str(), began.elapsed(), &seen, deadline);
+        }
+    };
+    tokio::select! {
+        r = call => r,
+        _ = beat => unreachable!("the heartbeat loop never ends"),
     }
 }
 
@@ -535,7 +568,7 @@ async fn stage_events(
 
 async fn stop_node(ctx: &Ctx, node: &Node, op: String, stop_secs: u64) -> Result<String> {
     let d = Duration::from_secs(stop_secs);
-    let r = agent_op(ctx, node, d, |mut c| {
+    let call = agent_op(ctx, node, d, |mut c| {
         let req = agents::request(
             StopRequest {
                 operation_id: op.clone(),
@@ -545,8 +578,8 @@ async fn stop_node(ctx: &Ctx, node: &Node, op: String, stop_secs: u64) -> Result
             d,
         );
         async move { c.stop(req).await }
-    })
-    .await?;
+    });
+    let r = with_heartbeat(ctx, node, Step::Stop, d, call).await?;
     Ok(format!(
         "was_running={} in {} ms",
         r.was_running, r.duration_ms
@@ -580,7 +613,7 @@ async fn activate_node(ctx: &Ctx, node: &Node, op: String, version: &str) -> Res
 
 async fn start_node(ctx: &Ctx, node: &Node, op: String, start_secs: u64) -> Result<String> {
     let d = Duration::from_secs(start_secs);
-    let r = agent_op(ctx, node, d, |mut c| {
+    let call = agent_op(ctx, node, d, |mut c| {
         let req = agents::request(
             StartRequest {
                 operation_id: op.clone(),
@@ -589,8 +622,8 @@ async fn start_node(ctx: &Ctx, node: &Node, op: String, start_secs: u64) -> Resu
             d,
         );
         async move { c.start(req).await }
-    })
-    .await?;
+    });
+    let r = with_heartbeat(ctx, node, Step::Start, d, call).await?;
     if let Some(why) = plan::start_failure(&r.state) {
         bail!("node '{}': {why}", node.id);
     }
