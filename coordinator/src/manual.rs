@@ -16,37 +16,23 @@ pub fn command() -> clap::Command {
     crate::cli::Cli::command()
 }
 
-/// Writes `bbupgrade.1` and one page per subcommand (`bbupgrade-upgrade.1`, ...) into `dir`.
+/// Writes `bbupgrade.1` (with the exit codes) and one page per subcommand (`bbupgrade-upgrade.1`,
+/// ...) into `dir`; returns them.
 pub fn write_man_pages(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cmd = command();
-    let mut written = Vec::new();
-    write_page(&cmd, "bbupgrade", dir, &mut written)?;
-    Ok(written)
-}
-
-fn write_page(
-    cmd: &clap::Command,
-    name: &str,
-    dir: &Path,
-    written: &mut Vec<std::path::PathBuf>,
-) -> Result<()> {
-    let cmd = cmd.clone().name(name.to_string());
-    let path = dir.join(format!("{name}.1"));
-    let mut text = Vec::new();
-    let man = clap_mangen::Man::new(cmd.clone());
-    man.render(&mut text)
-        .with_context(|| format!("rendering {}", path.display()))?;
-    if name == "bbupgrade" {
-        text.extend_from_slice(exit_status_section().as_bytes());
-    }
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    written.push(path);
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let sub_name = format!("{name}-{}", sub.get_name());
-        write_page(sub, &sub_name, dir, written)?;
-    }
-    Ok(())
+    clap_mangen::generate_to(command(), dir)
+        .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+    let top = dir.join("bbupgrade.1");
+    let mut text =
+        std::fs::read_to_string(&top).with_context(|| format!("reading {}", top.display()))?;
+    text.push_str(&exit_status_section());
+    std::fs::write(&top, text).with_context(|| format!("writing {}", top.display()))?;
+    let mut pages: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "1"))
+        .collect();
+    pages.sort();
+    Ok(pages)
 }
 
 /// The EXIT STATUS section in roff.

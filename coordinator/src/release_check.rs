@@ -92,7 +92,13 @@ pub async fn check_url(url: &str) -> Result<String> {
             r.status()
         );
     }
-    match r.content_length() {
+    // From the header: reqwest's content_length() reads the (empty) body of a HEAD answer.
+    let size = r
+        .headers()
+        .get(reqwest::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match size {
         Some(n) if n > 0 => Ok(format!("{url} answers with {n} bytes")),
         _ => bail!("HEAD {url} gives no size (Content-Length): is it the archive?"),
     }

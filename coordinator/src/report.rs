@@ -422,7 +422,7 @@ mod tests {
             .open
             .lock()
             .unwrap()
-            .contains_key(&("n1".into(), "stop".into()));
+            .contains_key(&("n1".to_string(), "stop".to_string()));
         assert!(ended, "a begun step is open");
         r.step(Some("n1"), "stop", "ok", "done");
         assert!(r.open.lock().unwrap().is_empty());

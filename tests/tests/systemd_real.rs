@@ -267,6 +267,7 @@ fn prepare_machine(bins: &Bins, name: &str, variant: Variant) -> Result<Node> {
             .with_sans([machine.link.guest_addr.to_string(), "localhost".into()]),
     )?
     .save(&pki)?;
+    let inside = TlsFiles::in_pki_dir(Path::new("/etc/bbupgrade/pki"), Role::Agent, NODE);
     let service = match variant {
         Variant::Initd | Variant::InitdVariables => {
             format!("kind = \"initd\"\npath = {INITD_PATH:?}\n")
