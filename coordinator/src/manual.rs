@@ -9,7 +9,7 @@ use std::path::Path;
 pub const EXIT_CODES: &str = "\
 0  done (status: every node reachable, in service and ACTIVE)
 1  failed: a check or step failed, a node is unreachable, a run is open, the cluster is not ready
-2  bad input: the inventory, flags, archive or certificates given are wrong; nothing was changed";
+2  bad input, nothing changed: the inventory, flags or certificates; a target that is not a bug-fix upgrade; an archive that is not that release; a rolling-upgrade API refusing the credentials or unable to map the nodes";
 
 /// The top-level command as clap sees it.
 pub fn command() -> clap::Command {

@@ -435,9 +435,9 @@ fn target_of(args: &UpgradeArgs) -> Result<String> {
 }
 
 /// Checks whose failure `plan` and `upgrade` both report as bad input (exit 2): a target that is
-/// not a bug-fix upgrade of the cluster's version, an archive that is not that release, a rolling-upgrade API that refuses or cannot be
-/// reached (not clustered, credentials without system-admin rights, a wrong URL), a cluster view
-/// the nodes cannot be mapped to. Any other failed check is a cluster not ready: exit 1 from both
+/// not a bug-fix upgrade of the cluster's version, an archive that is not that release, a
+/// rolling-upgrade API that refuses or cannot be reached (not clustered, credentials without
+/// system-admin rights, a wrong URL), a cluster view the nodes cannot be mapped to. Any other failed check is a cluster not ready: exit 1 from both
 /// (`upgrade` with a "refused" summary).
 const PLAN_REFUSALS: [&str; 4] = [
     "target",
