@@ -1,18 +1,18 @@
 //! The `bbupgrade` command line: argument parsing and dispatch. Exit codes: 0 done, 1 failed,
 //! 2 bad input.
 
-use crate::inventory::Inventory;
+use crate::archive::ReleaseSpec;
+use crate::commands::{ClusterTarget, RunRequest};
 use anyhow::{Context, Result};
 use bbupgrade_common::identity::Role;
 use bbupgrade_common::pki::{Ca, IssueRequest};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// An error caused by what the user gave us (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadInput(pub String);
+pub use crate::error::BadInput;
+pub use crate::inventory::load_inventory;
+pub use crate::report::Output;
 
 #[derive(Parser)]
 #[command(
@@ -23,13 +23,6 @@ pub struct BadInput(pub String);
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
-pub enum Output {
-    #[default]
-    Human,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -50,6 +43,12 @@ pub enum Command {
     Resume(UpgradeArgs),
     /// Return every upgraded node to the original version, one at a time.
     Rollback(UpgradeArgs),
+    /// Approve an upgrade run with --no-finalize (ends the rollback window), then have every agent
+    /// remove old installs beyond its keep_installs (never the active or previous one).
+    Finalize(RunTargetArgs),
+    /// Abandon the cluster's unfinished upgrade run when it stopped no node: upgrade mode is
+    /// cancelled, staged installs stay, the journal records it; a new upgrade may start.
+    Abort(RunTargetArgs),
     /// A local sandbox cluster of simulated nodes with real agents, upgraded end to end.
     Demo(crate::demo::DemoArgs),
     /// Upgrade many clusters in waves (canary, concurrency, failure budget, windows); `fleet status`.
@@ -147,6 +146,63 @@ pub struct UpgradeArgs {
     /// Healthy time after a node rejoins before the next node is taken out (overrides the inventory).
     #[arg(long)]
     pub soak_secs: Option<u64>,
+    /// Stop before approving: nodes upgraded, upgrade mode on, rollback still possible;
+    /// `bbupgrade finalize` approves later.
+    #[arg(long)]
+    pub no_finalize: bool,
+}
+
+/// A cluster and its journal, for commands that act on its latest run.
+#[derive(Args, Clone)]
+pub struct RunTargetArgs {
+    #[command(flatten)]
+    pub target: ClusterArgs,
+    /// The journal: `postgres://...`, `sqlite:PATH` or a path (default: from the inventory, else
+    /// ./bbupgrade-journal.db).
+    #[arg(long)]
+    pub state: Option<String>,
+}
+
+impl From<ClusterArgs> for ClusterTarget {
+    fn from(a: ClusterArgs) -> Self {
+        ClusterTarget {
+            inventory: a.inventory,
+            cluster: a.cluster,
+            output: a.output,
+        }
+    }
+}
+
+impl From<UpgradeArgs> for RunRequest {
+    fn from(a: UpgradeArgs) -> Self {
+        RunRequest {
+            target: a.target.into(),
+            to: a.to,
+            release: ReleaseSpec {
+                archive: a.archive,
+                archive_url: a.archive_url,
+                sha256: a.sha256,
+            },
+            state: a.state,
+            auto_rollback: a.auto_rollback,
+            soak_secs: a.soak_secs,
+            no_finalize: a.no_finalize,
+        }
+    }
+}
+
+impl From<RunTargetArgs> for RunRequest {
+    fn from(a: RunTargetArgs) -> Self {
+        RunRequest {
+            target: a.target.into(),
+            to: None,
+            release: ReleaseSpec::default(),
+            state: a.state,
+            auto_rollback: false,
+            soak_secs: None,
+            no_finalize: false,
+        }
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -164,6 +220,8 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        // What to run next was printed when the run was interrupted.
+        Err(e) if e.downcast_ref::<crate::error::Interrupted>().is_some() => ExitCode::from(130),
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<BadInput>().is_some() {
@@ -184,19 +242,16 @@ fn init_tracing() {
         .try_init();
 }
 
-/// Loads the inventory; problems with it are bad input.
-pub fn load_inventory(path: &std::path::Path) -> Result<Inventory> {
-    Inventory::load(path).map_err(|e| BadInput(format!("{e:#}")).into())
-}
-
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Pki { command } => pki(command).map(|_| ExitCode::SUCCESS),
         Command::Status(args) => status(args).await,
-        Command::Plan(args) => crate::run::plan_command(args).await,
-        Command::Upgrade(args) => crate::run::upgrade_command(args).await,
-        Command::Resume(args) => crate::run::resume_command(args).await,
-        Command::Rollback(args) => crate::run::rollback_command(args).await,
+        Command::Plan(args) => crate::commands::plan_command(args.into()).await,
+        Command::Upgrade(args) => crate::commands::upgrade_command(args.into()).await,
+        Command::Resume(args) => crate::commands::resume_command(args.into()).await,
+        Command::Rollback(args) => crate::commands::rollback_command(args.into()).await,
+        Command::Finalize(args) => crate::commands::finalize_command(args.into()).await,
+        Command::Abort(args) => crate::commands::abort_command(args.into()).await,
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Fleet(args) => crate::fleet::command(args).await,
     }

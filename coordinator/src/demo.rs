@@ -2,7 +2,10 @@
 //! in front when installed, or NGINX / Apache httpd with `--lb nginx|apache`), upgrades it end to end while sending traffic through the load balancer,
 //! and reports versions, the order chosen and why, time out of service, and requests served/failed.
 
-use crate::cli::{BadInput, Output, UpgradeArgs};
+use crate::archive::ReleaseSpec;
+use crate::commands::{ClusterTarget, RunRequest};
+use crate::error::BadInput;
+use crate::report::Output;
 use crate::report::Summary;
 use crate::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions, sibling_binary};
 use anyhow::{Context, Result};
@@ -156,21 +159,24 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let upgrade_args = UpgradeArgs {
-        target: crate::cli::ClusterArgs {
+    let request = RunRequest {
+        target: ClusterTarget {
             inventory: sandbox.inventory.clone(),
             cluster: sandbox.cluster_name.clone(),
             output: args.output,
         },
         to: Some(to.to_string()),
-        archive: Some(sandbox.to_archive.path.clone()),
-        archive_url: None,
-        sha256: Some(sandbox.to_archive.sha256.clone()),
+        release: ReleaseSpec {
+            archive: Some(sandbox.to_archive.path.clone()),
+            archive_url: None,
+            sha256: Some(sandbox.to_archive.sha256.clone()),
+        },
         state: None,
         auto_rollback: false,
         soak_secs: None,
+        no_finalize: false,
     };
-    let summary = crate::run::upgrade_summary(upgrade_args, args.output == Output::Human).await;
+    let summary = crate::commands::upgrade_summary(request, args.output == Output::Human).await;
     let report = load.stop().await;
     let (summary, code) = match summary {
         Ok(s) => {

@@ -6,8 +6,8 @@
 //! coordinators started on the same fleet and target join one fleet run and split its clusters:
 //! each is claimed under its lock before it is driven (`cluster`, `waves`).
 //!
-//! Layout: `plan` decides selection, order, waves and the budget (pure); `window` parses and checks
-//! maintenance windows (pure); `journal` holds the fleet's tables; `cluster` takes one cluster's
+//! Layout: `plan` decides selection, order, waves and the budget (pure); `crate::window` parses and
+//! checks maintenance windows (pure); `journal` holds the fleet's tables; `cluster` takes one cluster's
 //! turn; `waves` carries the run out; `report` prints events, the summary and `fleet status`.
 
 pub mod cluster;
@@ -15,11 +15,13 @@ pub mod journal;
 pub mod plan;
 pub mod report;
 pub mod waves;
-pub mod window;
 
-use crate::cli::{BadInput, ClusterArgs, Output, UpgradeArgs, load_inventory};
+use crate::archive::{ArchiveSource, ReleaseSpec};
+use crate::error::BadInput;
+use crate::inventory::load_inventory;
+use crate::journal::open_journal;
 use crate::journal::{Journal, this_process_holder};
-use crate::run::{ArchiveSource, open_journal};
+use crate::report::Output;
 use anyhow::{Result, anyhow};
 use clap::{Args, Subcommand};
 use journal::{ClusterState, CreatedOrOpen, FleetResult, FleetRunId};
@@ -189,19 +191,10 @@ async fn start(args: FleetRunArgs) -> Result<ExitCode> {
         .collect();
     let selected =
         plan::select(&candidates, &args.clusters, &args.labels, &args.canary).map_err(bad)?;
-    let archive = crate::run::archive_source(&UpgradeArgs {
-        target: ClusterArgs {
-            inventory: inventory.clone(),
-            cluster: String::new(),
-            output: args.output,
-        },
-        to: Some(to.clone()),
+    let archive = crate::archive::resolve(&ReleaseSpec {
         archive: args.archive.clone(),
         archive_url: args.archive_url.clone(),
         sha256: args.sha256.clone(),
-        state: args.state.clone(),
-        auto_rollback: args.auto_rollback,
-        soak_secs: args.soak_secs,
     })
     .await?
     .ok_or_else(|| bad("give the release with --archive-url URL --sha256 HEX (agents download it) or --archive FILE (streamed)"))?;

@@ -1,17 +1,22 @@
 //! The bbupgrade coordinator: the admin's CLI that upgrades Bitbucket Data Center clusters without
 //! downtime.
 //!
-//! Layout: `cli` parses commands; `inventory` holds validated clusters and nodes; `agents` connects
-//! to agents over mutual TLS; `zdu` is Bitbucket's rolling-upgrade API; `loadbalancer` drains and
-//! restores nodes; `plan` decides (preflight, least-busy order) without I/O; `procedure` carries a
-//! run out (pure decisions in `procedure::decide`, the driver in `procedure::drive`); `run` wires
-//! commands to it; `journal` records every step in SQLite; `report` prints;
-//! `status` and `demo` (with `sandbox`) are the other commands; `fleet` upgrades many clusters in
-//! waves.
+//! Layout: `cli` parses commands (the only module that knows clap's argument types) and hands
+//! plain options to `commands` (`plan`, `upgrade`, `resume`, `rollback`); `inventory` holds
+//! validated clusters and nodes; `archive` the release given; `agents` connects to agents over
+//! mutual TLS; `zdu` is Bitbucket's rolling-upgrade API; `loadbalancer` drains and restores nodes;
+//! `plan` decides (preflight, least-busy order) without I/O; `procedure` carries a run out (pure
+//! decisions in `procedure::decide`, the driver in `procedure::drive`, the real cluster in
+//! `procedure::context`); `journal` records every step in SQLite or PostgreSQL; `report` prints;
+//! `error` holds the bad-input error; `status` and `demo` (with `sandbox`) are the other commands;
+//! `fleet` upgrades many clusters in waves (within a `window`).
 
 pub mod agents;
+pub mod archive;
 pub mod cli;
+pub mod commands;
 pub mod demo;
+pub mod error;
 pub mod fleet;
 pub mod inventory;
 pub mod journal;
@@ -20,9 +25,8 @@ pub mod node_match;
 pub mod plan;
 pub mod procedure;
 pub mod report;
-pub mod run;
 pub mod sandbox;
-pub mod skew;
 pub mod status;
+pub mod window;
 pub mod zdu;
 pub mod zdu_pool;

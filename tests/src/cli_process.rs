@@ -101,6 +101,13 @@ impl Cli {
         let _ = c.wait();
     }
 
+    /// SIGINT, as an admin pressing Ctrl-C.
+    pub fn interrupt(&self) {
+        let c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("sending SIGINT");
+    }
+
     /// Waits for the first event (from now) that `pred` accepts; panics on timeout or exit.
     pub async fn wait_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(EVENT_TIMEOUT_SECS);

@@ -186,3 +186,33 @@ pub fn zdu_row<'a>(
         .or_else(|| rows.first())
         .copied()
 }
+
+/// Waits until the load has answered `more` requests beyond what it had answered on entry (the
+/// traffic is flowing), instead of a fixed sleep; fails after 30 s.
+pub async fn wait_for_traffic(load: &bbupgrade_sim::load::LoadHandle, more: u64) {
+    let start = load.snapshot().total;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while load.snapshot().total < start + more {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load answered fewer than {more} requests in 30 s: {}",
+            load.snapshot().summary_line()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET /rest/zdu/cluster` as the sysadmin, from the sandbox's first node.
+pub async fn zdu_cluster(s: &Sandbox) -> serde_json::Value {
+    let url = format!("{}/rest/zdu/cluster", s.sim.nodes()[0].base_url);
+    reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(bbupgrade::sandbox::ADMIN_TOKEN)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .expect("cluster JSON")
+}

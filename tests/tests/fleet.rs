@@ -162,8 +162,17 @@ async fn a_killed_fleet_run_resumes_to_completion() {
         assert!(Instant::now() < deadline, "no cluster upgraded within 60s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Into the second wave, a node or two in.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Into the second wave: a cluster with a node upgraded and a node not yet.
+    let partly = |a: &bbupgrade_tests::fleet_standin::Activity| {
+        a.versions.iter().any(|v| v == TO) && a.versions.iter().any(|v| v != TO)
+    };
+    while !fleet.activity().iter().any(partly) {
+        assert!(
+            Instant::now() < deadline,
+            "no cluster of the second wave was half upgraded within 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     child.kill().await.unwrap();
     let upgraded_at_kill = fleet.count_on(TO);
     assert!(

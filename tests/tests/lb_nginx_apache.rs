@@ -12,6 +12,8 @@ use bbupgrade_tests::{
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const TO: &str = "8.19.6";
@@ -242,15 +244,21 @@ impl Drop for NginxProcess {
 }
 
 /// A backend answering every request after `delay_ms` (a slow request holds an old worker).
-async fn slow_backend(delay_ms: u64) -> u16 {
+/// A backend answering every request after `delay_ms`; its port and how many requests it has
+/// received (so a test waits until one is in flight instead of sleeping).
+async fn slow_backend(delay_ms: u64) -> (u16, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let received = Arc::new(AtomicUsize::new(0));
+    let count = received.clone();
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
+            let count = count.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = sock.read(&mut buf).await;
+                count.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                 let _ = sock
                     .write_all(
@@ -260,7 +268,7 @@ async fn slow_backend(delay_ms: u64) -> u16 {
             });
         }
     });
-    port
+    (port, received)
 }
 
 fn free_port() -> u16 {
@@ -294,7 +302,7 @@ async fn nginx_drain_waits_for_old_workers_and_refuses_a_broken_config() {
     let tmp = bbupgrade_tests::temp_dir();
     let dir = tmp.path().to_path_buf();
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    let (p1, p2) = (slow_backend(1500).await, slow_backend(10).await);
+    let ((p1, node1_received), (p2, _)) = (slow_backend(1500).await, slow_backend(10).await);
     let port = free_port();
     let upstream = dir.join("upstream.conf");
     let main = dir.join("nginx.conf");
@@ -372,7 +380,11 @@ async fn nginx_drain_waits_for_old_workers_and_refuses_a_broken_config() {
             http.get(url).send().await.map(|r| r.status().as_u16())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node1_received.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no slow request reached node1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let report = lb.drain(&node1, Duration::from_secs(20)).await.unwrap();
     assert!(report.sessions_at_start >= 1, "{report:?}");
     assert!(report.waited >= Duration::from_millis(500), "{report:?}");

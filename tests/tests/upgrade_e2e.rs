@@ -5,11 +5,11 @@
 
 use bbupgrade::journal::{Journal, RunId, StepOutcome, StepRecord};
 use bbupgrade::loadbalancer::{AdminState, LoadBalancer, OperState};
-use bbupgrade::sandbox::{ADMIN_TOKEN, Sandbox, SandboxLb};
+use bbupgrade::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_common::proto::{NodeInfoRequest, NodeInfoResponse};
 use bbupgrade_sim::load::LoadOptions;
 use bbupgrade_tests::cli_process::{Cli, Finished, args, haproxy, is_step, run_cli};
-use bbupgrade_tests::{bins, sandbox_options, start_sandbox};
+use bbupgrade_tests::{bins, sandbox_options, start_sandbox, zdu_cluster};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,21 +45,6 @@ async fn sim_info(base_url: &str) -> Value {
         .json()
         .await
         .expect("sim info JSON")
-}
-
-/// `GET /rest/zdu/cluster` as the sysadmin.
-async fn zdu_cluster(s: &Sandbox) -> Value {
-    let url = format!("{}/rest/zdu/cluster", s.sim.nodes()[0].base_url);
-    reqwest::Client::new()
-        .get(&url)
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-        .json()
-        .await
-        .expect("cluster JSON")
 }
 
 /// Waits until Bitbucket's cluster view satisfies `pred` (the simulator re-reads knobs on heartbeat).
@@ -232,7 +217,7 @@ async fn upgrades_every_node_least_busy_first_under_traffic_through_haproxy() {
         duration: None,
         request_timeout: Duration::from_secs(60),
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    bbupgrade_tests::wait_for_traffic(&load, 4).await;
     let run = run_cli(&bins, &upgrade_args(&s, "upgrade", TO, &[])).await;
     let traffic = load.stop().await;
 

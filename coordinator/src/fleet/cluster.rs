@@ -6,13 +6,14 @@
 
 use super::FleetOptions;
 use super::journal::{self as fleet_journal, ClusterState, FleetClusterRecord, FleetRunId};
-use super::window::in_window;
+use crate::commands;
 use crate::inventory::Cluster;
 use crate::journal::{
     ClusterLock, Journal, JournalError, NewRun, RunKind, RunResult, this_process_holder,
 };
+use crate::procedure::{Ctx, RunOptions};
 use crate::report::{Reporter, Summary};
-use crate::run::{self, Ctx, RunOptions};
+use crate::window::in_window;
 use anyhow::{Context, Result, anyhow};
 use bbupgrade_common::tls::TlsMaterial;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -206,7 +207,7 @@ async fn upgrade(
         Reporter::silent(),
     )?;
     ctx.lock_lost = lock_lost;
-    if let Some(open) = run::resumable_run(&ctx)? {
+    if let Some(open) = commands::resumable_run(&ctx)? {
         if previous.cluster_run_id != Some(open.id.0) || open.kind != RunKind::Upgrade {
             return Ok(Outcome::Failed(format!(
                 "has an unfinished {} run #{} ({} -> {}) that this fleet run did not start; finish it with `bbupgrade resume` or `bbupgrade rollback` first",
@@ -230,7 +231,7 @@ async fn upgrade(
     }
     let to = shared.opts.to.clone();
     let archive = shared.opts.archive.clone();
-    let report = run::make_plan(&ctx, &to, archive.size_bytes()).await;
+    let report = commands::make_plan(&ctx, &to, archive.size_bytes()).await;
     if report.from.as_deref() == Some(to.as_str()) {
         return Ok(Outcome::Upgraded(format!("already on {to}")));
     }
@@ -246,6 +247,7 @@ async fn upgrade(
         )));
     }
     let options = RunOptions {
+        no_finalize: false,
         to: to.clone(),
         from: report.from.clone().unwrap_or_default(),
         archive: Some(archive),

@@ -3,7 +3,7 @@
 //! as a table or one JSON document (`fleet status`, and the end of `fleet`).
 
 use super::journal::{ClusterState, FleetClusterRecord, FleetRunRecord};
-use crate::cli::Output;
+use crate::report::Output;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;

@@ -255,32 +255,7 @@ pub fn from_config_with_tls(
             backend,
             backends,
             server_names,
-        } => {
-            let all = LbConfig::haproxy_backends(backend, backends);
-            if let Some(unknown) = server_names.keys().find(|k| !all.contains(k)) {
-                return Err(LbError::Config(format!(
-                    "server_names names backend {unknown:?}, which is not among the backends {all:?}"
-                )));
-            }
-            let driver = |b: &String| {
-                haproxy::Haproxy::new(socket, b)
-                    .map(|h| h.with_server_names(server_names.get(b).cloned().unwrap_or_default()))
-            };
-            match all.as_slice() {
-                [] => {
-                    return Err(LbError::Config(
-                        "kind = \"haproxy\" needs `backends = [...]` (or `backend`)".into(),
-                    ));
-                }
-                [one] => Box::new(driver(one)?),
-                several => Box::new(several::Several::new(
-                    several
-                        .iter()
-                        .map(|b| driver(b).map(|h| Box::new(h) as Box<dyn LoadBalancer>))
-                        .collect::<Result<_, _>>()?,
-                )?),
-            }
-        }
+        } => haproxy_from_config(socket, backend, backends, server_names)?,
         LbConfig::Nginx {
             config,
             upstream,
@@ -333,6 +308,37 @@ pub fn from_config_with_tls(
         )?),
         LbConfig::None {} => Box::new(none::NoLoadBalancer),
     })
+}
+
+/// HAProxy with one backend, or several drained together under the same server names.
+fn haproxy_from_config(
+    socket: &str,
+    backend: &str,
+    backends: &[String],
+    server_names: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<Box<dyn LoadBalancer>, LbError> {
+    let all = LbConfig::haproxy_backends(backend, backends);
+    if let Some(unknown) = server_names.keys().find(|k| !all.contains(k)) {
+        return Err(LbError::Config(format!(
+            "server_names names backend {unknown:?}, which is not among the backends {all:?}"
+        )));
+    }
+    let driver = |b: &String| {
+        haproxy::Haproxy::new(socket, b)
+            .map(|h| h.with_server_names(server_names.get(b).cloned().unwrap_or_default()))
+    };
+    match all.as_slice() {
+        [] => Err(LbError::Config(
+            "kind = \"haproxy\" needs `backends = [...]` (or `backend`)".into(),
+        )),
+        [one] => Ok(Box::new(driver(one)?)),
+        several => Ok(Box::new(several::Several::new(
+            several
+                .iter()
+                .map(|b| driver(b).map(|h| Box::new(h) as Box<dyn LoadBalancer>))
+                .collect::<Result<_, _>>()?,
+        )?)),
+    }
 }
 
 #[cfg(test)]

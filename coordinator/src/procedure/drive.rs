@@ -369,6 +369,13 @@ impl<'a> Driver<'a> {
             self.env.reporter.step(Some(&node.id), "pick", "info", &why);
             self.one_node(node, &steps, s, oos).await?;
         }
+        if self.opts.no_finalize {
+            s.notes.push(format!(
+                "not finalized (--no-finalize): every node runs {} and upgrade mode stays on, so `bbupgrade rollback` is still possible; `bbupgrade finalize` approves the upgrade",
+                self.opts.to
+            ));
+            return Ok(());
+        }
         self.approve().await?;
         Ok(())
     }
@@ -679,6 +686,20 @@ impl<'a> Driver<'a> {
                 return Ok(());
             }
         }
+    }
+
+    /// Approves an upgrade whose nodes all run the new version (`bbupgrade finalize`).
+    pub async fn finalize(&self) -> Summary {
+        let mut s = self.base_summary();
+        let before = self.versions_now().await;
+        match self.approve().await {
+            Ok(()) => s.result = RunResult::Upgraded,
+            Err(e) => {
+                s.result = RunResult::Halted;
+                s.error = Some(format!("{e:#}"));
+            }
+        }
+        self.finish(s, &before, &before, &HashMap::new()).await
     }
 
     /// Approves the upgrade and waits for the cluster to become STABLE.

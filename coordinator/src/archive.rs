@@ -1,0 +1,106 @@
+//! The release to upgrade to, as the admin names it (a file streamed to the agents or a URL they
+//! download) and as the run records it, hashed once before anything changes.
+
+use crate::error::BadInput;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the release comes from; recorded with the run so `resume` uses the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ArchiveSource {
+    File {
+        path: PathBuf,
+        sha256: String,
+        size_bytes: u64,
+    },
+    Url {
+        url: String,
+        sha256: String,
+    },
+}
+
+impl ArchiveSource {
+    pub fn sha256(&self) -> &str {
+        match self {
+            ArchiveSource::File { sha256, .. } | ArchiveSource::Url { sha256, .. } => sha256,
+        }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        match self {
+            ArchiveSource::File { size_bytes, .. } => *size_bytes,
+            ArchiveSource::Url { .. } => 0,
+        }
+    }
+}
+
+/// The release as given on the command line (unchecked).
+#[derive(Debug, Clone, Default)]
+pub struct ReleaseSpec {
+    pub archive: Option<PathBuf>,
+    pub archive_url: Option<String>,
+    pub sha256: Option<String>,
+}
+
+impl ReleaseSpec {
+    pub fn is_given(&self) -> bool {
+        self.archive.is_some() || self.archive_url.is_some()
+    }
+}
+
+/// Checks the release given: a file is hashed (the agents verify it again as they extract) and
+/// compared with `sha256` when given; a URL needs a well-formed `sha256`. `None` when none given.
+pub async fn resolve(spec: &ReleaseSpec) -> Result<Option<ArchiveSource>> {
+    if let Some(path) = &spec.archive {
+        let path = path.clone();
+        let (sha, size, abs) = tokio::task::spawn_blocking(move || hash_file(&path)).await??;
+        if let Some(expected) = &spec.sha256
+            && !expected.eq_ignore_ascii_case(&sha)
+        {
+            return Err(BadInput(format!(
+                "the archive's SHA-256 is {sha}, not the --sha256 given ({expected}); it may be corrupt or the wrong file"
+            ))
+            .into());
+        }
+        return Ok(Some(ArchiveSource::File {
+            path: abs,
+            sha256: sha,
+            size_bytes: size,
+        }));
+    }
+    if let Some(url) = &spec.archive_url {
+        let sha = spec.sha256.clone().unwrap_or_default();
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BadInput(format!("--sha256 '{sha}' must be 64 hex digits")).into());
+        }
+        return Ok(Some(ArchiveSource::Url {
+            url: url.clone(),
+            sha256: sha.to_lowercase(),
+        }));
+    }
+    Ok(None)
+}
+
+/// The file's SHA-256 (hex), size and absolute path.
+fn hash_file(path: &Path) -> Result<(String, u64, PathBuf)> {
+    use sha2::Digest;
+    use std::io::Read;
+    let cannot =
+        |e: std::io::Error| BadInput(format!("cannot read the archive {}: {e}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(cannot)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(cannot)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    let abs = std::fs::canonicalize(path).map_err(cannot)?;
+    Ok((hex::encode(h.finalize()), size, abs))
+}
