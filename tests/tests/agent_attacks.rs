@@ -5,7 +5,7 @@
 //! Every test needs root and a `nobody` user; without them it fails under `CI=true` and skips
 //! (saying so) elsewhere.
 
-use bbupgrade::sandbox::{Sandbox, SandboxLb};
+use bbupgrade_demo::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_common::identity::Role;
 use bbupgrade_common::proto::agent_client::AgentClient;
 use bbupgrade_common::proto::*;
