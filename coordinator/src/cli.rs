@@ -49,8 +49,14 @@ pub enum Command {
     /// Abandon the cluster's unfinished upgrade run when it stopped no node: upgrade mode is
     /// cancelled, staged installs stay, the journal records it; a new upgrade may start.
     Abort(RunTargetArgs),
-    /// A local sandbox cluster of simulated nodes with real agents, upgraded end to end.
-    Demo(crate::demo::DemoArgs),
+    /// A local sandbox cluster of simulated nodes with real agents, upgraded end to end: runs the
+    /// `bbupgrade-demo` program next to this one with the same arguments (`bbupgrade demo --help`).
+    #[command(disable_help_flag = true)]
+    Demo {
+        /// The demo's arguments, passed on unchanged.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Upgrade many clusters in waves (canary, concurrency, failure budget, windows); `fleet status`.
     Fleet(crate::fleet::FleetArgs),
 }
@@ -206,7 +212,12 @@ impl From<RunTargetArgs> for RunRequest {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    run_to_exit_code(run(Cli::parse()))
+}
+
+/// Runs a command on a fresh runtime with logs on standard error; an error is printed and exits 1,
+/// or 2 when it is bad input.
+pub fn run_to_exit_code(command: impl Future<Output = Result<ExitCode>>) -> ExitCode {
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -218,7 +229,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(command) {
         Ok(code) => code,
         // What to run next was printed when the run was interrupted.
         Err(e) if e.downcast_ref::<crate::error::Interrupted>().is_some() => ExitCode::from(130),
@@ -252,7 +263,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rollback(args) => crate::commands::rollback_command(args.into()).await,
         Command::Finalize(args) => crate::commands::finalize_command(args.into()).await,
         Command::Abort(args) => crate::commands::abort_command(args.into()).await,
-        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Demo { args } => crate::demo_launch::exec(args),
         Command::Fleet(args) => crate::fleet::command(args).await,
     }
 }

@@ -4,7 +4,7 @@
 //! Ctrl-C during a run prints the exact `resume` command, which finishes the run.
 
 use bbupgrade::journal::{Journal, RunResult};
-use bbupgrade::sandbox::{Sandbox, SandboxLb};
+use bbupgrade_demo::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_tests::cli_process::{Cli, Finished, args, is_step, run_cli};
 use bbupgrade_tests::{bins, sandbox_options, start_sandbox, zdu_cluster};
 use std::path::{Path, PathBuf};

@@ -87,7 +87,7 @@ pub struct Sandbox {
     lb_ssh_port: u16,
     pub haproxy_socket: Option<PathBuf>,
     /// The inventory's load balancer for NGINX or Apache (HAProxy is `haproxy_socket`).
-    pub lb_config: Option<crate::loadbalancer::LbConfig>,
+    pub lb_config: Option<bbupgrade::loadbalancer::LbConfig>,
     /// Each node's server in the load balancer, when it is not the node's name.
     pub lb_servers: Vec<String>,
     pub run_user: Option<String>,
@@ -628,7 +628,7 @@ impl Sandbox {
             .arg("daemon off;");
         self.spawn_lb("nginx", cmd, port, &dir.join("nginx.log"))?;
         self.lb_servers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        self.lb_config = Some(crate::loadbalancer::LbConfig::Nginx {
+        self.lb_config = Some(bbupgrade::loadbalancer::LbConfig::Nginx {
             config: upstream,
             upstream: "bitbucket".into(),
             mode: Default::default(),
@@ -645,7 +645,7 @@ impl Sandbox {
     /// turns the inventory's load balancer into `nginx-agent`. It still needs a `[bitbucket]`
     /// section: it gets node 1's, which it only reads.
     fn start_lb_agent(&mut self, ca: &Ca, port: u16) -> Result<()> {
-        use crate::loadbalancer::LbConfig;
+        use bbupgrade::loadbalancer::LbConfig;
         let Some(LbConfig::Nginx {
             config,
             upstream,
@@ -738,7 +738,7 @@ impl Sandbox {
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}"))
             .collect();
-        self.lb_config = Some(crate::loadbalancer::LbConfig::Apache {
+        self.lb_config = Some(bbupgrade::loadbalancer::LbConfig::Apache {
             manager_url: format!("http://127.0.0.1:{port}/balancer-manager"),
             balancer: "bitbucket".into(),
         });
@@ -747,7 +747,7 @@ impl Sandbox {
 
     /// The inventory's `load_balancer = {...}` line.
     fn inventory_lb(&self) -> String {
-        use crate::loadbalancer::LbConfig;
+        use bbupgrade::loadbalancer::LbConfig;
         let path = |p: &Option<PathBuf>| {
             p.as_ref()
                 .map(|p| p.display().to_string())
@@ -855,18 +855,18 @@ impl Sandbox {
 
     /// Starts every node through its agent's service manager, as the Bitbucket user.
     pub async fn start_nodes(&self) -> Result<()> {
-        let inv = crate::inventory::Inventory::load(&self.inventory)?;
+        let inv = bbupgrade::inventory::Inventory::load(&self.inventory)?;
         let tls = inv.tls.load()?;
         let cluster = inv.cluster(&self.cluster_name)?;
         let starts = cluster.nodes.iter().map(|node| {
             let tls = tls.clone();
             async move {
-                let mut c = crate::agents::connect(node, &tls, Duration::from_secs(5)).await?;
+                let mut c = bbupgrade::agents::connect(node, &tls, Duration::from_secs(5)).await?;
                 let d = Duration::from_secs(120);
-                crate::agents::call(
+                bbupgrade::agents::call(
                     &node.id,
                     d,
-                    c.start(crate::agents::request(
+                    c.start(bbupgrade::agents::request(
                         bbupgrade_common::proto::StartRequest {
                             operation_id: format!("sandbox-initial-start-{}", std::process::id()),
                             timeout_secs: 120,
@@ -888,17 +888,18 @@ impl Sandbox {
         let Some(socket) = &self.haproxy_socket else {
             return self.wait_proxy_serves(timeout).await;
         };
-        let lb = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
-            socket: format!("unix:{}", socket.display()),
-            backend: String::new(),
-            backends: self.haproxy_backends(),
-            server_names: Default::default(),
-        })?;
+        let lb =
+            bbupgrade::loadbalancer::from_config(&bbupgrade::loadbalancer::LbConfig::Haproxy {
+                socket: format!("unix:{}", socket.display()),
+                backend: String::new(),
+                backends: self.haproxy_backends(),
+                server_names: Default::default(),
+            })?;
         let deadline = Instant::now() + timeout;
         for node in self.sim.nodes() {
             loop {
                 let state = lb.server_state(&node.name).await?;
-                if state.operational == crate::loadbalancer::OperState::Up {
+                if state.operational == bbupgrade::loadbalancer::OperState::Up {
                     break;
                 }
                 if Instant::now() > deadline {

@@ -2,19 +2,30 @@
 //! in front when installed, or NGINX / Apache httpd with `--lb nginx|apache`), upgrades it end to end while sending traffic through the load balancer,
 //! and reports versions, the order chosen and why, time out of service, and requests served/failed.
 
-use crate::archive::ReleaseSpec;
-use crate::commands::{ClusterTarget, RunRequest};
-use crate::error::BadInput;
-use crate::report::Output;
-use crate::report::Summary;
 use crate::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions, sibling_binary};
 use anyhow::{Context, Result};
+use bbupgrade::archive::ReleaseSpec;
+use bbupgrade::commands::{ClusterTarget, RunRequest};
+use bbupgrade::error::BadInput;
+use bbupgrade::report::{Output, Summary};
 use bbupgrade_sim::load::{LoadOptions, LoadReport};
-use clap::Args;
+use clap::{Args, Parser};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// The `bbupgrade-demo` program's command line (also `bbupgrade demo`).
+#[derive(Parser)]
+#[command(
+    name = "bbupgrade demo",
+    version,
+    about = "A local sandbox cluster of simulated Bitbucket nodes with real agents, upgraded end to end"
+)]
+pub struct DemoCli {
+    #[command(flatten)]
+    pub args: DemoArgs,
+}
 
 #[derive(Args, Clone)]
 pub struct DemoArgs {
@@ -74,7 +85,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         return Err(BadInput("--nodes must be between 1 and 16".into()).into());
     }
     let (from, to) =
-        crate::plan::check_target(&args.from, &args.to).map_err(|e| BadInput(e.to_string()))?;
+        bbupgrade::plan::check_target(&args.from, &args.to).map_err(|e| BadInput(e.to_string()))?;
     // HAProxy by default: the real one when installed, else the simulator's stand-in (said loudly).
     let lb = args.lb.unwrap_or(SandboxLb::Haproxy);
     if lb == SandboxLb::None {
@@ -176,11 +187,11 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         soak_secs: None,
         no_finalize: false,
     };
-    let summary = crate::commands::upgrade_summary(request, args.output == Output::Human).await;
+    let summary = bbupgrade::commands::upgrade_summary(request, args.output == Output::Human).await;
     let report = load.stop().await;
     let (summary, code) = match summary {
         Ok(s) => {
-            let code = if s.result == crate::journal::RunResult::Upgraded
+            let code = if s.result == bbupgrade::journal::RunResult::Upgraded
                 && report.failed == 0
                 && report.ssh_failed == 0
             {
@@ -213,7 +224,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
         Output::Human => {
-            print!("{}", crate::report::render_summary(&doc.summary));
+            print!("{}", bbupgrade::report::render_summary(&doc.summary));
             println!(
                 "traffic during the upgrade: {} requests, {} failed; {} SSH clones, {} failed ({})",
                 report.total,
