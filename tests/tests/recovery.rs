@@ -208,13 +208,24 @@ async fn no_finalize_then_finalize_cleans_up_to_keep_installs() {
             node.name,
             older.display()
         );
+        // The active (new) and previous (original) installs stay, wherever the agent put them.
+        let installs: Vec<String> = std::fs::read_dir(&node.install_root)
+            .expect("the install root")
+            .flatten()
+            .filter(|e| e.path().join("bin/start-bitbucket.sh").is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            installs.len(),
+            3,
+            "{}: keep_installs = 3: {installs:?}",
+            node.name
+        );
         for v in [FROM, TO] {
-            let install = node.install_root.join(format!("atlassian-bitbucket-{v}"));
             assert!(
-                install.is_dir(),
-                "{}: {} was removed",
-                node.name,
-                install.display()
+                installs.iter().any(|i| i.contains(v)),
+                "{}: the {v} install was removed: {installs:?}",
+                node.name
             );
         }
     }
