@@ -12,7 +12,7 @@ pub mod fleet_standin;
 pub mod systemd_harness;
 
 use anyhow::{Context, Result};
-use bbupgrade_demo::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions};
+use bbupgrade_demo::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions, SandboxService};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -74,6 +74,7 @@ pub fn sandbox_options(bins: &Bins, nodes: usize, lb: SandboxLb) -> SandboxOptio
             node_names: std::env::var("BBUPGRADE_TEST_NODE_NAMES").as_deref() == Ok("1"),
             ..BitbucketForm::default()
         },
+        service: SandboxService::Scripts,
     }
 }
 

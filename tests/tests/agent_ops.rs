@@ -2,11 +2,11 @@
 //! prepare, stop, activate, start, rollback; repeated operation ids; a crash in the middle of a
 //! stage; unsafe archives refused with nothing left behind.
 
-use bbupgrade_demo::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_common::identity::Role;
 use bbupgrade_common::proto::agent_client::AgentClient;
 use bbupgrade_common::proto::*;
 use bbupgrade_common::tls::{TlsFiles, connect_agent};
+use bbupgrade_demo::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_tests::{bins, describe, node_version, read, sandbox_options, start_sandbox};
 use std::io::Read;
 use std::path::{Path, PathBuf};
