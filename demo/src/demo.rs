@@ -213,18 +213,7 @@ impl Demo {
                 dir.display()
             ),
         );
-        let opts = self.sandbox_options()?;
-        let dir = dir.to_path_buf();
-        let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox> {
-            let s = Sandbox::create(&dir, opts)?;
-            s.wait_agents()?;
-            Ok(s)
-        })
-        .await??;
-        sandbox
-            .start_nodes()
-            .await
-            .context("starting the simulated nodes through their agents")?;
+        let sandbox = Sandbox::start(dir, self.sandbox_options()?).await?;
         for (i, _) in sandbox.sim.nodes().iter().enumerate().skip(1) {
             let _ = sandbox.sim.set_shared_property(
                 &format!("sim.background.tasks.node{}", i + 1),
@@ -279,7 +268,12 @@ impl Demo {
                 ssh_failed: report.ssh_failed,
             },
             load: report,
-            sandbox_dir: self.args.dir.as_ref().map(|d| d.display().to_string()),
+            // Where the files are: `--dir`, or the searchable folder linked from it.
+            sandbox_dir: self
+                .args
+                .dir
+                .as_ref()
+                .map(|_| sandbox.dir.display().to_string()),
             load_balancer: load_balancer_name(self.lb),
             service_definitions: sandbox.service_changes()?,
             summary,
@@ -327,10 +321,9 @@ impl Demo {
                 render_changes(&doc.service_definitions)
             );
         }
-        if let Some(d) = &self.args.dir {
+        if let Some(d) = &doc.sandbox_dir {
             println!(
-                "sandbox kept in {} (inventory.toml, pki/, cluster/, etc/<node>/init.d/, agents/)",
-                d.display()
+                "sandbox kept in {d} (inventory.toml, pki/, archives/, cluster/, etc/<node>/init.d/, agents/)"
             );
         }
         Ok(())

@@ -9,7 +9,7 @@ use bbupgrade_common::identity::Role;
 use bbupgrade_common::pki::{Ca, IssueRequest};
 use bbupgrade_common::tls::TlsFiles;
 use bbupgrade_sim::archive::{ArchiveInfo, write_archive_with_program};
-use bbupgrade_sim::cluster::{ClusterOptions, NodeSetup, SimCluster, free_ports};
+use bbupgrade_sim::cluster::{ClusterOptions, NodeSetup, SimCluster, SimNode, free_ports};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -439,7 +439,7 @@ impl Sandbox {
             None => "kind = \"scripts\"".to_string(),
         };
         format!(
-            "node_id = {:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\nallowed_coordinators = [\"sandbox-admin\"]\n\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n\n[service]\n{service}\n\n[limits]\nstop_timeout_secs = 60\nstart_timeout_secs = 120\n\n[stage]\nurl_hosts = [\"127.0.0.1\"]\n",
+            "node_id = {:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\nallowed_coordinators = [\"sandbox-admin\"]\n\n{}\n[service]\n{service}\n\n[limits]\nstop_timeout_secs = 60\nstart_timeout_secs = 120\n\n[stage]\nurl_hosts = [\"127.0.0.1\"]\n",
             node.name,
             self.agent_addrs[i],
             self.dir.join(format!("agents/{}", node.name)),
@@ -447,6 +447,14 @@ impl Sandbox {
             tls.cert,
             tls.key,
             self.pki.join(bbupgrade_common::pki::CRL_FILE),
+            self.bitbucket_section(node),
+        )
+    }
+
+    /// An agent config's `[bitbucket]` section for `node`: its install, home, user and status URL.
+    fn bitbucket_section(&self, node: &SimNode) -> String {
+        format!(
+            "[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n",
             node.install_root,
             node.install_dir,
             node.home,
@@ -493,6 +501,22 @@ impl Sandbox {
             .spawn()
             .with_context(|| format!("starting {}", self.opts.agent_bin.display()))?;
         Ok(child)
+    }
+
+    /// Creates a sandbox in `dir`, waits for its agents, and starts its nodes through them.
+    pub async fn start(dir: &Path, opts: SandboxOptions) -> Result<Self> {
+        let dir = dir.to_path_buf();
+        let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox> {
+            let s = Sandbox::create(&dir, opts)?;
+            s.wait_agents()?;
+            Ok(s)
+        })
+        .await??;
+        sandbox
+            .start_nodes()
+            .await
+            .context("starting the nodes through their agents")?;
+        Ok(sandbox)
     }
 
     /// Waits until every agent accepts connections.
@@ -749,20 +773,13 @@ impl Sandbox {
         let node = &self.sim.nodes()[0];
         let addr = format!("127.0.0.1:{port}");
         let cfg = format!(
-            "node_id = {LB_AGENT_NODE:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n\n[service]\nkind = \"scripts\"\n\n[lb]\nkind = \"nginx\"\nconfig = {:?}\nupstream = {upstream:?}\nmain_config = {:?}\nprefix = {:?}\nnginx = {:?}\npid_file = {:?}\n",
+            "node_id = {LB_AGENT_NODE:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n{}\n[service]\nkind = \"scripts\"\n\n[lb]\nkind = \"nginx\"\nconfig = {:?}\nupstream = {upstream:?}\nmain_config = {:?}\nprefix = {:?}\nnginx = {:?}\npid_file = {:?}\n",
             addr,
             self.dir.join(format!("agents/{LB_AGENT_NODE}")),
             tls.ca,
             tls.cert,
             tls.key,
-            node.install_root,
-            node.install_dir,
-            node.home,
-            self.run_user
-                .as_ref()
-                .map(|u| format!("user = {u:?}\n"))
-                .unwrap_or_default(),
-            format!("{}/status", node.base_url),
+            self.bitbucket_section(node),
             config.display().to_string(),
             path(&main_config),
             path(&prefix),
