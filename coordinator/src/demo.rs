@@ -126,7 +126,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         .await
         .context("starting the simulated nodes through their agents")?;
     // On standard error in every output mode (JSON included), so others can send their own load.
-    // Git over SSH only through a load balancer that fronts it (HAProxy): straight to one node it
+    // Git over SSH only through a load balancer that fronts it (HAProxy, NGINX `stream`): straight to one node it
     // would fail while that node is upgraded.
     let ssh = sandbox.lb_ssh_addr.clone();
     eprintln!(
