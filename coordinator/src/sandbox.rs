@@ -982,12 +982,7 @@ impl Sandbox {
         let Some(socket) = &self.haproxy_socket else {
             return self.wait_proxy_serves(timeout).await;
         };
-        let lb = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
-            socket: format!("unix:{}", socket.display()),
-            backend: String::new(),
-            backends: self.haproxy_backends(),
-            server_names: Default::default(),
-        })?;
+        let lb = self.haproxy_lb(socket)?;
         let deadline = Instant::now() + timeout;
         for node in self.sim.nodes() {
             loop {
@@ -1048,13 +1043,33 @@ impl Sandbox {
             .unwrap_or_else(|| format!("127.0.0.1:{}", self.sim.nodes()[0].ssh_port))
     }
 
-    /// The HAProxy backends every node is in: HTTP, and Git over SSH when HAProxy fronts it.
+    /// The backends every node is in on the HAProxy at `haproxy_socket`: HTTP, and Git over SSH
+    /// when that same process fronts it (the stand-in has a second process for SSH).
     pub fn haproxy_backends(&self) -> Vec<String> {
         let mut backends = vec!["bitbucket".to_string()];
-        if self.lb_ssh_addr.is_some() {
+        if self.lb_ssh_addr.is_some() && self.standin_ssh_socket.is_none() {
             backends.push(HAPROXY_SSH_BACKEND.to_string());
         }
         backends
+    }
+
+    /// Every HAProxy runtime API of the sandbox as one load balancer (two with the stand-in).
+    fn haproxy_lb(&self, socket: &Path) -> Result<Box<dyn crate::loadbalancer::LoadBalancer>> {
+        use crate::loadbalancer::LbConfig;
+        let one = |socket: &Path, backends: Vec<String>| LbConfig::Haproxy {
+            socket: format!("unix:{}", socket.display()),
+            backend: String::new(),
+            backends,
+            server_names: Default::default(),
+        };
+        let http = one(socket, self.haproxy_backends());
+        let cfg = match &self.standin_ssh_socket {
+            Some(ssh) => LbConfig::Several {
+                members: vec![http, one(ssh, vec![HAPROXY_SSH_BACKEND.to_string()])],
+            },
+            None => http,
+        };
+        Ok(crate::loadbalancer::from_config(&cfg)?)
     }
 }
 

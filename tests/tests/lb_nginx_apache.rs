@@ -440,6 +440,9 @@ async fn nginx_drain_waits_for_old_workers_and_refuses_a_broken_config() {
     let cfg = LbConfig::Nginx {
         config: upstream.clone(),
         upstream: "bitbucket".into(),
+        upstreams: vec![],
+        configs: Default::default(),
+        server_names: Default::default(),
         mode: Default::default(),
         main_config: Some(main.clone()),
         prefix: Some(dir.clone()),
