@@ -6,12 +6,12 @@
 //! restores nodes; `plan` decides (preflight, least-busy order) without I/O; `procedure` carries a
 //! run out (pure decisions in `procedure::decide`, the driver in `procedure::drive`); `run` wires
 //! commands to it; `journal` records every step in SQLite; `report` prints;
-//! `status` and `demo` (with `sandbox`) are the other commands; `fleet` upgrades many clusters in
-//! waves.
+//! `status` is the other command; `demo_launch` runs the demo (its own crate, `bbupgrade-demo`, so
+//! this one does not link the simulator); `fleet` upgrades many clusters in waves.
 
 pub mod agents;
 pub mod cli;
-pub mod demo;
+pub mod demo_launch;
 pub mod fleet;
 pub mod inventory;
 pub mod journal;
@@ -21,7 +21,6 @@ pub mod plan;
 pub mod procedure;
 pub mod report;
 pub mod run;
-pub mod sandbox;
 pub mod skew;
 pub mod status;
 pub mod zdu;

@@ -12,16 +12,18 @@ pub mod fleet_standin;
 pub mod systemd_harness;
 
 use anyhow::{Context, Result};
-use bbupgrade::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions};
+use bbupgrade_demo::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Paths of the three programs, built by cargo before the integration tests run.
+/// Paths of the programs, built by cargo before the integration tests run.
 #[derive(Clone, Debug)]
 pub struct Bins {
     pub bbupgrade: PathBuf,
     pub agent: PathBuf,
     pub sim: PathBuf,
+    /// `bbupgrade-demo`, which `bbupgrade demo` runs.
+    pub demo: PathBuf,
 }
 
 /// `Bins` for the calling integration test.
@@ -32,6 +34,7 @@ macro_rules! bins {
             bbupgrade: env!("CARGO_BIN_EXE_e2e-bbupgrade").into(),
             agent: env!("CARGO_BIN_EXE_e2e-agent").into(),
             sim: env!("CARGO_BIN_EXE_e2e-sim").into(),
+            demo: env!("CARGO_BIN_EXE_e2e-demo").into(),
         }
     };
 }
@@ -101,12 +104,20 @@ pub fn temp_dir() -> tempfile::TempDir {
     d
 }
 
-/// Runs `bbupgrade` with arguments; returns its output (never panics on a non-zero exit).
-pub fn bbupgrade(bins: &Bins, args: &[&str]) -> Output {
-    Command::new(&bins.bbupgrade)
+/// `bbupgrade` with arguments, told where the test builds of the other programs are (for `demo`).
+pub fn bbupgrade_command(bins: &Bins, args: &[impl AsRef<std::ffi::OsStr>]) -> Command {
+    let mut command = Command::new(&bins.bbupgrade);
+    command
         .args(args)
         .env("BBUPGRADE_AGENT_BIN", &bins.agent)
         .env("BITBUCKET_SIM_BIN", &bins.sim)
+        .env(bbupgrade::demo_launch::DEMO_PROGRAM_ENV, &bins.demo);
+    command
+}
+
+/// Runs `bbupgrade` with arguments; returns its output (never panics on a non-zero exit).
+pub fn bbupgrade(bins: &Bins, args: &[&str]) -> Output {
+    bbupgrade_command(bins, args)
         .output()
         .expect("running bbupgrade")
 }

@@ -5,8 +5,8 @@
 
 use bbupgrade::journal::{Journal, RunId, StepOutcome, StepRecord};
 use bbupgrade::loadbalancer::{AdminState, LoadBalancer, OperState};
-use bbupgrade::sandbox::{ADMIN_TOKEN, Sandbox, SandboxLb};
 use bbupgrade_common::proto::{NodeInfoRequest, NodeInfoResponse};
+use bbupgrade_demo::sandbox::{ADMIN_TOKEN, Sandbox, SandboxLb};
 use bbupgrade_sim::load::LoadOptions;
 use bbupgrade_tests::cli_process::{Cli, Finished, args, haproxy, is_step, run_cli};
 use bbupgrade_tests::{bins, sandbox_options, start_sandbox};

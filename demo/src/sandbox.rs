@@ -91,7 +91,7 @@ pub struct Sandbox {
     ssh_standin: Option<Child>,
     pub standin_ssh_socket: Option<PathBuf>,
     /// The inventory's load balancer for NGINX or Apache (HAProxy is `haproxy_socket`).
-    pub lb_config: Option<crate::loadbalancer::LbConfig>,
+    pub lb_config: Option<bbupgrade::loadbalancer::LbConfig>,
     /// Each node's server in the load balancer, when it is not the node's name.
     pub lb_servers: Vec<String>,
     pub run_user: Option<String>,
@@ -743,7 +743,7 @@ impl Sandbox {
             .zip(&ssh_ports)
             .map(|(s, p)| (s.clone(), format!("127.0.0.1:{p}")))
             .collect();
-        self.lb_config = Some(crate::loadbalancer::LbConfig::Nginx {
+        self.lb_config = Some(bbupgrade::loadbalancer::LbConfig::Nginx {
             config: upstream,
             upstream: String::new(),
             upstreams: vec!["bitbucket".into(), NGINX_SSH_UPSTREAM.into()],
@@ -763,7 +763,7 @@ impl Sandbox {
     /// turns the inventory's load balancer into `nginx-agent`. It still needs a `[bitbucket]`
     /// section: it gets node 1's, which it only reads.
     fn start_lb_agent(&mut self, ca: &Ca, port: u16) -> Result<()> {
-        use crate::loadbalancer::LbConfig;
+        use bbupgrade::loadbalancer::LbConfig;
         let Some(nginx @ LbConfig::Nginx { .. }) = self.lb_config.clone() else {
             bail!("the load-balancer agent needs the sandbox's NGINX started first");
         };
@@ -839,7 +839,7 @@ impl Sandbox {
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}"))
             .collect();
-        self.lb_config = Some(crate::loadbalancer::LbConfig::Apache {
+        self.lb_config = Some(bbupgrade::loadbalancer::LbConfig::Apache {
             manager_url: format!("http://127.0.0.1:{port}/balancer-manager"),
             balancer: "bitbucket".into(),
         });
@@ -848,7 +848,7 @@ impl Sandbox {
 
     /// The inventory's `load_balancer = {...}` line.
     fn inventory_lb(&self) -> Result<String> {
-        use crate::loadbalancer::LbConfig;
+        use bbupgrade::loadbalancer::LbConfig;
         let unix = |s: &PathBuf| format!("unix:{}", s.display());
         Ok(
             match (
@@ -949,18 +949,18 @@ impl Sandbox {
 
     /// Starts every node through its agent's service manager, as the Bitbucket user.
     pub async fn start_nodes(&self) -> Result<()> {
-        let inv = crate::inventory::Inventory::load(&self.inventory)?;
+        let inv = bbupgrade::inventory::Inventory::load(&self.inventory)?;
         let tls = inv.tls.load()?;
         let cluster = inv.cluster(&self.cluster_name)?;
         let starts = cluster.nodes.iter().map(|node| {
             let tls = tls.clone();
             async move {
-                let mut c = crate::agents::connect(node, &tls, Duration::from_secs(5)).await?;
+                let mut c = bbupgrade::agents::connect(node, &tls, Duration::from_secs(5)).await?;
                 let d = Duration::from_secs(120);
-                crate::agents::call(
+                bbupgrade::agents::call(
                     &node.id,
                     d,
-                    c.start(crate::agents::request(
+                    c.start(bbupgrade::agents::request(
                         bbupgrade_common::proto::StartRequest {
                             operation_id: format!("sandbox-initial-start-{}", std::process::id()),
                             timeout_secs: 120,
@@ -987,7 +987,7 @@ impl Sandbox {
         for node in self.sim.nodes() {
             loop {
                 let state = lb.server_state(&node.name).await?;
-                if state.operational == crate::loadbalancer::OperState::Up {
+                if state.operational == bbupgrade::loadbalancer::OperState::Up {
                     break;
                 }
                 if Instant::now() > deadline {
@@ -1054,8 +1054,8 @@ impl Sandbox {
     }
 
     /// Every HAProxy runtime API of the sandbox as one load balancer (two with the stand-in).
-    fn haproxy_lb(&self, socket: &Path) -> Result<Box<dyn crate::loadbalancer::LoadBalancer>> {
-        use crate::loadbalancer::LbConfig;
+    fn haproxy_lb(&self, socket: &Path) -> Result<Box<dyn bbupgrade::loadbalancer::LoadBalancer>> {
+        use bbupgrade::loadbalancer::LbConfig;
         let one = |socket: &Path, backends: Vec<String>| LbConfig::Haproxy {
             socket: format!("unix:{}", socket.display()),
             backend: String::new(),
@@ -1069,7 +1069,7 @@ impl Sandbox {
             },
             None => http,
         };
-        Ok(crate::loadbalancer::from_config(&cfg)?)
+        Ok(bbupgrade::loadbalancer::from_config(&cfg)?)
     }
 }
 
@@ -1091,7 +1091,7 @@ fn stop_group(child: &mut Child) {
 }
 
 /// A load balancer's settings as one TOML inline table (`{ kind = "nginx", ... }`).
-pub fn inline_toml(cfg: &crate::loadbalancer::LbConfig) -> Result<String> {
+pub fn inline_toml(cfg: &bbupgrade::loadbalancer::LbConfig) -> Result<String> {
     let value = toml::Value::try_from(cfg).context("writing the load balancer's settings")?;
     Ok(value.to_string())
 }
@@ -1131,7 +1131,7 @@ impl Drop for Sandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loadbalancer::LbConfig;
+    use bbupgrade::loadbalancer::LbConfig;
 
     #[test]
     fn nginx_settings_round_trip_through_an_inline_table() {

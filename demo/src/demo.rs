@@ -2,16 +2,28 @@
 //! in front when installed, or NGINX / Apache httpd with `--lb nginx|apache`), upgrades it end to end while sending traffic through the load balancer,
 //! and reports versions, the order chosen and why, time out of service, and requests served/failed.
 
-use crate::cli::{BadInput, Output, UpgradeArgs};
-use crate::report::Summary;
 use crate::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions, sibling_binary};
 use anyhow::{Context, Result};
+use bbupgrade::cli::{BadInput, Output, UpgradeArgs};
+use bbupgrade::report::Summary;
 use bbupgrade_sim::load::{LoadOptions, LoadReport};
 use clap::Args;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// The `bbupgrade-demo` program's command line (also `bbupgrade demo`).
+#[derive(Parser)]
+#[command(
+    name = "bbupgrade demo",
+    version,
+    about = "A local sandbox cluster of simulated Bitbucket nodes with real agents, upgraded end to end"
+)]
+pub struct DemoCli {
+    #[command(flatten)]
+    pub args: DemoArgs,
+}
 
 #[derive(Args, Clone)]
 pub struct DemoArgs {
@@ -71,7 +83,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         return Err(BadInput("--nodes must be between 1 and 16".into()).into());
     }
     let (from, to) =
-        crate::plan::check_target(&args.from, &args.to).map_err(|e| BadInput(e.to_string()))?;
+        bbupgrade::plan::check_target(&args.from, &args.to).map_err(|e| BadInput(e.to_string()))?;
     // HAProxy by default: the real one when installed, else the simulator's stand-in (said loudly).
     let lb = args.lb.unwrap_or(SandboxLb::Haproxy);
     if lb == SandboxLb::None {
@@ -157,7 +169,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let upgrade_args = UpgradeArgs {
-        target: crate::cli::ClusterArgs {
+        target: bbupgrade::cli::ClusterArgs {
             inventory: sandbox.inventory.clone(),
             cluster: sandbox.cluster_name.clone(),
             output: args.output,
@@ -170,11 +182,11 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         auto_rollback: false,
         soak_secs: None,
     };
-    let summary = crate::run::upgrade_summary(upgrade_args, args.output == Output::Human).await;
+    let summary = bbupgrade::run::upgrade_summary(upgrade_args, args.output == Output::Human).await;
     let report = load.stop().await;
     let (summary, code) = match summary {
         Ok(s) => {
-            let code = if s.result == crate::journal::RunResult::Upgraded
+            let code = if s.result == bbupgrade::journal::RunResult::Upgraded
                 && report.failed == 0
                 && report.ssh_failed == 0
             {
@@ -207,7 +219,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
         Output::Human => {
-            print!("{}", crate::report::render_summary(&doc.summary));
+            print!("{}", bbupgrade::report::render_summary(&doc.summary));
             println!(
                 "traffic during the upgrade: {} requests, {} failed; {} SSH clones, {} failed ({})",
                 report.total,
