@@ -1183,7 +1183,7 @@ mod tests {
             "{cfg}"
         );
         assert!(cfg.contains("listen 127.0.0.1:7999;\n        proxy_pass bitbucket_ssh;"));
-        assert!(!nginx_config(dir, Path::new("/s/u.conf"), 7990).contains("stream"));
+        assert!(!nginx_config(dir, Path::new("/s/u.conf"), 7990).contains("stream {"));
         let up = nginx_upstream_named(NGINX_SSH_UPSTREAM, &[1, 2], "");
         assert!(
             up.contains("upstream bitbucket_ssh {\n    server 127.0.0.1:1 ")
