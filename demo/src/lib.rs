@@ -4,6 +4,7 @@
 //! coordinator does not link the simulator; `bbupgrade demo` runs this crate's binary.
 
 pub mod demo;
+pub mod keep;
 pub mod sandbox;
 
 /// The `bbupgrade-demo` program: parses its command line and runs the demo (exit codes as

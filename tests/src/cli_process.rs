@@ -7,7 +7,7 @@ use bbupgrade::loadbalancer::{self, LbConfig, LoadBalancer};
 use bbupgrade_demo::sandbox::Sandbox;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;

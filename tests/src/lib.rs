@@ -12,7 +12,7 @@ pub mod fleet_standin;
 pub mod systemd_harness;
 
 use anyhow::{Context, Result};
-use bbupgrade_demo::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions};
+use bbupgrade_demo::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions, SandboxService};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -74,23 +74,13 @@ pub fn sandbox_options(bins: &Bins, nodes: usize, lb: SandboxLb) -> SandboxOptio
             node_names: std::env::var("BBUPGRADE_TEST_NODE_NAMES").as_deref() == Ok("1"),
             ..BitbucketForm::default()
         },
+        service: SandboxService::Scripts,
     }
 }
 
 /// Creates a sandbox in `dir`, waits for its agents, and starts its nodes through them.
 pub async fn start_sandbox(dir: &Path, opts: SandboxOptions) -> Result<Sandbox> {
-    let dir = dir.to_path_buf();
-    let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox> {
-        let s = Sandbox::create(&dir, opts)?;
-        s.wait_agents()?;
-        Ok(s)
-    })
-    .await??;
-    sandbox
-        .start_nodes()
-        .await
-        .context("starting the nodes through their agents")?;
-    Ok(sandbox)
+    Sandbox::start(dir, opts).await
 }
 
 /// A temporary directory other users can traverse (the Bitbucket user is `nobody` under root).
