@@ -2,6 +2,7 @@
 //! balancer, and nodes with their agents. Raw TOML is validated into [`Inventory`].
 
 use crate::loadbalancer::LbConfig;
+use crate::loadbalancer::policy::{DEFAULT_DRAIN_WAIT_SECS, DrainPolicy};
 use crate::node_match::{Address, NodeKey};
 use anyhow::{Context, Result, bail, ensure};
 use bbupgrade_common::identity::validate_name;
@@ -40,6 +41,11 @@ pub struct Timeouts {
     pub active_secs: u64,
     pub soak_secs: u64,
     pub agent_connect_ms: u64,
+    /// Sessions still open at the drain deadline (e.g. a long clone over SSH): `halt` (put the
+    /// node back in service and halt) or `wait` (up to `drain_wait_secs` more, then halt).
+    pub drain_policy: DrainPolicy,
+    /// The bound of `drain_policy = "wait"`, beyond `drain_secs`.
+    pub drain_wait_secs: u64,
 }
 
 impl Default for Timeouts {
@@ -51,6 +57,8 @@ impl Default for Timeouts {
             active_secs: DEFAULT_ACTIVE_TIMEOUT_SECS,
             soak_secs: DEFAULT_SOAK_SECS,
             agent_connect_ms: DEFAULT_AGENT_CONNECT_TIMEOUT_MS,
+            drain_policy: DrainPolicy::Halt,
+            drain_wait_secs: DEFAULT_DRAIN_WAIT_SECS,
         }
     }
 }

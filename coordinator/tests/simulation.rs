@@ -775,6 +775,7 @@ fn options(from: &str, to: &str, auto_rollback: bool) -> RunOptions {
             active_secs: 120,
             soak_secs: 2,
             agent_connect_ms: 1000,
+            ..Timeouts::default()
         },
     }
 }

@@ -1015,5 +1015,46 @@ mod tests {
             AdminState::Ready
         );
         held.await.unwrap();
+
+        // drain_policy = "wait": past the deadline with the SSH session open, the drain goes on
+        // waiting, says how many were left and where, and the session ends whole.
+        lb.enable("node1").await.unwrap();
+        let held = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ssh_port))
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await.unwrap();
+            answer
+        });
+        wait_until("node1 holds a third SSH session", async || {
+            ssh_only
+                .server_state("node1")
+                .await
+                .unwrap()
+                .current_sessions
+                == 1
+        })
+        .await;
+        let d = crate::loadbalancer::policy::drain_with_policy(
+            lb.as_ref(),
+            "node1",
+            Duration::from_millis(300),
+            crate::loadbalancer::policy::DrainPolicy::Wait,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let note = d.at_deadline.expect("what the deadline found");
+        assert!(
+            note.contains("1 session(s) were still open on node1 in haproxy at ")
+                && note.contains("backend bitbucket_ssh; drain_policy = wait"),
+            "{note}"
+        );
+        assert_eq!(held.await.unwrap(), "done", "the session was not cut");
+        assert_eq!(
+            lb.server_state("node1").await.unwrap().admin,
+            AdminState::Maint
+        );
     }
 }

@@ -203,13 +203,24 @@ impl Bitbucket for CtxIo<'_> {
 #[async_trait]
 impl Balancer for CtxIo<'_> {
     async fn drain(&self, node: &Node, timeout: Duration) -> Result<String> {
-        let r = self.ctx.lb.drain(&node.lb_server, timeout).await?;
-        // Name every door (backend and load balancer) the node was drained from, for the journal.
+        let t = &self.opts.timeouts;
+        let d = crate::loadbalancer::policy::drain_with_policy(
+            &*self.ctx.lb,
+            &node.lb_server,
+            timeout,
+            t.drain_policy,
+            Duration::from_secs(t.drain_wait_secs),
+        )
+        .await?;
+        // Name every door (backend and load balancer) the node was drained from, for the journal,
+        // and what the deadline found when the policy waited longer.
+        let r = d.report;
         Ok(format!(
-            "{} sessions drained in {:.1}s from {}",
+            "{} sessions drained in {:.1}s from {}{}",
             r.sessions_at_start,
             r.waited.as_secs_f64(),
-            self.ctx.lb.describe()
+            self.ctx.lb.describe(),
+            d.at_deadline.map(|n| format!("; {n}")).unwrap_or_default()
         ))
     }
 
