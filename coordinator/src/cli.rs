@@ -54,6 +54,9 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Upgrade many clusters in waves (canary, concurrency, failure budget, windows); `fleet status`.
     Fleet(crate::fleet::FleetArgs),
+    /// A journaled run (or fleet run) as one self-contained HTML page (or JSON) on stdout: each
+    /// node's steps on a timeline, out-of-service times, the order and why, failures and notes.
+    Report(crate::run_report::ReportArgs),
 }
 
 #[derive(Subcommand)]
@@ -138,6 +141,10 @@ pub struct UpgradeArgs {
     pub archive_url: Option<String>,
     #[arg(long)]
     pub sha256: Option<String>,
+    /// A release catalog (TOML file or http(s) URL): `--to` must be in it, and without `--archive*`
+    /// the release comes from its entry.
+    #[arg(long)]
+    pub catalog: Option<String>,
     /// The journal: `sqlite:PATH` or a path (default: from the inventory, else ./bbupgrade-journal.db).
     #[arg(long)]
     pub state: Option<String>,
@@ -199,6 +206,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rollback(args) => crate::run::rollback_command(args).await,
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Fleet(args) => crate::fleet::command(args).await,
+        Command::Report(args) => crate::run_report::command(args).await,
     }
 }
 

@@ -166,6 +166,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         archive: Some(sandbox.to_archive.path.clone()),
         archive_url: None,
         sha256: Some(sandbox.to_archive.sha256.clone()),
+        catalog: None,
         state: None,
         auto_rollback: false,
         soak_secs: None,

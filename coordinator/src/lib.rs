@@ -7,9 +7,10 @@
 //! run out (pure decisions in `procedure::decide`, the driver in `procedure::drive`); `run` wires
 //! commands to it; `journal` records every step in SQLite; `report` prints;
 //! `status` and `demo` (with `sandbox`) are the other commands; `fleet` upgrades many clusters in
-//! waves.
+//! waves; `run_report` draws a journaled run as an HTML page; `catalog` lists releases and their archives.
 
 pub mod agents;
+pub mod catalog;
 pub mod cli;
 pub mod demo;
 pub mod fleet;
@@ -21,6 +22,7 @@ pub mod plan;
 pub mod procedure;
 pub mod report;
 pub mod run;
+pub mod run_report;
 pub mod sandbox;
 pub mod skew;
 pub mod status;

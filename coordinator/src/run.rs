@@ -272,11 +272,67 @@ fn actor() -> String {
     format!("{user}@{host}:{}", std::process::id())
 }
 
-/// Hashes an archive file once, before anything changes (the agents verify it again as they extract).
+/// The release archive of a command: `--archive*` when given, else the catalog's entry for `--to`.
+/// With `--catalog`, `--to` must be in the catalog either way.
 pub async fn archive_source(args: &UpgradeArgs) -> Result<Option<ArchiveSource>> {
-    if let Some(path) = &args.archive {
-        let path = path.clone();
+    let release = match (&args.catalog, &args.to) {
+        (Some(source), Some(to)) => Some(catalog_release(source, to).await?),
+        _ => None,
+    };
+    if args.archive.is_some() || args.archive_url.is_some() {
+        return archive_from(
+            args.archive.as_deref(),
+            args.archive_url.as_deref(),
+            args.sha256.as_deref(),
+        )
+        .await;
+    }
+    match release {
+        Some(r) => release_archive(&r).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Loads the catalog at `source` (bad input when it is wrong) and finds `to` in it.
+pub async fn catalog_release(source: &str, to: &str) -> Result<crate::catalog::Release> {
+    let catalog = load_catalog(source).await?;
+    let v = to
+        .parse::<bbupgrade_common::version::Version>()
+        .map_err(|e| BadInput(e.to_string()))?;
+    Ok(catalog.require(v).map_err(BadInput)?.clone())
+}
+
+/// Loads a catalog; anything wrong with it is bad input.
+pub async fn load_catalog(source: &str) -> Result<crate::catalog::Catalog> {
+    crate::catalog::load(source)
+        .await
+        .map_err(|e| BadInput(format!("{e:#}")).into())
+}
+
+/// A catalog release's archive: its local copy (streamed, hashed against the catalog's sha256)
+/// when it has one, else its URL for the agents.
+pub async fn release_archive(r: &crate::catalog::Release) -> Result<ArchiveSource> {
+    let archive = archive_from(
+        r.archive.as_deref(),
+        Some(r.archive_url.as_str()),
+        Some(r.sha256.as_str()),
+    )
+    .await
+    .with_context(|| format!("the catalog's release {}", r.version))?;
+    archive.ok_or_else(|| anyhow!("the catalog's release {} has no archive", r.version))
+}
+
+/// Hashes an archive file once, before anything changes (the agents verify it again as they
+/// extract), or checks the SHA-256 given with a URL.
+pub async fn archive_from(
+    archive: Option<&Path>,
+    archive_url: Option<&str>,
+    sha256: Option<&str>,
+) -> Result<Option<ArchiveSource>> {
+    if let Some(path) = archive {
+        let owned = path.to_path_buf();
         let (sha, size) = tokio::task::spawn_blocking(move || -> Result<(String, u64, PathBuf)> {
+            let path = owned;
             use sha2::Digest;
             use std::io::Read;
             let mut f = std::fs::File::open(&path).map_err(|e| {
@@ -297,28 +353,29 @@ pub async fn archive_source(args: &UpgradeArgs) -> Result<Option<ArchiveSource>>
         })
         .await?
         .map(|(s, n, _)| (s, n))?;
-        if let Some(expected) = &args.sha256
+        if let Some(expected) = sha256
             && !expected.eq_ignore_ascii_case(&sha)
         {
             return Err(BadInput(format!(
-                "the archive's SHA-256 is {sha}, not the --sha256 given ({expected}); it may be corrupt or the wrong file"
+                "the archive's SHA-256 is {sha}, not the one expected ({expected}, from --sha256 or the catalog); it may be corrupt or the wrong file"
             ))
             .into());
         }
-        let abs = std::fs::canonicalize(args.archive.as_ref().unwrap_or(&PathBuf::new()))?;
+        let abs = std::fs::canonicalize(path)
+            .with_context(|| format!("finding the archive {}", path.display()))?;
         return Ok(Some(ArchiveSource::File {
             path: abs,
             sha256: sha,
             size_bytes: size,
         }));
     }
-    if let Some(url) = &args.archive_url {
-        let sha = args.sha256.clone().unwrap_or_default();
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if let Some(url) = archive_url {
+        let sha = sha256.unwrap_or_default().to_string();
+        if !crate::catalog::is_sha256_hex(&sha) {
             return Err(BadInput(format!("--sha256 '{sha}' must be 64 hex digits")).into());
         }
         return Ok(Some(ArchiveSource::Url {
-            url: url.clone(),
+            url: url.to_string(),
             sha256: sha.to_lowercase(),
         }));
     }
