@@ -38,7 +38,9 @@ rect.bar{stroke:#0003;stroke-width:.5}rect.failed{stroke:#c0392b;stroke-width:2.
 .scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:.9rem}
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid var(--line);vertical-align:top}td.num{text-align:right;white-space:nowrap}
 .detail{color:var(--muted);word-break:break-word}ol,ul{margin:0;padding-left:22px}.fail{color:#a8281b}
-@media (max-width:600px){main{padding:8px}.card{padding:10px}h1{font-size:1.2rem}th,td{padding:3px 4px}}
+@media (max-width:600px){main{padding:8px}.card{padding:10px}h1{font-size:1.2rem}th,td{padding:3px 4px}
+.steps thead{display:none}.steps tr{display:flex;flex-wrap:wrap;gap:0 10px;border-bottom:1px solid var(--line)}
+.steps td,.steps th{border:0}.steps td:first-child{display:none}.steps td.detail{flex-basis:100%;padding-top:0}}
 @media print{@page{size:A4 landscape;margin:12mm}body{background:#fff;font-size:11pt}main{max-width:none;padding:0}
 .card{border:1px solid #999;break-inside:avoid}.chart{overflow:visible}.chart svg{min-width:0}
 *{-webkit-print-color-adjust:exact;print-color-adjust:exact}}
@@ -284,7 +286,7 @@ fn list_section(out: &mut String, title: &str, items: &[String], class: &str, or
 
 /// The per-node table: out-of-service time and every step with its time and outcome.
 fn node_table(out: &mut String, p: &RunPage) {
-    out.push_str(r#"<section class="card"><h2>Steps by node</h2><div class="scroll"><table><thead><tr><th>node</th><th>step</th><th>at</th><th>took</th><th>outcome</th><th>detail</th></tr></thead><tbody>"#);
+    out.push_str(r#"<section class="card"><h2>Steps by node</h2><div class="scroll"><table class="steps"><thead><tr><th>node</th><th>step</th><th>at</th><th>took</th><th>outcome</th><th>detail</th></tr></thead><tbody>"#);
     for lane in &p.nodes {
         let oos = lane.out_of_service_ms.map_or("—".into(), |o| {
             format!(
