@@ -144,7 +144,7 @@ impl Catalog {
                 origin: origin.into(),
             });
         }
-        releases.sort_by(|a, b| b.version.cmp(&a.version));
+        releases.sort_by_key(|r| std::cmp::Reverse(r.version));
         Ok(Self { releases })
     }
 

@@ -50,7 +50,7 @@ pub enum FleetCommand {
     Resume(FleetResumeArgs),
     /// What `fleet` with the same options would do, changing nothing: each selected cluster's
     /// line, from -> to, wave and window, and why a cluster would be skipped.
-    Plan(FleetRunArgs),
+    Plan(Box<FleetRunArgs>),
 }
 
 #[derive(Args, Clone)]
@@ -177,7 +177,7 @@ impl FleetOptions {
 pub async fn command(args: FleetArgs) -> Result<ExitCode> {
     match args.command {
         Some(FleetCommand::Status(a)) => status(a),
-        Some(FleetCommand::Plan(a)) => preview::command(a).await,
+        Some(FleetCommand::Plan(a)) => preview::command(*a).await,
         Some(FleetCommand::Resume(a)) => resume(a).await,
         None if args.run.resume => {
             let r = args.run;
