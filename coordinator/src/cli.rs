@@ -50,8 +50,14 @@ pub enum Command {
     Resume(UpgradeArgs),
     /// Return every upgraded node to the original version, one at a time.
     Rollback(UpgradeArgs),
-    /// A local sandbox cluster of simulated nodes with real agents, upgraded end to end.
-    Demo(crate::demo::DemoArgs),
+    /// A local sandbox cluster of simulated nodes with real agents, upgraded end to end: runs the
+    /// `bbupgrade-demo` program next to this one with the same arguments (`bbupgrade demo --help`).
+    #[command(disable_help_flag = true)]
+    Demo {
+        /// The demo's arguments, passed on unchanged.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Upgrade many clusters in waves (canary, concurrency, failure budget, windows); `fleet status`.
     Fleet(crate::fleet::FleetArgs),
     /// A journaled run (or fleet run) as one self-contained HTML page (or JSON) on stdout: each
@@ -157,7 +163,12 @@ pub struct UpgradeArgs {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    run_to_exit_code(run(Cli::parse()))
+}
+
+/// Runs a command on a fresh runtime with logs on standard error; an error is printed and exits 1,
+/// or 2 when it is bad input.
+pub fn run_to_exit_code(command: impl Future<Output = Result<ExitCode>>) -> ExitCode {
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -169,7 +180,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -204,7 +215,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Upgrade(args) => crate::run::upgrade_command(args).await,
         Command::Resume(args) => crate::run::resume_command(args).await,
         Command::Rollback(args) => crate::run::rollback_command(args).await,
-        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Demo { args } => crate::demo_launch::exec(args),
         Command::Fleet(args) => crate::fleet::command(args).await,
         Command::Report(args) => crate::run_report::command(args).await,
     }

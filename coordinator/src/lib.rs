@@ -6,13 +6,14 @@
 //! restores nodes; `plan` decides (preflight, least-busy order) without I/O; `procedure` carries a
 //! run out (pure decisions in `procedure::decide`, the driver in `procedure::drive`); `run` wires
 //! commands to it; `journal` records every step in SQLite; `report` prints;
-//! `status` and `demo` (with `sandbox`) are the other commands; `fleet` upgrades many clusters in
-//! waves; `run_report` draws a journaled run as an HTML page; `catalog` lists releases and their archives.
+//! `status` is the other command; `demo_launch` runs the demo (its own crate, `bbupgrade-demo`, so
+//! this one does not link the simulator); `fleet` upgrades many clusters in waves; `catalog` lists
+//! releases and their archives; `run_report` draws a journaled run as an HTML page.
 
 pub mod agents;
 pub mod catalog;
 pub mod cli;
-pub mod demo;
+pub mod demo_launch;
 pub mod fleet;
 pub mod inventory;
 pub mod journal;
@@ -23,7 +24,6 @@ pub mod procedure;
 pub mod report;
 pub mod run;
 pub mod run_report;
-pub mod sandbox;
 pub mod skew;
 pub mod status;
 pub mod zdu;

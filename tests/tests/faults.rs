@@ -8,7 +8,7 @@
 mod harness;
 
 use bbupgrade::journal::StepOutcome;
-use bbupgrade::sandbox::Sandbox;
+use bbupgrade_demo::sandbox::Sandbox;
 use bbupgrade_tests::faultproxy::{FaultProxy, Mode};
 use bbupgrade_tests::{Bins, bins, require_program, temp_dir};
 use harness::*;

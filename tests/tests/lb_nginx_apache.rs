@@ -4,7 +4,7 @@
 //! traffic skew after a rejoin being redistributed behind a HAProxy that favours one node.
 
 use bbupgrade::loadbalancer::{self, AdminState, LbConfig, LbError, LoadBalancer};
-use bbupgrade::sandbox::{ADMIN_TOKEN, Sandbox, SandboxLb};
+use bbupgrade_demo::sandbox::{ADMIN_TOKEN, Sandbox, SandboxLb};
 use bbupgrade_sim::load::{LoadOptions, LoadReport};
 use bbupgrade_tests::{
     Bins, bins, cluster_args, describe, require_program, sandbox_options, start_sandbox, summary_of,
@@ -306,7 +306,7 @@ async fn nginx_drain_waits_for_old_workers_and_refuses_a_broken_config() {
     std::fs::write(&extra, "# nothing yet\n").unwrap();
     std::fs::write(
         &main,
-        bbupgrade::sandbox::nginx_config(&dir, &upstream, port),
+        bbupgrade_demo::sandbox::nginx_config(&dir, &upstream, port),
     )
     .unwrap();
     // The main file also includes extra.conf, which the test breaks later.

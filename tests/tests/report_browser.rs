@@ -3,7 +3,7 @@
 //! Debian's headless chromium, every node's bars counted in the rendered DOM, and screenshots
 //! (desktop and phone width) kept under `target/tmp/report-browser/` for a person to look at.
 
-use bbupgrade::sandbox::SandboxLb;
+use bbupgrade_demo::sandbox::SandboxLb;
 use bbupgrade_tests::cli_process::{args, run_cli};
 use bbupgrade_tests::{bins, sandbox_options, start_sandbox};
 use serde_json::Value;

@@ -2,7 +2,7 @@
 //! steady load (many users with sessions, short requests and long Git clones over HTTP, and Git
 //! clones over SSH through HAProxy's second front door) fails no request and no SSH session.
 
-use bbupgrade::sandbox::SandboxLb;
+use bbupgrade_demo::sandbox::SandboxLb;
 use bbupgrade_sim::load::{LoadOptions, start};
 use bbupgrade_tests::{
     bins, cluster_args, describe, require_program, sandbox_options, start_sandbox, summary_of,

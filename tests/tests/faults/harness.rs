@@ -4,7 +4,7 @@
 
 use bbupgrade::journal::{Journal, RunId, StepOutcome, StepRecord};
 use bbupgrade::loadbalancer::{AdminState, OperState};
-use bbupgrade::sandbox::{Sandbox, SandboxLb};
+use bbupgrade_demo::sandbox::{Sandbox, SandboxLb};
 pub use bbupgrade_tests::cli_process::{Cli, Finished, args, haproxy, is_step};
 use bbupgrade_tests::{Bins, sandbox_options, start_sandbox};
 use serde_json::Value;

@@ -1,18 +1,24 @@
 //! A local cluster for the demo and the end-to-end tests: a private CA, simulated Bitbucket nodes
 //! (`bitbucket-sim`), a real agent process per node over mutual TLS, optionally a real HAProxy,
 //! NGINX (edited by the coordinator, or by an extra agent with an `[lb]` role) or Apache httpd in
-//! front, and the inventory that ties them together. Everything it starts is stopped on drop.
+//! front, and the inventory that ties them together. The nodes run under the product's scripts or
+//! an init.d script each (`initd`). Everything it starts is stopped on drop.
 
 use anyhow::{Context, Result, bail};
 use bbupgrade_common::identity::Role;
 use bbupgrade_common::pki::{Ca, IssueRequest};
 use bbupgrade_common::tls::TlsFiles;
 use bbupgrade_sim::archive::{ArchiveInfo, write_archive_with_program};
-use bbupgrade_sim::cluster::{ClusterOptions, NodeSetup, SimCluster, free_ports};
+use bbupgrade_sim::cluster::{ClusterOptions, NodeSetup, SimCluster, SimNode, free_ports};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod initd;
+pub use initd::{
+    INITD_NAME, SandboxService, ServiceChange, ServiceDefinition, initd_script, render_changes,
+};
 
 pub const ADMIN_TOKEN: &str = "sandbox-admin-token";
 /// The sandbox's Bitbucket system administrator for HTTP Basic.
@@ -55,6 +61,8 @@ pub struct SandboxOptions {
     pub lb_standin: bool,
     /// How the nodes and the coordinator meet Bitbucket's API.
     pub bitbucket: BitbucketForm,
+    /// How the agents run Bitbucket: the product's scripts, or an init.d script per node.
+    pub service: SandboxService,
 }
 
 /// The forms of the real product the sandbox can present (BITBUCKET-FACTS.md); the default is the
@@ -80,6 +88,8 @@ pub struct Sandbox {
     pub to_archive: ArchiveInfo,
     pub agent_addrs: Vec<String>,
     pub agent_configs: Vec<PathBuf>,
+    /// Each node's init.d script, as written (empty with [`SandboxService::Scripts`]).
+    pub service_definitions: Vec<ServiceDefinition>,
     pub lb_url: Option<String>,
     /// The load balancer's Git-over-SSH front door, `HOST:PORT`, when it has one (HAProxy).
     pub lb_ssh_addr: Option<String>,
@@ -87,7 +97,7 @@ pub struct Sandbox {
     lb_ssh_port: u16,
     pub haproxy_socket: Option<PathBuf>,
     /// The inventory's load balancer for NGINX or Apache (HAProxy is `haproxy_socket`).
-    pub lb_config: Option<crate::loadbalancer::LbConfig>,
+    pub lb_config: Option<bbupgrade::loadbalancer::LbConfig>,
     /// Each node's server in the load balancer, when it is not the node's name.
     pub lb_servers: Vec<String>,
     pub run_user: Option<String>,
@@ -126,17 +136,21 @@ pub fn sibling_binary(env: &str, name: &str) -> Result<PathBuf> {
     )
 }
 
+fn chown_one(path: &Path, uid: u32, gid: u32) -> Result<()> {
+    nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .with_context(|| format!("changing the owner of {}", path.display()))
+}
+
 fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<()> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(path) = stack.pop() {
-        nix::unistd::fchownat(
-            nix::fcntl::AT_FDCWD,
-            &path,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .with_context(|| format!("changing the owner of {}", path.display()))?;
+        chown_one(&path, uid, gid)?;
         if std::fs::symlink_metadata(&path)?.is_dir() {
             for entry in std::fs::read_dir(&path)? {
                 stack.push(entry?.path());
@@ -144,6 +158,84 @@ fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Creates the sandbox's folder and resolves it. As root, Bitbucket runs as another user, who
+/// must reach its install and home inside: the folder becomes 0755, and a parent other users
+/// cannot search is refused.
+fn prepare_dir(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(dir);
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    for d in dir.ancestors().skip(1) {
+        if let Ok(m) = std::fs::metadata(d)
+            && m.permissions().mode() & 0o001 == 0
+        {
+            bail!(
+                "{} is not searchable by other users; put the sandbox elsewhere (--dir), or chmod o+x {}",
+                d.display(),
+                d.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// The two simulated releases, in `dir/archives`.
+fn build_archives(dir: &Path, opts: &SandboxOptions) -> Result<(ArchiveInfo, ArchiveInfo)> {
+    let archives = dir.join("archives");
+    std::fs::create_dir_all(&archives)?;
+    let build = |version: &str| {
+        write_archive_with_program(version, &archives, opts.payload_mib, &opts.sim_bin)
+            .with_context(|| format!("building the {version} archive"))
+    };
+    Ok((build(&opts.from)?, build(&opts.to)?))
+}
+
+/// The simulated cluster on the old release, in `dir/cluster`. With a Bitbucket user (root),
+/// its files are that user's; under init.d the installs stay root's, as the agent runs their
+/// scripts as root and refuses scripts the Bitbucket user could edit.
+fn create_cluster(dir: &Path, opts: &SandboxOptions, run_user: Option<&str>) -> Result<SimCluster> {
+    let sim = SimCluster::create_with(
+        &dir.join("cluster"),
+        ClusterOptions {
+            nodes: opts.nodes,
+            version: opts.from.clone(),
+            program: opts.sim_bin.clone(),
+            startup_ms: opts.startup_ms,
+            admin_token: ADMIN_TOKEN.into(),
+            payload_mib: opts.payload_mib,
+            run_as_user: None,
+        },
+        None,
+        NodeSetup {
+            configure_names: opts.bitbucket.node_names,
+            admin_login: Some((ADMIN_USER.into(), ADMIN_PASSWORD.into())),
+            ..NodeSetup::default()
+        },
+    )?;
+    if opts.bitbucket.null_fields {
+        sim.set_shared_property("sim.zdu.blank.fields", "null")?;
+    }
+    let Some(user) = run_user else {
+        return Ok(sim);
+    };
+    let u =
+        nix::unistd::User::from_name(user)?.with_context(|| format!("there is no user {user}"))?;
+    chown_tree(sim.dir(), u.uid.as_raw(), u.gid.as_raw())?;
+    if opts.service == SandboxService::Initd {
+        chown_one(sim.dir(), 0, 0)?;
+        for node in sim.nodes() {
+            if let Some(node_dir) = node.install_root.parent() {
+                chown_one(node_dir, 0, 0)?;
+            }
+            chown_tree(&node.install_root, 0, 0)?;
+        }
+    }
+    Ok(sim)
 }
 
 /// The recommended HAProxy configuration for Bitbucket behind a rolling upgrade: health checks on
@@ -257,107 +349,28 @@ Timeout 120\nKeepAlive On\nProxyTimeout 120\n\n<Proxy balancer://bitbucket>\n"
 
 impl Sandbox {
     pub fn create(dir: &Path, opts: SandboxOptions) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let dir = std::fs::canonicalize(dir)?;
-        let root = nix::unistd::geteuid().is_root();
-        let run_user = root.then(|| opts.user_when_root.clone());
-        if root {
-            // The Bitbucket user must be able to reach its install and home inside the sandbox.
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-            let mut p = dir.parent();
-            while let Some(d) = p {
-                if let Ok(m) = std::fs::metadata(d)
-                    && m.permissions().mode() & 0o001 == 0
-                {
-                    bail!(
-                        "{} is not searchable by other users; put the sandbox elsewhere (--dir)",
-                        d.display()
-                    );
-                }
-                p = d.parent();
-            }
-        }
+        let dir = prepare_dir(dir)?;
+        let run_user = nix::unistd::geteuid()
+            .is_root()
+            .then(|| opts.user_when_root.clone());
 
-        // PKI: a CA, the coordinator's certificate, one per agent.
+        // PKI: a CA and the coordinator's certificate (each agent's comes with its config).
         let pki = dir.join("pki");
         let ca = Ca::generate()?;
         ca.save(&pki)?;
         ca.issue(&IssueRequest::new(Role::Coordinator, "sandbox-admin"))?
             .save(&pki)?;
 
-        // Releases and the simulated cluster on the old one.
-        let archives = dir.join("archives");
-        std::fs::create_dir_all(&archives)?;
-        let from_archive =
-            write_archive_with_program(&opts.from, &archives, opts.payload_mib, &opts.sim_bin)
-                .with_context(|| format!("building the {} archive", opts.from))?;
-        let to_archive =
-            write_archive_with_program(&opts.to, &archives, opts.payload_mib, &opts.sim_bin)
-                .with_context(|| format!("building the {} archive", opts.to))?;
-        let sim = SimCluster::create_with(
-            &dir.join("cluster"),
-            ClusterOptions {
-                nodes: opts.nodes,
-                version: opts.from.clone(),
-                program: opts.sim_bin.clone(),
-                startup_ms: opts.startup_ms,
-                admin_token: ADMIN_TOKEN.into(),
-                payload_mib: opts.payload_mib,
-                run_as_user: None,
-            },
-            None,
-            NodeSetup {
-                configure_names: opts.bitbucket.node_names,
-                admin_login: Some((ADMIN_USER.into(), ADMIN_PASSWORD.into())),
-                ..NodeSetup::default()
-            },
-        )?;
-        if opts.bitbucket.null_fields {
-            sim.set_shared_property("sim.zdu.blank.fields", "null")?;
-        }
-        if let Some(user) = &run_user {
-            let u = nix::unistd::User::from_name(user)?
-                .with_context(|| format!("there is no user {user}"))?;
-            chown_tree(sim.dir(), u.uid.as_raw(), u.gid.as_raw())?;
-        }
-
-        // One agent per node.
+        let (from_archive, to_archive) = build_archives(&dir, &opts)?;
+        let sim = create_cluster(&dir, &opts, run_user.as_deref())?;
+        let service_definitions = match opts.service {
+            SandboxService::Scripts => Vec::new(),
+            SandboxService::Initd => {
+                initd::write_initd_scripts(&dir, sim.nodes(), run_user.as_deref())?
+            }
+        };
         // One per agent, the load balancer's, the load-balancer agent's, and the SSH front door's.
         let ports = free_ports(opts.nodes + 3)?;
-        let mut agent_addrs = Vec::new();
-        let mut agent_configs = Vec::new();
-        for (i, node) in sim.nodes().iter().enumerate() {
-            ca.issue(
-                &IssueRequest::new(Role::Agent, &node.name).with_sans(["127.0.0.1", "localhost"]),
-            )?
-            .save(&pki)?;
-            let tls = TlsFiles::in_pki_dir(&pki, Role::Agent, &node.name);
-            let addr = format!("127.0.0.1:{}", ports[i]);
-            let cfg = format!(
-                "node_id = {:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\nallowed_coordinators = [\"sandbox-admin\"]\n\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n\n[service]\nkind = \"scripts\"\n\n[limits]\nstop_timeout_secs = 60\nstart_timeout_secs = 120\n\n[stage]\nurl_hosts = [\"127.0.0.1\"]\n",
-                node.name,
-                addr,
-                dir.join(format!("agents/{}", node.name)),
-                tls.ca,
-                tls.cert,
-                tls.key,
-                pki.join(bbupgrade_common::pki::CRL_FILE),
-                node.install_root,
-                node.install_dir,
-                node.home,
-                run_user
-                    .as_ref()
-                    .map(|u| format!("user = {u:?}\n"))
-                    .unwrap_or_default(),
-                format!("{}/status", node.base_url),
-            );
-            let path = dir.join(format!("agents/{}.toml", node.name));
-            std::fs::create_dir_all(dir.join("agents"))?;
-            std::fs::write(&path, cfg)?;
-            agent_addrs.push(addr);
-            agent_configs.push(path);
-        }
-
         let mut sandbox = Sandbox {
             inventory: dir.join("inventory.toml"),
             pki,
@@ -365,8 +378,12 @@ impl Sandbox {
             sim,
             from_archive,
             to_archive,
-            agent_addrs,
-            agent_configs,
+            agent_addrs: ports[..opts.nodes]
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
+            agent_configs: Vec::new(),
+            service_definitions,
             lb_url: None,
             lb_ssh_addr: None,
             lb_ssh_port: ports[opts.nodes + 2],
@@ -380,27 +397,96 @@ impl Sandbox {
             lb_agent_config: None,
             lb_agent_addr: None,
             lb_agent: None,
-            dir: dir.clone(),
-            opts: opts.clone(),
+            dir,
+            opts,
         };
-        for i in 0..opts.nodes {
+        sandbox.write_agent_configs(&ca)?;
+        for i in 0..sandbox.opts.nodes {
             let child = sandbox.spawn_agent(i)?;
             sandbox.agents.push(Some(child));
         }
-        match opts.lb {
-            SandboxLb::Haproxy => sandbox.start_haproxy(ports[opts.nodes], "roundrobin")?,
-            SandboxLb::Nginx => sandbox.start_nginx(ports[opts.nodes])?,
-            SandboxLb::NginxAgent => {
-                sandbox.start_nginx(ports[opts.nodes])?;
-                sandbox.start_lb_agent(&ca, ports[opts.nodes + 1])?;
-            }
-            SandboxLb::Apache => sandbox.start_apache(ports[opts.nodes])?,
-            SandboxLb::None => {}
-        }
+        sandbox.start_lb(
+            &ca,
+            ports[sandbox.opts.nodes],
+            ports[sandbox.opts.nodes + 1],
+        )?;
         sandbox.write_inventory()?;
         Ok(sandbox)
     }
 
+    /// Issues each node's agent certificate and writes its config to `agents/<node>.toml`.
+    fn write_agent_configs(&mut self, ca: &Ca) -> Result<()> {
+        std::fs::create_dir_all(self.dir.join("agents"))?;
+        for (i, node) in self.sim.nodes().iter().enumerate() {
+            ca.issue(
+                &IssueRequest::new(Role::Agent, &node.name).with_sans(["127.0.0.1", "localhost"]),
+            )?
+            .save(&self.pki)?;
+            let path = self.dir.join(format!("agents/{}.toml", node.name));
+            std::fs::write(&path, self.agent_config(i))?;
+            self.agent_configs.push(path);
+        }
+        Ok(())
+    }
+
+    /// Node `i`'s agent config: its address, state dir, TLS files, the node's install and home,
+    /// and how it runs Bitbucket (init.d script or the product's scripts).
+    fn agent_config(&self, i: usize) -> String {
+        let node = &self.sim.nodes()[i];
+        let tls = TlsFiles::in_pki_dir(&self.pki, Role::Agent, &node.name);
+        let service = match self.service_definitions.get(i) {
+            Some(d) => format!("kind = \"initd\"\npath = {:?}", d.path),
+            None => "kind = \"scripts\"".to_string(),
+        };
+        format!(
+            "node_id = {:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\nallowed_coordinators = [\"sandbox-admin\"]\n\n{}\n[service]\n{service}\n\n[limits]\nstop_timeout_secs = 60\nstart_timeout_secs = 120\n\n[stage]\nurl_hosts = [\"127.0.0.1\"]\n",
+            node.name,
+            self.agent_addrs[i],
+            self.dir.join(format!("agents/{}", node.name)),
+            tls.ca,
+            tls.cert,
+            tls.key,
+            self.pki.join(bbupgrade_common::pki::CRL_FILE),
+            self.bitbucket_section(node),
+        )
+    }
+
+    /// An agent config's `[bitbucket]` section for `node`: its install, home, user and status URL.
+    fn bitbucket_section(&self, node: &SimNode) -> String {
+        format!(
+            "[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n",
+            node.install_root,
+            node.install_dir,
+            node.home,
+            self.run_user
+                .as_ref()
+                .map(|u| format!("user = {u:?}\n"))
+                .unwrap_or_default(),
+            format!("{}/status", node.base_url),
+        )
+    }
+
+    /// Starts the load balancer `opts.lb` on `port` (the NGINX agent on `agent_port`).
+    fn start_lb(&mut self, ca: &Ca, port: u16, agent_port: u16) -> Result<()> {
+        match self.opts.lb {
+            SandboxLb::Haproxy => self.start_haproxy(port, "roundrobin"),
+            SandboxLb::Nginx => self.start_nginx(port),
+            SandboxLb::NginxAgent => {
+                self.start_nginx(port)?;
+                self.start_lb_agent(ca, agent_port)
+            }
+            SandboxLb::Apache => self.start_apache(port),
+            SandboxLb::None => Ok(()),
+        }
+    }
+
+    /// What activation changed in each node's init.d script (none without init.d).
+    pub fn service_changes(&self) -> Result<Vec<ServiceChange>> {
+        self.service_definitions
+            .iter()
+            .map(ServiceDefinition::change)
+            .collect()
+    }
     fn spawn_agent(&self, i: usize) -> Result<Child> {
         let log = std::fs::File::create(
             self.dir
@@ -415,6 +501,22 @@ impl Sandbox {
             .spawn()
             .with_context(|| format!("starting {}", self.opts.agent_bin.display()))?;
         Ok(child)
+    }
+
+    /// Creates a sandbox in `dir`, waits for its agents, and starts its nodes through them.
+    pub async fn start(dir: &Path, opts: SandboxOptions) -> Result<Self> {
+        let dir = dir.to_path_buf();
+        let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox> {
+            let s = Sandbox::create(&dir, opts)?;
+            s.wait_agents()?;
+            Ok(s)
+        })
+        .await??;
+        sandbox
+            .start_nodes()
+            .await
+            .context("starting the nodes through their agents")?;
+        Ok(sandbox)
     }
 
     /// Waits until every agent accepts connections.
@@ -628,7 +730,7 @@ impl Sandbox {
             .arg("daemon off;");
         self.spawn_lb("nginx", cmd, port, &dir.join("nginx.log"))?;
         self.lb_servers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        self.lb_config = Some(crate::loadbalancer::LbConfig::Nginx {
+        self.lb_config = Some(bbupgrade::loadbalancer::LbConfig::Nginx {
             config: upstream,
             upstream: "bitbucket".into(),
             mode: Default::default(),
@@ -645,7 +747,7 @@ impl Sandbox {
     /// turns the inventory's load balancer into `nginx-agent`. It still needs a `[bitbucket]`
     /// section: it gets node 1's, which it only reads.
     fn start_lb_agent(&mut self, ca: &Ca, port: u16) -> Result<()> {
-        use crate::loadbalancer::LbConfig;
+        use bbupgrade::loadbalancer::LbConfig;
         let Some(LbConfig::Nginx {
             config,
             upstream,
@@ -671,20 +773,13 @@ impl Sandbox {
         let node = &self.sim.nodes()[0];
         let addr = format!("127.0.0.1:{port}");
         let cfg = format!(
-            "node_id = {LB_AGENT_NODE:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n\n[service]\nkind = \"scripts\"\n\n[lb]\nkind = \"nginx\"\nconfig = {:?}\nupstream = {upstream:?}\nmain_config = {:?}\nprefix = {:?}\nnginx = {:?}\npid_file = {:?}\n",
+            "node_id = {LB_AGENT_NODE:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n{}\n[service]\nkind = \"scripts\"\n\n[lb]\nkind = \"nginx\"\nconfig = {:?}\nupstream = {upstream:?}\nmain_config = {:?}\nprefix = {:?}\nnginx = {:?}\npid_file = {:?}\n",
             addr,
             self.dir.join(format!("agents/{LB_AGENT_NODE}")),
             tls.ca,
             tls.cert,
             tls.key,
-            node.install_root,
-            node.install_dir,
-            node.home,
-            self.run_user
-                .as_ref()
-                .map(|u| format!("user = {u:?}\n"))
-                .unwrap_or_default(),
-            format!("{}/status", node.base_url),
+            self.bitbucket_section(node),
             config.display().to_string(),
             path(&main_config),
             path(&prefix),
@@ -738,7 +833,7 @@ impl Sandbox {
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}"))
             .collect();
-        self.lb_config = Some(crate::loadbalancer::LbConfig::Apache {
+        self.lb_config = Some(bbupgrade::loadbalancer::LbConfig::Apache {
             manager_url: format!("http://127.0.0.1:{port}/balancer-manager"),
             balancer: "bitbucket".into(),
         });
@@ -747,7 +842,7 @@ impl Sandbox {
 
     /// The inventory's `load_balancer = {...}` line.
     fn inventory_lb(&self) -> String {
-        use crate::loadbalancer::LbConfig;
+        use bbupgrade::loadbalancer::LbConfig;
         let path = |p: &Option<PathBuf>| {
             p.as_ref()
                 .map(|p| p.display().to_string())
@@ -855,18 +950,18 @@ impl Sandbox {
 
     /// Starts every node through its agent's service manager, as the Bitbucket user.
     pub async fn start_nodes(&self) -> Result<()> {
-        let inv = crate::inventory::Inventory::load(&self.inventory)?;
+        let inv = bbupgrade::inventory::Inventory::load(&self.inventory)?;
         let tls = inv.tls.load()?;
         let cluster = inv.cluster(&self.cluster_name)?;
         let starts = cluster.nodes.iter().map(|node| {
             let tls = tls.clone();
             async move {
-                let mut c = crate::agents::connect(node, &tls, Duration::from_secs(5)).await?;
+                let mut c = bbupgrade::agents::connect(node, &tls, Duration::from_secs(5)).await?;
                 let d = Duration::from_secs(120);
-                crate::agents::call(
+                bbupgrade::agents::call(
                     &node.id,
                     d,
-                    c.start(crate::agents::request(
+                    c.start(bbupgrade::agents::request(
                         bbupgrade_common::proto::StartRequest {
                             operation_id: format!("sandbox-initial-start-{}", std::process::id()),
                             timeout_secs: 120,
@@ -888,17 +983,18 @@ impl Sandbox {
         let Some(socket) = &self.haproxy_socket else {
             return self.wait_proxy_serves(timeout).await;
         };
-        let lb = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
-            socket: format!("unix:{}", socket.display()),
-            backend: String::new(),
-            backends: self.haproxy_backends(),
-            server_names: Default::default(),
-        })?;
+        let lb =
+            bbupgrade::loadbalancer::from_config(&bbupgrade::loadbalancer::LbConfig::Haproxy {
+                socket: format!("unix:{}", socket.display()),
+                backend: String::new(),
+                backends: self.haproxy_backends(),
+                server_names: Default::default(),
+            })?;
         let deadline = Instant::now() + timeout;
         for node in self.sim.nodes() {
             loop {
                 let state = lb.server_state(&node.name).await?;
-                if state.operational == crate::loadbalancer::OperState::Up {
+                if state.operational == bbupgrade::loadbalancer::OperState::Up {
                     break;
                 }
                 if Instant::now() > deadline {
