@@ -42,6 +42,8 @@ pub struct ReleaseSpec {
     pub archive: Option<PathBuf>,
     pub archive_url: Option<String>,
     pub sha256: Option<String>,
+    /// A release catalog (file or URL): the archive of `--to` when no archive is given.
+    pub catalog: Option<String>,
 }
 
 impl ReleaseSpec {
@@ -60,7 +62,7 @@ pub async fn resolve(spec: &ReleaseSpec) -> Result<Option<ArchiveSource>> {
             && !expected.eq_ignore_ascii_case(&sha)
         {
             return Err(BadInput(format!(
-                "the archive's SHA-256 is {sha}, not the --sha256 given ({expected}); it may be corrupt or the wrong file"
+                "the archive's SHA-256 is {sha}, not the one expected ({expected}, from --sha256 or the catalog); it may be corrupt or the wrong file"
             ))
             .into());
         }
@@ -81,6 +83,67 @@ pub async fn resolve(spec: &ReleaseSpec) -> Result<Option<ArchiveSource>> {
         }));
     }
     Ok(None)
+}
+
+/// The release archive of a command: `--archive*` when given, else the catalog's entry for `to`.
+/// With a catalog, `to` must be in it either way.
+pub async fn resolve_for(spec: &ReleaseSpec, to: Option<&str>) -> Result<Option<ArchiveSource>> {
+    let release = match (&spec.catalog, to) {
+        (Some(source), Some(to)) => Some(catalog_release(source, to).await?),
+        _ => None,
+    };
+    if spec.is_given() {
+        return resolve(spec).await;
+    }
+    match release {
+        Some(r) => release_archive(&r).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Loads the catalog at `source` (bad input when it is wrong) and finds `to` in it.
+pub async fn catalog_release(source: &str, to: &str) -> Result<crate::catalog::Release> {
+    let catalog = load_catalog(source).await?;
+    let v = to
+        .parse::<bbupgrade_common::version::Version>()
+        .map_err(|e| BadInput(e.to_string()))?;
+    Ok(catalog.require(v).map_err(BadInput)?.clone())
+}
+
+/// Loads a catalog; anything wrong with it is bad input.
+pub async fn load_catalog(source: &str) -> Result<crate::catalog::Catalog> {
+    crate::catalog::load(source)
+        .await
+        .map_err(|e| BadInput(format!("{e:#}")).into())
+}
+
+/// A catalog release's archive: its local copy (hashed against the catalog's sha256) when it has
+/// one, else its URL for the agents.
+pub async fn release_archive(r: &crate::catalog::Release) -> Result<ArchiveSource> {
+    use anyhow::Context;
+    let archive = archive_from(
+        r.archive.as_deref(),
+        Some(r.archive_url.as_str()),
+        Some(r.sha256.as_str()),
+    )
+    .await
+    .with_context(|| format!("the catalog's release {}", r.version))?;
+    archive.ok_or_else(|| anyhow::anyhow!("the catalog's release {} has no archive", r.version))
+}
+
+/// [`resolve`] for parts given separately.
+pub async fn archive_from(
+    archive: Option<&Path>,
+    archive_url: Option<&str>,
+    sha256: Option<&str>,
+) -> Result<Option<ArchiveSource>> {
+    resolve(&ReleaseSpec {
+        archive: archive.map(Path::to_path_buf),
+        archive_url: archive_url.map(str::to_string),
+        sha256: sha256.map(str::to_string),
+        catalog: None,
+    })
+    .await
 }
 
 /// The file's SHA-256 (hex), size and absolute path.

@@ -59,6 +59,9 @@ pub enum Command {
     },
     /// Upgrade many clusters in waves (canary, concurrency, failure budget, windows); `fleet status`.
     Fleet(crate::fleet::FleetArgs),
+    /// A journaled run (or fleet run) as one self-contained HTML page (or JSON) on stdout: each
+    /// node's steps on a timeline, out-of-service times, the order and why, failures and notes.
+    Report(crate::run_report::ReportArgs),
 }
 
 #[derive(Subcommand)]
@@ -143,6 +146,10 @@ pub struct UpgradeArgs {
     pub archive_url: Option<String>,
     #[arg(long)]
     pub sha256: Option<String>,
+    /// A release catalog (TOML file or http(s) URL): `--to` must be in it, and without `--archive*`
+    /// the release comes from its entry.
+    #[arg(long)]
+    pub catalog: Option<String>,
     /// The journal: `sqlite:PATH` or a path (default: from the inventory, else ./bbupgrade-journal.db).
     #[arg(long)]
     pub state: Option<String>,
@@ -188,6 +195,7 @@ impl From<UpgradeArgs> for RunRequest {
                 archive: a.archive,
                 archive_url: a.archive_url,
                 sha256: a.sha256,
+                catalog: a.catalog,
             },
             state: a.state,
             auto_rollback: a.auto_rollback,
@@ -265,6 +273,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Abort(args) => crate::commands::abort_command(args.into()).await,
         Command::Demo { args } => crate::demo_launch::exec(args),
         Command::Fleet(args) => crate::fleet::command(args).await,
+        Command::Report(args) => crate::run_report::command(args).await,
     }
 }
 

@@ -10,10 +10,12 @@
 //! cluster in `procedure::context`); `journal` records every step in SQLite or PostgreSQL;
 //! `report` prints; `error` holds the bad-input error; `status` is the other command;
 //! `demo_launch` runs the demo (its own crate, `bbupgrade-demo`, so this one does not link the
-//! simulator); `fleet` upgrades many clusters in waves (within a `window`).
+//! simulator); `fleet` upgrades many clusters in waves (within a `window`); `catalog` lists
+//! releases and their archives; `run_report` draws a journaled run as an HTML page.
 
 pub mod agents;
 pub mod archive;
+pub mod catalog;
 pub mod cli;
 pub mod commands;
 pub mod demo_launch;
@@ -26,6 +28,7 @@ pub mod node_match;
 pub mod plan;
 pub mod procedure;
 pub mod report;
+pub mod run_report;
 pub mod status;
 pub mod window;
 pub mod zdu;

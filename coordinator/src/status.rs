@@ -132,7 +132,10 @@ fn step_view(s: &StepRecord) -> StepView {
 
 /// Where the journal is, as `journal::open_journal` resolves it; `None` for a journal file that does
 /// not exist (or `:memory:`), which `status` must not create.
-fn existing_journal(state: Option<&str>, inventory_state: Option<&str>) -> Result<Option<Journal>> {
+pub(crate) fn existing_journal(
+    state: Option<&str>,
+    inventory_state: Option<&str>,
+) -> Result<Option<Journal>> {
     let spec = state
         .or(inventory_state)
         .unwrap_or(crate::journal::DEFAULT_JOURNAL_FILE);

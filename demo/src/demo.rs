@@ -298,6 +298,7 @@ impl Demo {
                 archive: Some(sandbox.to_archive.path.clone()),
                 archive_url: None,
                 sha256: Some(sandbox.to_archive.sha256.clone()),
+                catalog: None,
             },
             state: None,
             auto_rollback: false,

@@ -101,7 +101,7 @@ pub(super) fn refuse_bad_target(report: &PlanReport, refusing: &[&str]) -> Resul
 pub async fn plan_command(req: RunRequest) -> Result<ExitCode> {
     let to = target_of(&req)?;
     let ctx = context(&req, Reporter::new(req.target.output)).await?;
-    let archive_bytes = archive::resolve(&req.release)
+    let archive_bytes = archive::resolve_for(&req.release, req.to.as_deref())
         .await?
         .map(|a| a.size_bytes())
         .unwrap_or(0);

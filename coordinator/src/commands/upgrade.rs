@@ -28,7 +28,7 @@ pub async fn upgrade_summary(req: RunRequest, progress: bool) -> Result<Summary>
         Reporter::silent()
     };
     let ctx = context(&req, reporter).await?;
-    let archive = archive::resolve(&req.release).await?;
+    let archive = archive::resolve_for(&req.release, req.to.as_deref()).await?;
     let report = make_plan(
         &ctx,
         &to,
@@ -121,7 +121,7 @@ pub async fn resume_command(req: RunRequest) -> Result<ExitCode> {
     let mut options: RunOptions = serde_json::from_str(&open.options_json)
         .with_context(|| format!("reading the options of run #{}", open.id))?;
     refuse_plan_changes(&req, &open, &options)?;
-    if let Some(archive) = archive::resolve(&req.release).await? {
+    if let Some(archive) = archive::resolve_for(&req.release, req.to.as_deref()).await? {
         correct_archive(&ctx, &open, &mut options, archive)?;
     }
     if let Some(s) = req.soak_secs {

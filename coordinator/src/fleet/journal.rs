@@ -25,13 +25,17 @@ pub enum ClusterState {
     Pending,
     Running,
     Upgraded,
+    /// Nothing newer on its line (already on its target): settled, not a failure.
+    #[serde(rename = "up_to_date")]
+    UpToDate,
     Failed,
     Skipped,
 }
 
 impl ClusterState {
-    pub const ALL: [ClusterState; 5] = [
+    pub const ALL: [ClusterState; 6] = [
         ClusterState::Upgraded,
+        ClusterState::UpToDate,
         ClusterState::Running,
         ClusterState::Pending,
         ClusterState::Skipped,
@@ -43,6 +47,7 @@ impl ClusterState {
             ClusterState::Pending => "pending",
             ClusterState::Running => "running",
             ClusterState::Upgraded => "upgraded",
+            ClusterState::UpToDate => "up_to_date",
             ClusterState::Failed => "failed",
             ClusterState::Skipped => "skipped",
         }
@@ -311,6 +316,21 @@ pub fn latest(j: &Journal, unfinished: bool) -> Result<Option<FleetRunRecord>, J
                 .map(|r| pg_run_from_row(&r))
                 .transpose()
         },
+    )
+}
+
+/// The latest `limit` fleet runs, newest first.
+pub fn recent(j: &Journal, limit: u32) -> Result<Vec<FleetRunRecord>, JournalError> {
+    let sql = format!("{}{limit}", sql::RECENT_FLEET_RUNS);
+    let pg_sql = sql.clone();
+    j.with_backend(
+        "listing the latest fleet runs",
+        |c| {
+            c.prepare(&sql)?
+                .query_map([], run_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        },
+        move |c| c.query(&pg_sql, &[])?.iter().map(pg_run_from_row).collect(),
     )
 }
 

@@ -307,7 +307,12 @@ fn finish(
     let states = fleet_journal::clusters(&j, shared.fleet)?;
     let result = match &halted {
         Some(_) => FleetResult::Halted,
-        None if states.iter().all(|c| c.state == ClusterState::Upgraded) => FleetResult::Upgraded,
+        None if states
+            .iter()
+            .all(|c| matches!(c.state, ClusterState::Upgraded | ClusterState::UpToDate)) =>
+        {
+            FleetResult::Upgraded
+        }
         None => FleetResult::Incomplete,
     };
     if let Some(why) = &halted {

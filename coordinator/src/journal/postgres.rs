@@ -104,6 +104,12 @@ CREATE TABLE fleet_clusters (
     r#"
 ALTER TABLE fleet_clusters ADD COLUMN claimed_by TEXT;
 "#,
+    // A cluster already on its line's target is 'up_to_date' (per-line targets).
+    r#"
+ALTER TABLE fleet_clusters DROP CONSTRAINT IF EXISTS fleet_clusters_state_check;
+ALTER TABLE fleet_clusters ADD CONSTRAINT fleet_clusters_state_check
+    CHECK (state IN ('pending', 'running', 'upgraded', 'up_to_date', 'failed', 'skipped'));
+"#,
 ];
 
 /// Where and how to connect, checked once; the password is inside `config`, never in `location`.

@@ -90,6 +90,12 @@ pub(crate) const LATEST_FLEET_RUN: &str = concat!(
     fleet_run_columns!(),
     " FROM fleet_runs ORDER BY id DESC LIMIT 1"
 );
+/// Followed by the number of runs wanted (a literal: the dialects bind LIMIT differently).
+pub(crate) const RECENT_FLEET_RUNS: &str = concat!(
+    "SELECT ",
+    fleet_run_columns!(),
+    " FROM fleet_runs ORDER BY id DESC LIMIT "
+);
 pub(crate) const LATEST_UNFINISHED_FLEET_RUN: &str = concat!(
     "SELECT ",
     fleet_run_columns!(),

@@ -95,6 +95,29 @@ CREATE TABLE fleet_clusters (
     r#"
 ALTER TABLE fleet_clusters ADD COLUMN claimed_by TEXT;
 "#,
+    // A cluster already on its line's target is 'up_to_date' (per-line targets). SQLite cannot
+    // change a CHECK in place: the table is rebuilt (nothing references it).
+    r#"
+CREATE TABLE fleet_clusters_v4 (
+    fleet_run      INTEGER NOT NULL REFERENCES fleet_runs (id),
+    cluster        TEXT    NOT NULL,
+    position       INTEGER NOT NULL,
+    state          TEXT    NOT NULL
+                   CHECK (state IN ('pending', 'running', 'upgraded', 'up_to_date', 'failed', 'skipped')),
+    reason         TEXT,
+    cluster_run_id INTEGER REFERENCES runs (id),
+    started_ms     INTEGER,
+    ended_ms       INTEGER,
+    claimed_by     TEXT,
+    PRIMARY KEY (fleet_run, cluster)
+);
+INSERT INTO fleet_clusters_v4
+    (fleet_run, cluster, position, state, reason, cluster_run_id, started_ms, ended_ms, claimed_by)
+    SELECT fleet_run, cluster, position, state, reason, cluster_run_id, started_ms, ended_ms, claimed_by
+    FROM fleet_clusters;
+DROP TABLE fleet_clusters;
+ALTER TABLE fleet_clusters_v4 RENAME TO fleet_clusters;
+"#,
 ];
 
 /// The SQLite journal; [`super::Journal`] dispatches to it.

@@ -1037,7 +1037,7 @@ mod tests {
         })
         .await;
         let d = crate::loadbalancer::policy::drain_with_policy(
-            lb.as_ref(),
+            lb,
             "node1",
             Duration::from_millis(300),
             crate::loadbalancer::policy::DrainPolicy::Wait,

@@ -416,7 +416,11 @@ impl<'a> Driver<'a> {
         oos: &mut HashMap<String, u64>,
     ) -> Result<(), DriveError> {
         let j = self.env.journal;
-        let detail = format!("upgrade to {}", self.opts.to);
+        // The pick's reason goes into the journal with the node, for the run report.
+        let detail = match s.order_reasons.last() {
+            Some(why) => format!("upgrade to {}; picked {why}", self.opts.to),
+            None => format!("upgrade to {}", self.opts.to),
+        };
         let node_step = j.begin_step(Some(&node.id), Step::Node, &detail).await?;
         s.order.retain(|n| *n != node.id);
         let outcome = self.upgrade_node(node, steps).await;
