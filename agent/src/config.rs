@@ -83,7 +83,20 @@ pub struct RawLb {
     pub kind: String,
     /// The file holding the `upstream` block (the main file or one it includes).
     pub config: PathBuf,
+    /// One upstream (the older form; the same as `upstreams = ["..."]`).
+    #[serde(default)]
     pub upstream: String,
+    /// Every upstream a node is in, e.g. the `http` one and the `stream` one of Git over SSH.
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// Upstreams held in another file than `config`: upstream -> file.
+    #[serde(default)]
+    pub configs: std::collections::BTreeMap<String, PathBuf>,
+    /// Where a node's server has another address in some upstream: upstream -> (the server the
+    /// coordinator names -> its address there).
+    #[serde(default)]
+    pub server_names:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
     /// `down` (default) marks the server down; `remove` comments its line out.
     #[serde(default)]
     pub mode: NginxMode,
@@ -397,8 +410,11 @@ pub fn validate_lb(raw: RawLb) -> Result<NginxHost> {
         raw.kind
     );
     let host = NginxHost::new(&NginxSettings {
-        config: raw.config.clone(),
+        config: raw.config,
         upstream: raw.upstream,
+        upstreams: raw.upstreams,
+        configs: raw.configs,
+        server_names: raw.server_names,
         mode: raw.mode,
         main_config: raw.main_config,
         prefix: raw.prefix,
@@ -406,11 +422,13 @@ pub fn validate_lb(raw: RawLb) -> Result<NginxHost> {
         pid_file: raw.pid_file,
         reload_command: raw.reload_command,
     })?;
-    ensure!(
-        raw.config.is_file(),
-        "lb.config = '{}' does not exist; it must be the file on this host that holds the upstream block",
-        raw.config.display()
-    );
+    for file in host.config_files() {
+        ensure!(
+            file.is_file(),
+            "lb: '{}' does not exist; lb.config (and lb.configs) must be the files on this host that hold the upstream blocks",
+            file.display()
+        );
+    }
     Ok(host)
 }
 

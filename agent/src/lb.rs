@@ -74,7 +74,7 @@ pub fn lb_server(
 fn status_of(host: &NginxHost, e: NginxError) -> Status {
     let msg = format!("{}: {e}", host.describe());
     match e {
-        NginxError::UnknownServer(_) | NginxError::UnknownUpstream(_) => Status::not_found(msg),
+        NginxError::UnknownServer(_) | NginxError::UnknownUpstream(..) => Status::not_found(msg),
         NginxError::Unreachable { .. } => Status::unavailable(msg),
         NginxError::DrainTimeout { .. } => Status::deadline_exceeded(msg),
         NginxError::Config(_) => Status::internal(msg),
@@ -121,7 +121,7 @@ mod tests {
             prefix: None,
             nginx: None,
             pid_file: Some(dir.path().join("nginx.pid")),
-            reload_command: None,
+            ..Default::default()
         })
         .unwrap();
         let r = lb_server(Some(&host), &request(LbAction::State, "127.0.0.1:2")).unwrap();

@@ -2,18 +2,18 @@
 //! the same code from every command; `manual::EXIT_CODES`): 0 done, 1 failed or not ready, 2 bad
 //! input.
 
-use crate::inventory::Inventory;
+use crate::archive::ReleaseSpec;
+use crate::commands::{ClusterTarget, RunRequest};
 use anyhow::{Context, Result};
 use bbupgrade_common::identity::Role;
 use bbupgrade_common::pki::{Ca, IssueRequest};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// An error caused by what the user gave us (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadInput(pub String);
+pub use crate::error::BadInput;
+pub use crate::inventory::load_inventory;
+pub use crate::report::Output;
 
 #[derive(Parser)]
 #[command(
@@ -24,13 +24,6 @@ pub struct BadInput(pub String);
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
-pub enum Output {
-    #[default]
-    Human,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -51,10 +44,25 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Return every upgraded node to the original version, one at a time.
     Rollback(RollbackArgs),
-    /// A local sandbox cluster of simulated nodes with real agents, upgraded end to end.
-    Demo(crate::demo::DemoArgs),
+    /// Approve an upgrade run with --no-finalize (ends the rollback window), then have every agent
+    /// remove old installs beyond its keep_installs (never the active or previous one).
+    Finalize(RunTargetArgs),
+    /// Abandon the cluster's unfinished upgrade run when it stopped no node: upgrade mode is
+    /// cancelled, staged installs stay, the journal records it; a new upgrade may start.
+    Abort(RunTargetArgs),
+    /// A local sandbox cluster of simulated nodes with real agents, upgraded end to end: runs the
+    /// `bbupgrade-demo` program next to this one with the same arguments (`bbupgrade demo --help`).
+    #[command(disable_help_flag = true)]
+    Demo {
+        /// The demo's arguments, passed on unchanged.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Upgrade many clusters in waves (canary, concurrency, failure budget, windows); `fleet status`.
     Fleet(crate::fleet::FleetArgs),
+    /// A journaled run (or fleet run) as one self-contained HTML page (or JSON) on stdout: each
+    /// node's steps on a timeline, out-of-service times, the order and why, failures and notes.
+    Report(crate::run_report::ReportArgs),
     /// Print the shell completion script (bash: /usr/share/bash-completion/completions/bbupgrade).
     Completions {
         /// The shell to complete for.
@@ -154,6 +162,10 @@ pub struct ReleaseArgs {
     /// --archive when given.
     #[arg(long)]
     pub sha256: Option<String>,
+    /// A release catalog (TOML file or http(s) URL): `--to` must be in it, and without `--archive*`
+    /// the release comes from its entry.
+    #[arg(long)]
+    pub catalog: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -195,15 +207,30 @@ pub struct UpgradeArgs {
     /// Roll a failed node back to the original version and put it back in service.
     #[arg(long)]
     pub auto_rollback: bool,
+    /// Stop before approving: nodes upgraded, upgrade mode on, rollback still possible;
+    /// `bbupgrade finalize` approves later.
+    #[arg(long)]
+    pub no_finalize: bool,
 }
 
-/// `resume`: the run's own options come from the journal.
+/// `resume`: the run's own options come from the journal; only a corrected archive may be given,
+/// and only while no node was stopped.
 #[derive(Args, Clone)]
 pub struct ResumeArgs {
     #[command(flatten)]
     pub target: ClusterArgs,
     #[command(flatten)]
     pub run: RunArgs,
+    /// A corrected release archive, replacing the recorded one (only before any node was stopped).
+    #[arg(long, conflicts_with = "archive_url")]
+    pub archive: Option<PathBuf>,
+    /// A corrected release URL (with --sha256), replacing the recorded one (only before any node
+    /// was stopped).
+    #[arg(long, requires = "sha256")]
+    pub archive_url: Option<String>,
+    /// The corrected archive's SHA-256 (64 hex digits).
+    #[arg(long)]
+    pub sha256: Option<String>,
 }
 
 /// `rollback`: the versions come from the journal (or Bitbucket's original version).
@@ -215,40 +242,111 @@ pub struct RollbackArgs {
     pub run: RunArgs,
 }
 
-impl From<PlanArgs> for UpgradeArgs {
+/// A cluster and its journal, for commands that act on its latest run.
+#[derive(Args, Clone)]
+pub struct RunTargetArgs {
+    #[command(flatten)]
+    pub target: ClusterArgs,
+    /// The journal: `postgres://...`, `sqlite:PATH` or a path (default: from the inventory, else
+    /// ./bbupgrade-journal.db).
+    #[arg(long)]
+    pub state: Option<String>,
+}
+
+impl From<ClusterArgs> for ClusterTarget {
+    fn from(a: ClusterArgs) -> Self {
+        ClusterTarget {
+            inventory: a.inventory,
+            cluster: a.cluster,
+            output: a.output,
+        }
+    }
+}
+
+impl From<ReleaseArgs> for ReleaseSpec {
+    fn from(a: ReleaseArgs) -> Self {
+        ReleaseSpec {
+            archive: a.archive,
+            archive_url: a.archive_url,
+            sha256: a.sha256,
+            catalog: a.catalog,
+        }
+    }
+}
+
+/// What a command that names neither a release nor run options asks for.
+fn request(target: ClusterArgs, state: Option<String>, soak_secs: Option<u64>) -> RunRequest {
+    RunRequest {
+        target: target.into(),
+        to: None,
+        release: ReleaseSpec::default(),
+        state,
+        auto_rollback: false,
+        soak_secs,
+        no_finalize: false,
+    }
+}
+
+impl From<UpgradeArgs> for RunRequest {
+    fn from(a: UpgradeArgs) -> Self {
+        RunRequest {
+            to: a.release.to.clone(),
+            release: a.release.into(),
+            auto_rollback: a.auto_rollback,
+            no_finalize: a.no_finalize,
+            ..request(a.target, a.run.state, a.run.soak_secs)
+        }
+    }
+}
+
+impl From<PlanArgs> for RunRequest {
     fn from(a: PlanArgs) -> Self {
-        Self {
-            target: a.target,
-            release: a.release,
-            run: RunArgs::default(),
-            auto_rollback: false,
+        RunRequest {
+            to: a.release.to.clone(),
+            release: a.release.into(),
+            ..request(a.target, None, None)
         }
     }
 }
 
-impl From<ResumeArgs> for UpgradeArgs {
+impl From<ResumeArgs> for RunRequest {
     fn from(a: ResumeArgs) -> Self {
-        Self {
-            target: a.target,
-            release: ReleaseArgs::default(),
-            run: a.run,
-            auto_rollback: false,
+        RunRequest {
+            release: ReleaseSpec {
+                archive: a.archive,
+                archive_url: a.archive_url,
+                sha256: a.sha256,
+                catalog: None,
+            },
+            ..request(a.target, a.run.state, a.run.soak_secs)
         }
     }
 }
 
-impl From<RollbackArgs> for UpgradeArgs {
+impl From<RollbackArgs> for RunRequest {
     fn from(a: RollbackArgs) -> Self {
-        ResumeArgs {
-            target: a.target,
-            run: a.run,
-        }
-        .into()
+        request(a.target, a.run.state, a.run.soak_secs)
     }
+}
+
+impl From<RunTargetArgs> for RunRequest {
+    fn from(a: RunTargetArgs) -> Self {
+        request(a.target, a.state, None)
+    }
+}
+
+/// The top-level command as clap sees it (for the man pages and completions).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    run_to_exit_code(run(Cli::parse()))
+}
+
+/// Runs a command on a fresh runtime with logs on standard error; an error is printed and exits 1,
+/// or 2 when it is bad input.
+pub fn run_to_exit_code(command: impl Future<Output = Result<ExitCode>>) -> ExitCode {
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -260,8 +358,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(command) {
         Ok(code) => code,
+        // What to run next was printed when the run was interrupted.
+        Err(e) if e.downcast_ref::<crate::error::Interrupted>().is_some() => ExitCode::from(130),
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<BadInput>().is_some() {
@@ -277,27 +377,25 @@ fn init_tracing() {
     bbupgrade_common::logging::init("warn");
 }
 
-/// Loads the inventory; problems with it are bad input.
-pub fn load_inventory(path: &std::path::Path) -> Result<Inventory> {
-    Inventory::load(path).map_err(|e| BadInput(format!("{e:#}")).into())
-}
-
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Pki { command } => pki(command).map(|_| ExitCode::SUCCESS),
         Command::Status(args) => status(args).await,
-        Command::Plan(args) => crate::run::plan_command(args.into()).await,
-        Command::Upgrade(args) => crate::run::upgrade_command(args).await,
-        Command::Resume(args) => crate::run::resume_command(args.into()).await,
-        Command::Rollback(args) => crate::run::rollback_command(args.into()).await,
-        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Plan(args) => crate::commands::plan_command(args.into()).await,
+        Command::Upgrade(args) => crate::commands::upgrade_command(args.into()).await,
+        Command::Resume(args) => crate::commands::resume_command(args.into()).await,
+        Command::Rollback(args) => crate::commands::rollback_command(args.into()).await,
+        Command::Finalize(args) => crate::commands::finalize_command(args.into()).await,
+        Command::Abort(args) => crate::commands::abort_command(args.into()).await,
+        Command::Demo { args } => crate::demo_launch::exec(args),
         Command::Fleet(args) => crate::fleet::command(args).await,
+        Command::Report(args) => crate::run_report::command(args).await,
         Command::Completions { shell } => {
-            crate::manual::print_completions(shell);
+            crate::manual::print_completions(command(), shell);
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { dir } => {
-            let pages = crate::manual::write_man_pages(&dir)?;
+            let pages = crate::manual::write_man_pages(command(), &dir)?;
             println!("wrote {} man pages to {}", pages.len(), dir.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -6,20 +6,25 @@
 //! coordinators started on the same fleet and target join one fleet run and split its clusters:
 //! each is claimed under its lock before it is driven (`cluster`, `waves`).
 //!
-//! Layout: `plan` decides selection, order, waves and the budget (pure); `window` parses and checks
-//! maintenance windows (pure); `journal` holds the fleet's tables; `cluster` takes one cluster's
-//! turn; `waves` carries the run out; `report` prints events, the summary and `fleet status`.
+//! Layout: `plan` decides selection, order, waves and the budget (pure); `crate::window` parses and
+//! checks maintenance windows (pure); `journal` holds the fleet's tables; `cluster` takes one
+//! cluster's turn; `waves` carries the run out; `report` prints events, the summary and `fleet
+//! status`; `targets` gives each cluster the release of its own line; `preview` is `fleet plan`.
 
 pub mod cluster;
 pub mod journal;
 pub mod plan;
+pub mod preview;
 pub mod report;
+pub mod targets;
 pub mod waves;
-pub mod window;
 
-use crate::cli::{BadInput, Output, ReleaseArgs, load_inventory};
+use crate::archive::ArchiveSource;
+use crate::error::BadInput;
+use crate::inventory::load_inventory;
+use crate::journal::open_journal;
 use crate::journal::{Journal, this_process_holder};
-use crate::run::{ArchiveSource, open_journal};
+use crate::report::Output;
 use anyhow::{Result, anyhow};
 use clap::{Args, Subcommand};
 use journal::{ClusterState, CreatedOrOpen, FleetResult, FleetRunId};
@@ -45,6 +50,9 @@ pub enum FleetCommand {
     Status(FleetStatusArgs),
     /// Continue the latest unfinished fleet run (same as `fleet --resume`).
     Resume(FleetResumeArgs),
+    /// What `fleet` with the same options would do, changing nothing: each selected cluster's
+    /// line, from -> to, wave and window, and why a cluster would be skipped.
+    Plan(Box<FleetRunArgs>),
 }
 
 #[derive(Args, Clone)]
@@ -52,9 +60,13 @@ pub struct FleetRunArgs {
     /// The inventory (TOML) listing the fleet's clusters.
     #[arg(short = 'i', long, env = "BBUPGRADE_INVENTORY", required = true)]
     pub inventory: Option<PathBuf>,
-    /// The bug-fix release every selected cluster goes to, e.g. 8.19.6.
+    /// The bug-fix release of a line, e.g. 8.19.6; one per major.minor line (`--to 8.19.6 --to
+    /// 9.4.7`), or `latest` for the top of each cluster's own line in the catalog.
     #[arg(long)]
-    pub to: Option<String>,
+    pub to: Vec<String>,
+    /// A release catalog (TOML file or http(s) URL) the archives of `--to` come from.
+    #[arg(long)]
+    pub catalog: Option<String>,
     /// Clusters upgraded first, in their own wave(s); a failed canary halts the fleet.
     #[arg(long, value_delimiter = ',')]
     pub canary: Vec<String>,
@@ -144,8 +156,13 @@ pub struct FleetResumeArgs {
 /// The options of a fleet run, kept in the journal so a resume goes on the same way.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FleetOptions {
+    /// The targets as they read (`8.19.6`, `8.19.6, 9.4.7`, `latest (8.19.6, 9.4.7)`).
     pub to: String,
+    /// The release of a run started before per-line targets (`targets` empty).
     pub archive: ArchiveSource,
+    /// One release per line; a cluster goes to the one of its own line.
+    #[serde(default)]
+    pub targets: Vec<targets::LineTarget>,
     pub canary: Vec<String>,
     pub concurrency: Concurrency,
     pub wave_soak_secs: u64,
@@ -156,9 +173,23 @@ pub struct FleetOptions {
     pub soak_secs: Option<u64>,
 }
 
+impl FleetOptions {
+    /// The release of every line this run upgrades.
+    pub fn line_targets(&self) -> Vec<targets::LineTarget> {
+        if !self.targets.is_empty() {
+            return self.targets.clone();
+        }
+        vec![targets::LineTarget {
+            version: self.to.clone(),
+            archive: self.archive.clone(),
+        }]
+    }
+}
+
 pub async fn command(args: FleetArgs) -> Result<ExitCode> {
     match args.command {
         Some(FleetCommand::Status(a)) => status(a),
+        Some(FleetCommand::Plan(a)) => preview::command(*a).await,
         Some(FleetCommand::Resume(a)) => resume(a).await,
         None if args.run.resume => {
             let r = args.run;
@@ -180,15 +211,14 @@ fn bad(msg: impl Into<String>) -> anyhow::Error {
     BadInput(msg.into()).into()
 }
 
-async fn start(args: FleetRunArgs) -> Result<ExitCode> {
+/// What a fleet run with `args` would do: its inventory, the selected clusters and its options.
+/// Everything wrong with the input is found here, before anything runs.
+pub async fn prepare(
+    args: &FleetRunArgs,
+) -> Result<(crate::inventory::Inventory, Vec<String>, FleetOptions)> {
     let inventory = args.inventory.clone().unwrap_or_default();
     let inv = load_inventory(&inventory)?;
-    let to = args
-        .to
-        .clone()
-        .ok_or_else(|| bad("give the target version with --to, e.g. --to 8.19.6"))?;
-    to.parse::<bbupgrade_common::version::Version>()
-        .map_err(|e| bad(e.to_string()))?;
+    let wanted = crate::catalog::parse_targets(&args.to).map_err(bad)?;
     let candidates: Vec<plan::Candidate> = inv
         .clusters
         .iter()
@@ -199,17 +229,26 @@ async fn start(args: FleetRunArgs) -> Result<ExitCode> {
         .collect();
     let selected =
         plan::select(&candidates, &args.clusters, &args.labels, &args.canary).map_err(bad)?;
-    let archive = crate::run::archive_source(&ReleaseArgs {
-        to: Some(to.clone()),
-        archive: args.archive.clone(),
-        archive_url: args.archive_url.clone(),
-        sha256: args.sha256.clone(),
-    })
-    .await?
-    .ok_or_else(|| bad("give the release with --archive-url URL --sha256 HEX (agents download it) or --archive FILE (streamed)"))?;
+    let catalog = match &args.catalog {
+        Some(source) => Some(crate::archive::load_catalog(source).await?),
+        None => None,
+    };
+    let explicit = args.archive.is_some() || args.archive_url.is_some();
+    let planned = targets::releases(&wanted, catalog.as_ref(), explicit).map_err(bad)?;
+    let line_targets = targets::with_archives(
+        planned,
+        args.archive.as_deref(),
+        args.archive_url.as_deref(),
+        args.sha256.as_deref(),
+    )
+    .await?;
+    let first = line_targets
+        .first()
+        .ok_or_else(|| bad("the catalog has no release to go to"))?;
     let opts = FleetOptions {
-        to: to.clone(),
-        archive,
+        to: targets::describe(&line_targets, wanted == crate::catalog::Targets::Latest),
+        archive: first.archive.clone(),
+        targets: line_targets.clone(),
         canary: args.canary.clone(),
         concurrency: args.concurrency,
         wave_soak_secs: args.wave_soak_secs,
@@ -219,6 +258,12 @@ async fn start(args: FleetRunArgs) -> Result<ExitCode> {
         auto_rollback: args.auto_rollback,
         soak_secs: args.soak_secs,
     };
+    Ok((inv, selected, opts))
+}
+
+async fn start(args: FleetRunArgs) -> Result<ExitCode> {
+    let (inv, selected, opts) = prepare(&args).await?;
+    let to = opts.to.clone();
     let journal = Arc::new(open_journal(args.state.as_deref(), inv.state.as_deref())?);
     let ordered = plan::order(&selected, &opts.canary);
     let reporter = FleetReporter::new(args.output);
@@ -280,15 +325,22 @@ fn join_options(
             ours.join(", ")
         ));
     }
-    if stored.archive.sha256() != mine.archive.sha256() {
+    let shas = |o: &FleetOptions| -> Vec<String> {
+        o.line_targets()
+            .iter()
+            .map(|t| t.archive.sha256().to_string())
+            .collect()
+    };
+    if shas(&stored) != shas(&mine) {
         return Err(format!(
             "{busy} with another release (sha256 {}, here {}); join it with the same archive",
-            stored.archive.sha256(),
-            mine.archive.sha256()
+            shas(&stored).join(", "),
+            shas(&mine).join(", ")
         ));
     }
     Ok(FleetOptions {
         archive: mine.archive,
+        targets: mine.targets,
         concurrency: mine.concurrency,
         ..stored
     })

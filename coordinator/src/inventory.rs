@@ -2,6 +2,7 @@
 //! balancer, and nodes with their agents. Raw TOML is validated into [`Inventory`].
 
 use crate::loadbalancer::LbConfig;
+use crate::loadbalancer::policy::{DEFAULT_DRAIN_WAIT_SECS, DrainPolicy};
 use crate::node_match::{Address, NodeKey};
 use anyhow::{Context, Result, bail, ensure};
 use bbupgrade_common::identity::validate_name;
@@ -40,6 +41,11 @@ pub struct Timeouts {
     pub active_secs: u64,
     pub soak_secs: u64,
     pub agent_connect_ms: u64,
+    /// Sessions still open at the drain deadline (e.g. a long clone over SSH): `halt` (put the
+    /// node back in service and halt) or `wait` (up to `drain_wait_secs` more, then halt).
+    pub drain_policy: DrainPolicy,
+    /// The bound of `drain_policy = "wait"`, beyond `drain_secs`.
+    pub drain_wait_secs: u64,
 }
 
 impl Default for Timeouts {
@@ -51,6 +57,8 @@ impl Default for Timeouts {
             active_secs: DEFAULT_ACTIVE_TIMEOUT_SECS,
             soak_secs: DEFAULT_SOAK_SECS,
             agent_connect_ms: DEFAULT_AGENT_CONNECT_TIMEOUT_MS,
+            drain_policy: DrainPolicy::Halt,
+            drain_wait_secs: DEFAULT_DRAIN_WAIT_SECS,
         }
     }
 }
@@ -136,7 +144,7 @@ pub struct Cluster {
     pub auth: Auth,
     pub labels: Vec<String>,
     /// The maintenance window fleet runs respect (none: any time).
-    pub window: Option<crate::fleet::window::Window>,
+    pub window: Option<crate::window::Window>,
     pub load_balancer: LbConfig,
     pub timeouts: Timeouts,
     pub nodes: Vec<Node>,
@@ -148,6 +156,120 @@ pub struct Inventory {
     pub tls: TlsFiles,
     pub state: Option<String>,
     pub clusters: Vec<Cluster>,
+}
+
+/// Checks one cluster of the raw inventory (its name already checked).
+fn validate_cluster(
+    c: RawCluster,
+    rel: &dyn Fn(&Path) -> PathBuf,
+    default_timeouts: &Timeouts,
+) -> Result<Cluster> {
+    for url in std::iter::once(&c.bitbucket_url).chain(&c.bitbucket_node_urls) {
+        check_bitbucket_url(url, c.allow_insecure_http)
+            .with_context(|| format!("cluster '{}'", c.name))?;
+    }
+    let auth = auth(
+        c.auth.as_deref(),
+        (c.token_file.map(|f| rel(&f)), c.token_env),
+        c.user,
+        (c.password_file.map(|f| rel(&f)), c.password_env),
+    )
+    .with_context(|| format!("cluster '{}'", c.name))?;
+    ensure!(!c.nodes.is_empty(), "cluster '{}' has no nodes", c.name);
+    let nodes = validate_nodes(&c.name, c.nodes)?;
+    let window = c
+        .window
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .with_context(|| format!("cluster '{}'", c.name))?;
+    let load_balancer = load_balancer_of(&c.name, c.load_balancer, c.load_balancers)?;
+    Ok(Cluster {
+        name: c.name,
+        bitbucket_url: c.bitbucket_url.trim_end_matches('/').to_string(),
+        bitbucket_node_urls: c
+            .bitbucket_node_urls
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect(),
+        auth,
+        labels: c.labels,
+        window,
+        load_balancer,
+        timeouts: c.timeouts.unwrap_or_else(|| default_timeouts.clone()),
+        nodes,
+    })
+}
+
+/// Checks a cluster's nodes: names, no id twice, `host:port` agents, Bitbucket addresses.
+fn validate_nodes(cluster: &str, raw: Vec<RawNode>) -> Result<Vec<Node>> {
+    let mut ids = HashSet::new();
+    let mut nodes = Vec::new();
+    for n in raw {
+        validate_name(&n.id).with_context(|| format!("cluster '{}': node id", cluster))?;
+        ensure!(
+            ids.insert(n.id.clone()),
+            "cluster '{}': node '{}' is listed twice",
+            cluster,
+            n.id
+        );
+        ensure!(
+            n.agent
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+            "cluster '{}', node '{}': agent = '{}' must be host:port",
+            cluster,
+            n.id,
+            n.agent
+        );
+        let bitbucket_address = n
+            .bitbucket_address
+            .as_deref()
+            .map(str::parse::<Address>)
+            .transpose()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cluster '{}', node '{}': bitbucket_address {e}",
+                    cluster,
+                    n.id
+                )
+            })?;
+        nodes.push(Node {
+            lb_server: n.lb_server.unwrap_or_else(|| n.id.clone()),
+            bitbucket_name: n.bitbucket_name.filter(|s| !s.trim().is_empty()),
+            bitbucket_address,
+            id: n.id,
+            agent: n.agent,
+        });
+    }
+    Ok(nodes)
+}
+
+/// The cluster's load balancer: one, several at once, or none.
+fn load_balancer_of(
+    cluster: &str,
+    one: Option<LbConfig>,
+    many: Option<Vec<LbConfig>>,
+) -> Result<LbConfig> {
+    Ok(match (one, many) {
+        (Some(_), Some(_)) => bail!(
+            "cluster '{}': give either load_balancer or load_balancers, not both",
+            cluster
+        ),
+        (Some(one), None) => one,
+        (None, Some(mut list)) if list.len() == 1 => list.remove(0),
+        (None, Some(list)) if list.is_empty() => bail!(
+            "cluster '{}': load_balancers = [] names none; leave it out, or use kind = \"none\"",
+            cluster
+        ),
+        (None, Some(members)) => LbConfig::Several { members },
+        (None, None) => LbConfig::None {},
+    })
+}
+
+/// Loads the inventory; problems with it are bad input.
+pub fn load_inventory(path: &Path) -> Result<Inventory> {
+    Inventory::load(path).map_err(|e| crate::error::BadInput(format!("{e:#}")).into())
 }
 
 impl Inventory {
@@ -189,92 +311,7 @@ impl Inventory {
                 "cluster '{}' is listed twice",
                 c.name
             );
-            for url in std::iter::once(&c.bitbucket_url).chain(&c.bitbucket_node_urls) {
-                check_bitbucket_url(url, c.allow_insecure_http)
-                    .with_context(|| format!("cluster '{}'", c.name))?;
-            }
-            let auth = auth(
-                c.auth.as_deref(),
-                (c.token_file.map(|f| rel(&f)), c.token_env),
-                c.user,
-                (c.password_file.map(|f| rel(&f)), c.password_env),
-            )
-            .with_context(|| format!("cluster '{}'", c.name))?;
-            ensure!(!c.nodes.is_empty(), "cluster '{}' has no nodes", c.name);
-            let mut ids = HashSet::new();
-            let mut nodes = Vec::new();
-            for n in c.nodes {
-                validate_name(&n.id).with_context(|| format!("cluster '{}': node id", c.name))?;
-                ensure!(
-                    ids.insert(n.id.clone()),
-                    "cluster '{}': node '{}' is listed twice",
-                    c.name,
-                    n.id
-                );
-                ensure!(
-                    n.agent
-                        .rsplit_once(':')
-                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
-                    "cluster '{}', node '{}': agent = '{}' must be host:port",
-                    c.name,
-                    n.id,
-                    n.agent
-                );
-                let bitbucket_address = n
-                    .bitbucket_address
-                    .as_deref()
-                    .map(str::parse::<Address>)
-                    .transpose()
-                    .map_err(|e| {
-                        anyhow::anyhow!(
-                            "cluster '{}', node '{}': bitbucket_address {e}",
-                            c.name,
-                            n.id
-                        )
-                    })?;
-                nodes.push(Node {
-                    lb_server: n.lb_server.unwrap_or_else(|| n.id.clone()),
-                    bitbucket_name: n.bitbucket_name.filter(|s| !s.trim().is_empty()),
-                    bitbucket_address,
-                    id: n.id,
-                    agent: n.agent,
-                });
-            }
-            let window = c
-                .window
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .with_context(|| format!("cluster '{}'", c.name))?;
-            let load_balancer = match (c.load_balancer, c.load_balancers) {
-                (Some(_), Some(_)) => bail!(
-                    "cluster '{}': give either load_balancer or load_balancers, not both",
-                    c.name
-                ),
-                (Some(one), None) => one,
-                (None, Some(mut list)) if list.len() == 1 => list.remove(0),
-                (None, Some(list)) if list.is_empty() => bail!(
-                    "cluster '{}': load_balancers = [] names none; leave it out, or use kind = \"none\"",
-                    c.name
-                ),
-                (None, Some(members)) => LbConfig::Several { members },
-                (None, None) => LbConfig::None {},
-            };
-            clusters.push(Cluster {
-                name: c.name,
-                bitbucket_url: c.bitbucket_url.trim_end_matches('/').to_string(),
-                bitbucket_node_urls: c
-                    .bitbucket_node_urls
-                    .iter()
-                    .map(|u| u.trim_end_matches('/').to_string())
-                    .collect(),
-                auth,
-                labels: c.labels,
-                window,
-                load_balancer,
-                timeouts: c.timeouts.unwrap_or_else(|| raw.timeouts.clone()),
-                nodes,
-            });
+            clusters.push(validate_cluster(c, &rel, &raw.timeouts)?);
         }
         Ok(Self {
             path: PathBuf::new(),

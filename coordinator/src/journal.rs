@@ -3,6 +3,7 @@
 //! `sqlite.rs`) and a shared PostgreSQL database (`postgres.rs`) several coordinators can use at once.
 
 mod postgres;
+pub(crate) mod sql;
 mod sqlite;
 
 use std::fmt;
@@ -284,6 +285,38 @@ impl Journal {
             Backend::Sqlite(db) => db.with_conn(what, sqlite),
             Backend::Postgres(db) => db.call(what, pg),
         }
+    }
+
+    /// Runs one statement of [`sql`] (written once for both backends) with `args`; the number
+    /// of rows changed.
+    pub(crate) fn execute(
+        &self,
+        what: impl Into<String>,
+        statement: &'static str,
+        args: Vec<sql::Arg>,
+    ) -> Result<usize, JournalError> {
+        let pg = args.clone();
+        self.with_backend(
+            what,
+            |c| c.execute(&sql::sqlite(statement), rusqlite::params_from_iter(&args)),
+            move |c| c.execute(statement, &sql::pg_args(&pg)).map(|n| n as usize),
+        )
+    }
+
+    /// Replaces a run's recorded options (`resume` with a corrected archive).
+    pub fn set_run_options(&self, run: RunId, options_json: &str) -> Result<(), JournalError> {
+        let changed = self.execute(
+            format!("recording new options for run {run}"),
+            sql::SET_RUN_OPTIONS,
+            vec![run.0.into(), options_json.into()],
+        )?;
+        if changed == 0 {
+            return Err(JournalError::NoSuchRun {
+                location: self.location().to_string(),
+                run,
+            });
+        }
+        Ok(())
     }
 
     /// Records a new open run.
@@ -577,6 +610,24 @@ pub fn format_ms(ms: i64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| format!("{ms} ms after the epoch"))
+}
+
+/// The journal file used when neither `--state` nor the inventory names one.
+pub const DEFAULT_JOURNAL_FILE: &str = "bbupgrade-journal.db";
+
+/// The journal named by `--state`, the inventory, or the default file: `postgres://...`,
+/// `sqlite:PATH` or a path.
+pub fn open_journal(state: Option<&str>, inventory_state: Option<&str>) -> anyhow::Result<Journal> {
+    use anyhow::Context;
+    let spec = state.or(inventory_state).unwrap_or(DEFAULT_JOURNAL_FILE);
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        // The password may be in the URL: name the journal only by its redacted form.
+        let location = redact_url(spec);
+        return Journal::open_postgres(spec)
+            .with_context(|| format!("opening the shared journal {location}"));
+    }
+    let path = Path::new(spec.strip_prefix("sqlite:").unwrap_or(spec));
+    Journal::open(path).with_context(|| format!("opening the journal {}", path.display()))
 }
 
 #[cfg(test)]

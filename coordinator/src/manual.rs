@@ -2,25 +2,20 @@
 //! (`bbupgrade man --dir D`, `bbupgrade completions SHELL`), so they cannot drift from `--help`.
 
 use anyhow::{Context, Result};
-use clap::CommandFactory;
 use std::path::Path;
 
 /// What the exit codes mean, for the man page (the README lists the same).
 pub const EXIT_CODES: &str = "\
 0  done (status: every node reachable, in service and ACTIVE)
 1  failed: a check or step failed, a node is unreachable, a run is open, the cluster is not ready
-2  bad input, nothing changed: the inventory, flags or certificates; a target that is not a bug-fix upgrade; an archive that is not that release; a rolling-upgrade API refusing the credentials or unable to map the nodes";
-
-/// The top-level command as clap sees it.
-pub fn command() -> clap::Command {
-    crate::cli::Cli::command()
-}
+2  bad input, nothing changed: the inventory, flags or certificates; a target that is not a bug-fix upgrade; an archive that is not that release; a rolling-upgrade API refusing the credentials or unable to map the nodes
+130  interrupted (Ctrl-C during upgrade, resume or rollback): the run stays in the journal; the exact resume command is printed";
 
 /// Writes `bbupgrade.1` (with the exit codes) and one page per subcommand (`bbupgrade-upgrade.1`,
-/// ...) into `dir`; returns them.
-pub fn write_man_pages(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+/// ...) into `dir` for the top-level `command` (`cli::command()`); returns them.
+pub fn write_man_pages(command: clap::Command, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    clap_mangen::generate_to(command(), dir)
+    clap_mangen::generate_to(command, dir)
         .with_context(|| format!("writing the man pages into {}", dir.display()))?;
     let top = dir.join("bbupgrade.1");
     let mut text =
@@ -45,20 +40,21 @@ fn exit_status_section() -> String {
     s
 }
 
-/// Prints the completion script for `shell` to stdout.
-pub fn print_completions(shell: clap_complete::Shell) {
-    let mut cmd = command();
+/// Prints the completion script of `command` (`cli::command()`) for `shell` to stdout.
+pub fn print_completions(command: clap::Command, shell: clap_complete::Shell) {
+    let mut cmd = command;
     clap_complete::generate(shell, &mut cmd, "bbupgrade", &mut std::io::stdout());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::command;
 
     #[test]
     fn man_pages_cover_every_subcommand_and_the_exit_codes() {
         let dir = tempfile::tempdir().unwrap();
-        let written = write_man_pages(dir.path()).unwrap();
+        let written = write_man_pages(command(), dir.path()).unwrap();
         let names: Vec<String> = written
             .iter()
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())

@@ -77,17 +77,17 @@ pub fn preflight(
     to: &str,
     archive_bytes: u64,
 ) -> Vec<Check> {
-    let mut checks = Vec::new();
-    for n in nodes {
-        checks.push(match &n.agent_error {
+    let mut checks: Vec<Check> = nodes
+        .iter()
+        .map(|n| match &n.agent_error {
             None => Check::new(
                 "agent",
                 true,
                 format!("{}: reachable, identity verified", n.id),
             ),
             Some(e) => Check::new("agent", false, e.clone()),
-        });
-    }
+        })
+        .collect();
     let from = common_version(nodes);
     checks.push(match &from {
         Ok(v) => Check::new("one version", true, format!("all nodes run {v}")),
@@ -103,76 +103,9 @@ pub fn preflight(
             Err(e) => Check::new("target", false, e.to_string()),
         });
     }
-    // Staging needs room for the archive's content; the extracted size is about the archive's.
-    let needed = archive_bytes.saturating_mul(2);
-    for n in nodes.iter().filter(|n| n.agent_error.is_none()) {
-        let staged = n.staged_versions.iter().any(|v| v == to);
-        let ok = staged || archive_bytes == 0 || n.install_root_free_bytes >= needed;
-        checks.push(Check::new(
-            "disk",
-            ok,
-            if staged {
-                format!("{}: {to} already staged", n.id)
-            } else {
-                format!(
-                    "{}: {} MiB free at the install root, {} MiB needed",
-                    n.id,
-                    n.install_root_free_bytes >> 20,
-                    needed >> 20
-                )
-            },
-        ));
-    }
+    checks.extend(disk_checks(nodes, to, archive_bytes));
     match (view, zdu_error) {
-        (Some(view), _) => {
-            checks.push(Check::new(
-                CHECK_API,
-                true,
-                "reachable with the credentials",
-            ));
-            let stable = view.state == ClusterState::Stable && !view.upgrade_mode_enabled;
-            checks.push(Check::new(
-                "cluster stable",
-                stable,
-                format!(
-                    "cluster is {}{}",
-                    view.state,
-                    if view.upgrade_mode_enabled {
-                        " with upgrade mode on"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
-            let keys: Vec<NodeKey> = nodes.iter().map(|n| n.bitbucket.clone()).collect();
-            for (n, m) in nodes.iter().zip(node_match::match_all(view, &keys)) {
-                checks.push(match m {
-                    Match::Row(z) if z.state == NodeState::Active => Check::new(
-                        "node active",
-                        true,
-                        format!(
-                            "{}: ACTIVE on {} (row {})",
-                            n.id,
-                            z.version_or_dash(),
-                            node_match::describe_row(z)
-                        ),
-                    ),
-                    Match::Row(z) => Check::new(
-                        "node active",
-                        false,
-                        format!(
-                            "{}: {} (must be ACTIVE; row {})",
-                            n.id,
-                            z.state,
-                            node_match::describe_row(z)
-                        ),
-                    ),
-                    Match::Missing(why) | Match::Ambiguous(why) => {
-                        Check::new(CHECK_MAPPED, false, format!("{}: {why}", n.id))
-                    }
-                });
-            }
-        }
+        (Some(view), _) => checks.extend(bitbucket_checks(nodes, view)),
         (None, e) => checks.push(Check::new(
             CHECK_API,
             false,
@@ -183,6 +116,87 @@ pub fn preflight(
         if let Some(e) = &n.lb_error {
             checks.push(Check::new("load balancer", false, format!("{}: {e}", n.id)));
         }
+    }
+    checks
+}
+
+/// Room to stage on every reachable node (none needed where the target is staged already).
+fn disk_checks(nodes: &[ObservedNode], to: &str, archive_bytes: u64) -> Vec<Check> {
+    // Staging needs room for the archive's content; the extracted size is about the archive's.
+    let needed = archive_bytes.saturating_mul(2);
+    nodes
+        .iter()
+        .filter(|n| n.agent_error.is_none())
+        .map(|n| {
+            let staged = n.staged_versions.iter().any(|v| v == to);
+            let ok = staged || archive_bytes == 0 || n.install_root_free_bytes >= needed;
+            Check::new(
+                "disk",
+                ok,
+                if staged {
+                    format!("{}: {to} already staged", n.id)
+                } else {
+                    format!(
+                        "{}: {} MiB free at the install root, {} MiB needed",
+                        n.id,
+                        n.install_root_free_bytes >> 20,
+                        needed >> 20
+                    )
+                },
+            )
+        })
+        .collect()
+}
+
+/// What Bitbucket's rolling-upgrade API says: reachable, the cluster stable, every node mapped
+/// to its row and ACTIVE.
+fn bitbucket_checks(nodes: &[ObservedNode], view: &ClusterView) -> Vec<Check> {
+    let mut checks = vec![Check::new(
+        CHECK_API,
+        true,
+        "reachable with the credentials",
+    )];
+    let stable = view.state == ClusterState::Stable && !view.upgrade_mode_enabled;
+    checks.push(Check::new(
+        "cluster stable",
+        stable,
+        format!(
+            "cluster is {}{}",
+            view.state,
+            if view.upgrade_mode_enabled {
+                " with upgrade mode on"
+            } else {
+                ""
+            }
+        ),
+    ));
+    let keys: Vec<NodeKey> = nodes.iter().map(|n| n.bitbucket.clone()).collect();
+    for (n, m) in nodes.iter().zip(node_match::match_all(view, &keys)) {
+        checks.push(match m {
+            Match::Row(z) if z.state == NodeState::Active => Check::new(
+                "node active",
+                true,
+                format!(
+                    "{}: ACTIVE on {} (row {})",
+                    n.id,
+                    z.version_or_dash(),
+                    node_match::describe_row(z)
+                ),
+            ),
+            Match::Row(z) => Check::new(
+                "node active",
+                false,
+                format!(
+                    "{}: {} (must be ACTIVE; row {})",
+                    n.id,
+                    z.state,
+                    node_match::describe_row(z)
+                ),
+            ),
+            Match::Missing(why) | Match::Ambiguous(why) => {
+                Check::new(CHECK_MAPPED, false, format!("{}: {why}", n.id))
+            }
+        });
     }
     checks
 }

@@ -1,7 +1,6 @@
 //! What a person or a pipeline sees of a run: step events as lines (human) or JSON lines, progress
 //! bars for staging, and the final summary document.
 
-use crate::cli::Output;
 use crate::journal::RunResult;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -9,6 +8,14 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// How a command prints: for people, or one JSON document / JSON lines for programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Human,
+    Json,
+}
 
 /// The final document of `upgrade`, `resume`, `rollback` and `demo` (stable field names).
 #[derive(Debug, Clone, Serialize, Default)]

@@ -9,7 +9,7 @@ pub use bitbucket::{BitbucketRow, BitbucketView};
 pub use verdict::{LbView, OpenRun, problems};
 
 use crate::agents;
-use crate::cli::BadInput;
+use crate::error::BadInput;
 use crate::inventory::{Cluster, Node};
 use crate::journal::{Journal, RunId, RunRecord, StepOutcome, StepRecord, format_ms};
 use anyhow::Result;
@@ -135,18 +135,21 @@ pub(crate) fn step_view(s: &StepRecord) -> StepView {
     }
 }
 
-/// Where the journal is, as `run::open_journal` resolves it; `None` for a journal file that does
+/// Where the journal is, as `journal::open_journal` resolves it; `None` for a journal file that does
 /// not exist (or `:memory:`), which `status` must not create.
-fn existing_journal(state: Option<&str>, inventory_state: Option<&str>) -> Result<Option<Journal>> {
+pub(crate) fn existing_journal(
+    state: Option<&str>,
+    inventory_state: Option<&str>,
+) -> Result<Option<Journal>> {
     let spec = state
         .or(inventory_state)
-        .unwrap_or(crate::run::DEFAULT_JOURNAL_FILE);
+        .unwrap_or(crate::journal::DEFAULT_JOURNAL_FILE);
     let shared = spec.starts_with("postgres://") || spec.starts_with("postgresql://");
     let path = std::path::Path::new(spec.strip_prefix("sqlite:").unwrap_or(spec));
     if !shared && (spec == ":memory:" || !path.exists()) {
         return Ok(None);
     }
-    crate::run::open_journal(state, inventory_state).map(Some)
+    crate::journal::open_journal(state, inventory_state).map(Some)
 }
 
 /// The cluster's latest `limit` runs, with the steps of the one asked for. Blocks.

@@ -767,6 +767,7 @@ fn options(from: &str, to: &str, auto_rollback: bool) -> RunOptions {
         from: from.into(),
         archive: None,
         auto_rollback,
+        no_finalize: false,
         timeouts: Timeouts {
             drain_secs: 30,
             stop_secs: 60,
@@ -774,6 +775,7 @@ fn options(from: &str, to: &str, auto_rollback: bool) -> RunOptions {
             active_secs: 120,
             soak_secs: 2,
             agent_connect_ms: 1000,
+            ..Timeouts::default()
         },
     }
 }
@@ -858,58 +860,12 @@ fn run_seed(seed: u64) -> (Vec<String>, Vec<String>) {
 
 async fn schedule(seed: u64) -> (Vec<String>, Vec<String>) {
     let w: Shared = Arc::new(Mutex::new(World::new(seed)));
-    let auto_rollback = {
-        let mut g = lock(&w);
-        let auto = g.rng.chance(300);
-        // One node may carry a fault of the new release.
-        if g.rng.chance(400) {
-            let n = g.nodes.len() as u64;
-            let i = g.rng.below(n) as usize;
-            let f = [
-                StartFault::Error,
-                StartFault::FirstRun,
-                StartFault::StaysStarting,
-                StartFault::CrashAfterActive,
-            ][g.rng.below(4) as usize];
-            g.nodes[i].fault = f;
-        }
-        let (n, rate, faults): (usize, u64, Vec<_>) = (
-            g.nodes.len(),
-            g.fault_rate,
-            g.nodes
-                .iter()
-                .map(|n| format!("{}:{:?}", n.id, n.fault))
-                .collect(),
-        );
-        g.trace.push(format!(
-            "seed {seed}: {n} nodes, fault rate {rate}/1000, auto_rollback={auto}, {faults:?}"
-        ));
-        auto
-    };
+    let auto_rollback = set_up(&mut lock(&w), seed);
     let mut run_no = 0i64;
     let mut current = (RunId(0), Kind::Upgrade, options(FROM, TO, auto_rollback));
     let mut last: Option<Summary> = None;
     for attempt in 0..MAX_RUNS {
-        let clean = attempt >= MAX_RUNS - 2;
-        let start_new = {
-            let mut g = lock(&w);
-            g.faults_on = !clean;
-            if attempt >= MAX_RUNS - 3 {
-                // The admin fixed the release fault before the last tries.
-                for n in &mut g.nodes {
-                    n.fault = StartFault::None;
-                }
-            }
-            g.kill_at = (!clean && g.rng.chance(500)).then(|| g.calls + 1 + g.rng.below(80));
-            let choose_rollback = attempt > 0 && !clean && g.rng.chance(150) && !g.finalized;
-            if attempt == 0 {
-                Some(Kind::Upgrade)
-            } else if choose_rollback && current.1 == Kind::Upgrade {
-                Some(Kind::Rollback)
-            } else {
-                None
-            }
-        };
+        let start_new = next_command(&mut lock(&w), attempt, current.1);
         if let Some(kind) = start_new {
             run_no += 1;
             let opts = match kind {
@@ -917,17 +873,7 @@ async fn schedule(seed: u64) -> (Vec<String>, Vec<String>) {
                 Kind::Rollback => options(TO, FROM, false),
             };
             current = (RunId(run_no), kind, opts);
-            let mut g = lock(&w);
-            // `rollback` closes the upgrade it supersedes.
-            for r in &mut g.journal.runs {
-                if r.2.is_none() {
-                    r.2 = Some(RunResult::Halted);
-                }
-            }
-            g.journal
-                .runs
-                .push((RunId(run_no), kind == Kind::Rollback, None));
-            g.trace.push(format!("== run #{run_no}: {kind:?}"));
+            open_run(&mut lock(&w), current.0, kind);
         } else {
             lock(&w).trace.push(format!("== resume run #{}", current.0));
         }
@@ -935,58 +881,123 @@ async fn schedule(seed: u64) -> (Vec<String>, Vec<String>) {
         let mut g = lock(&w);
         g.killed = false;
         g.kill_at = None;
-        match &summary {
-            None => {}
-            Some(s) => {
-                g.trace.push(format!(
-                    "  summary: {} error={:?} notes={:?}",
-                    s.result.as_str(),
-                    s.error,
-                    s.notes
-                ));
-                check_report_names_out_nodes(&mut g, s);
-                let recorded = g
-                    .journal
-                    .runs
-                    .iter()
-                    .find(|r| r.0 == current.0)
-                    .and_then(|r| r.2);
-                let unrecorded = s
-                    .notes
-                    .iter()
-                    .any(|n| n.contains("could not record the run's end"));
-                if !unrecorded && recorded.is_some_and(|r| r != s.result) {
-                    let v = format!("journal says {recorded:?}, summary says {:?}", s.result);
-                    g.violations.push(v);
-                }
-                if matches!(s.result, RunResult::Upgraded | RunResult::RolledBack) {
-                    last = summary.clone();
-                    break;
-                }
-            }
+        if let Some(s) = &summary
+            && check_summary(&mut g, s, current.0)
+        {
+            last = summary.clone();
+            break;
         }
         last = summary;
     }
     let mut g = lock(&w);
     if std::env::var_os("BBUPGRADE_DST_DUMP").is_some() {
-        let lines: Vec<String> = g
-            .journal
-            .steps
-            .iter()
-            .map(|s| {
-                format!(
-                    "  journal #{} run{} {:?} {} {:?}",
-                    s.id.0, s.run.0, s.node, s.step, s.outcome
-                )
-            })
-            .collect();
-        g.trace.extend(lines);
+        dump_journal(&mut g);
     }
     check_end(&mut g, last.as_ref(), current.1);
     (
         std::mem::take(&mut g.violations),
         std::mem::take(&mut g.trace),
     )
+}
+
+/// Draws the schedule's setup (auto-rollback, a release fault on one node) and traces it;
+/// returns whether auto-rollback is on.
+fn set_up(g: &mut World, seed: u64) -> bool {
+    let auto = g.rng.chance(300);
+    // One node may carry a fault of the new release.
+    if g.rng.chance(400) {
+        let n = g.nodes.len() as u64;
+        let i = g.rng.below(n) as usize;
+        let f = [
+            StartFault::Error,
+            StartFault::FirstRun,
+            StartFault::StaysStarting,
+            StartFault::CrashAfterActive,
+        ][g.rng.below(4) as usize];
+        g.nodes[i].fault = f;
+    }
+    let (n, rate, faults): (usize, u64, Vec<_>) = (
+        g.nodes.len(),
+        g.fault_rate,
+        g.nodes
+            .iter()
+            .map(|n| format!("{}:{:?}", n.id, n.fault))
+            .collect(),
+    );
+    g.trace.push(format!(
+        "seed {seed}: {n} nodes, fault rate {rate}/1000, auto_rollback={auto}, {faults:?}"
+    ));
+    auto
+}
+
+/// What the admin does next: a new run of some kind, or `None` to resume the current one. The
+/// last tries run without faults (and the release fault fixed before them).
+fn next_command(g: &mut World, attempt: usize, current: Kind) -> Option<Kind> {
+    let clean = attempt >= MAX_RUNS - 2;
+    g.faults_on = !clean;
+    if attempt >= MAX_RUNS - 3 {
+        // The admin fixed the release fault before the last tries.
+        for n in &mut g.nodes {
+            n.fault = StartFault::None;
+        }
+    }
+    g.kill_at = (!clean && g.rng.chance(500)).then(|| g.calls + 1 + g.rng.below(80));
+    let choose_rollback = attempt > 0 && !clean && g.rng.chance(150) && !g.finalized;
+    if attempt == 0 {
+        Some(Kind::Upgrade)
+    } else if choose_rollback && current == Kind::Upgrade {
+        Some(Kind::Rollback)
+    } else {
+        None
+    }
+}
+
+/// Opens run `run` in the journal; `rollback` closes the upgrade it supersedes.
+fn open_run(g: &mut World, run: RunId, kind: Kind) {
+    for r in &mut g.journal.runs {
+        if r.2.is_none() {
+            r.2 = Some(RunResult::Halted);
+        }
+    }
+    g.journal.runs.push((run, kind == Kind::Rollback, None));
+    g.trace.push(format!("== run #{}: {kind:?}", run.0));
+}
+
+/// Checks a run's summary against the journal; true when the run reached its goal.
+fn check_summary(g: &mut World, s: &Summary, run: RunId) -> bool {
+    g.trace.push(format!(
+        "  summary: {} error={:?} notes={:?}",
+        s.result.as_str(),
+        s.error,
+        s.notes
+    ));
+    check_report_names_out_nodes(g, s);
+    let recorded = g.journal.runs.iter().find(|r| r.0 == run).and_then(|r| r.2);
+    let unrecorded = s
+        .notes
+        .iter()
+        .any(|n| n.contains("could not record the run's end"));
+    if !unrecorded && recorded.is_some_and(|r| r != s.result) {
+        let v = format!("journal says {recorded:?}, summary says {:?}", s.result);
+        g.violations.push(v);
+    }
+    matches!(s.result, RunResult::Upgraded | RunResult::RolledBack)
+}
+
+/// Adds the journal's steps to the trace (`BBUPGRADE_DST_DUMP`).
+fn dump_journal(g: &mut World) {
+    let lines: Vec<String> = g
+        .journal
+        .steps
+        .iter()
+        .map(|s| {
+            format!(
+                "  journal #{} run{} {:?} {} {:?}",
+                s.id.0, s.run.0, s.node, s.step, s.outcome
+            )
+        })
+        .collect();
+    g.trace.extend(lines);
 }
 
 /// A run that ends with a node out of service names it in its report.

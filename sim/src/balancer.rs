@@ -1,5 +1,6 @@
 //! A small stand-in for HAProxy, for the demo on a machine where HAProxy is not installed (tests
-//! always use the real one): an HTTP/1.1 reverse proxy, round robin over the servers that are
+//! always use the real one): in `mode tcp` a TCP forwarder (Git over SSH; checked by a connect),
+//! otherwise an HTTP/1.1 reverse proxy, round robin over the servers that are
 //! `ready` and pass their health check (`GET /status` every 500 ms, `rise 2 fall 2`), with retries
 //! on another server when a connection fails, and the subset of HAProxy's runtime API on a unix
 //! socket that bbupgrade's HAProxy driver uses (`show servers state`, `show stat`, `set server ...
@@ -66,9 +67,20 @@ impl ServerSpec {
     }
 }
 
+/// What the balancer forwards (HAProxy's `mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// HTTP/1.1 requests, checked with `GET /status`.
+    #[default]
+    Http,
+    /// TCP connections (Git over SSH), bytes both ways, checked with a connect.
+    Tcp,
+}
+
 /// What balancer to run.
 #[derive(Debug, Clone)]
 pub struct BalancerOptions {
+    pub mode: Mode,
     /// Where clients connect; port 0 picks a free one (see `BalancerHandle::addr`).
     pub listen: SocketAddr,
     /// The runtime-API unix socket; a stale socket file there is replaced.
@@ -94,6 +106,7 @@ impl BalancerOptions {
         servers: Vec<ServerSpec>,
     ) -> Self {
         BalancerOptions {
+            mode: Mode::Http,
             listen,
             socket,
             backend: backend.to_string(),
@@ -303,8 +316,12 @@ pub async fn start(opts: BalancerOptions) -> Result<BalancerHandle, BalancerErro
         opts,
     });
     let (stop, stop_rx) = watch::channel(false);
+    let serve = match shared.opts.mode {
+        Mode::Http => tokio::spawn(serve_http(listener, Arc::clone(&shared), stop_rx.clone())),
+        Mode::Tcp => tokio::spawn(serve_tcp(listener, Arc::clone(&shared), stop_rx.clone())),
+    };
     let mut tasks = vec![
-        tokio::spawn(serve_http(listener, Arc::clone(&shared), stop_rx.clone())),
+        serve,
         tokio::spawn(serve_admin(admin, Arc::clone(&shared), stop_rx.clone())),
     ];
     for index in 0..shared.opts.servers.len() {
@@ -379,6 +396,30 @@ async fn serve_http(
     }
 }
 
+async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Dropping the set at the end cuts every open session.
+    let mut sessions = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("balancer: accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        sessions.spawn(proxy::serve_tcp(Arc::clone(&shared), stream));
+    }
+}
+
 /// The runtime API: one command line per connection, answered, then closed.
 async fn serve_admin(
     listener: tokio::net::UnixListener,
@@ -427,7 +468,10 @@ async fn health_checks(shared: Arc<Shared>, index: usize, mut stop: watch::Recei
         };
         if admin != Admin::Maint {
             let timeout = shared.opts.check_interval.max(Duration::from_millis(200)) * 2;
-            let result = proxy::check(addr, timeout).await;
+            let result = match shared.opts.mode {
+                Mode::Http => proxy::check(addr, timeout).await,
+                Mode::Tcp => proxy::check_tcp(addr, timeout).await,
+            };
             let mut servers = shared.lock();
             let s = &mut servers[index];
             if s.check_result(epoch, result.clone(), shared.thresholds(), Instant::now()) {
@@ -466,5 +510,56 @@ mod tests {
         assert!(opts.validate().unwrap_err().to_string().contains("twice"));
         let none = BalancerOptions::new(addr, "/tmp/x.sock".into(), "bitbucket", vec![]);
         assert!(none.validate().is_err());
+    }
+
+    /// `mode tcp`: bytes go through to a server that passes its connect check; a server in
+    /// maintenance gets no new session.
+    #[tokio::test]
+    async fn tcp_mode_forwards_sessions_and_honours_maint() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    let mut line = [0u8; 5];
+                    if s.read_exact(&mut line).await.is_ok() {
+                        let _ = s.write_all(b"pack done").await;
+                    }
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("ssh.sock");
+        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let spec = ServerSpec::parse(&format!("node1={server_addr}")).unwrap();
+        let mut opts = BalancerOptions::new(listen, socket, "bitbucket_ssh", vec![spec]);
+        opts.mode = Mode::Tcp;
+        opts.check_interval = Duration::from_millis(50);
+        let lb = start(opts).await.unwrap();
+        let clone = async || {
+            let mut c = tokio::net::TcpStream::connect(lb.addr()).await.unwrap();
+            c.write_all(b"clone").await.unwrap();
+            let mut answer = String::new();
+            let _ = c.read_to_string(&mut answer).await;
+            answer
+        };
+        let started = Instant::now();
+        while clone().await != "pack done" {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "node1 never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut admin = tokio::net::UnixStream::connect(lb.socket()).await.unwrap();
+        admin
+            .write_all(b"set server bitbucket_ssh/node1 state maint\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        admin.read_to_string(&mut answer).await.unwrap();
+        assert_eq!(answer.trim(), "", "{answer}");
+        assert_eq!(clone().await, "", "a server in maint got a session");
+        lb.shutdown().await;
     }
 }

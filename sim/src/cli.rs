@@ -127,6 +127,10 @@ enum Cmd {
         /// A server, NAME=IP:PORT (repeat for each node), e.g. node1=127.0.0.1:7991.
         #[arg(long = "server", required = true)]
         servers: Vec<String>,
+        /// `http` (requests, checked with GET /status) or `tcp` (Git over SSH: bytes both ways,
+        /// checked with a connect).
+        #[arg(long, value_enum, default_value = "http")]
+        mode: balancer::Mode,
     },
     /// Send load through URL (many users with sessions, pages and clones; SSH clones through --ssh)
     /// and report; exit code 1 if any request or SSH clone failed.
@@ -216,7 +220,8 @@ pub fn main() -> std::process::ExitCode {
             socket,
             backend,
             servers,
-        } => run_balancer(listen, socket, &backend, &servers),
+            mode,
+        } => run_balancer(listen, socket, &backend, &servers, mode),
         Cmd::Load {
             url,
             users,
@@ -341,12 +346,16 @@ fn run_balancer(
     socket: PathBuf,
     backend: &str,
     servers: &[String],
+    mode: balancer::Mode,
 ) -> anyhow::Result<()> {
     let servers = servers
         .iter()
         .map(|s| balancer::ServerSpec::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let opts = balancer::BalancerOptions::new(listen, socket, backend, servers);
+    let opts = balancer::BalancerOptions {
+        mode,
+        ..balancer::BalancerOptions::new(listen, socket, backend, servers)
+    };
     // State changes (drain, maint, a server going down) to stderr, as HAProxy logs them.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -88,7 +88,20 @@ async fn load_against_a_node_killed_mid_run_shows_failures() {
     assert!(before.total >= 4, "{}", before.summary_line());
     assert_eq!(before.failed, 0, "{:#?}", before.failures);
     c.kill_node(0).expect("kill node1");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Until the cut clones and a refused request are counted (not a fixed time).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = handle.snapshot();
+        if r.interrupted_transfers > 0 && r.connection_errors > 0 && r.clones_failed > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kill showed no failures: {}",
+            r.summary_line()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let report = handle.stop().await;
     let line = report.summary_line();
     assert!(report.failed > 0, "{line}");

@@ -124,7 +124,16 @@ async fn kill_cuts_ssh_sessions_in_flight() {
     let handle = load::start(ssh_only(addr, 2));
     tokio::time::sleep(Duration::from_millis(700)).await;
     c.kill_node(0).expect("kill");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until both cut sessions are counted (not a fixed time).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handle.snapshot().ssh_failed < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            handle.snapshot().summary_line()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let report = handle.stop().await;
     let line = report.summary_line();
     assert!(report.ssh_failed >= 2, "{line}");

@@ -4,10 +4,10 @@
 
 use crate::{Bins, cluster_args, summary_of};
 use bbupgrade::loadbalancer::{self, LbConfig, LoadBalancer};
-use bbupgrade::sandbox::Sandbox;
+use bbupgrade_demo::sandbox::Sandbox;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -57,10 +57,7 @@ pub struct Cli {
 
 impl Cli {
     pub fn spawn(bins: &Bins, args: &[String]) -> Self {
-        let mut child = Command::new(&bins.bbupgrade)
-            .args(args)
-            .env("BBUPGRADE_AGENT_BIN", &bins.agent)
-            .env("BITBUCKET_SIM_BIN", &bins.sim)
+        let mut child = crate::bbupgrade_command(bins, args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -99,6 +96,13 @@ impl Cli {
         let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
         let _ = c.kill();
         let _ = c.wait();
+    }
+
+    /// SIGINT, as an admin pressing Ctrl-C.
+    pub fn interrupt(&self) {
+        let c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("sending SIGINT");
     }
 
     /// Waits for the first event (from now) that `pred` accepts; panics on timeout or exit.

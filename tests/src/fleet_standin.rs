@@ -41,6 +41,8 @@ pub struct FleetSpec {
     pub windows: HashMap<String, String>,
     /// How long each stop and start takes (0 for the benchmark).
     pub op_delay: Duration,
+    /// Clusters that run another version than `from` before the upgrade (another line, say).
+    pub from_by_cluster: HashMap<String, String>,
 }
 
 impl FleetSpec {
@@ -53,6 +55,7 @@ impl FleetSpec {
             fail_start: HashSet::new(),
             windows: HashMap::new(),
             op_delay: Duration::ZERO,
+            from_by_cluster: HashMap::new(),
         }
     }
 }
@@ -191,16 +194,17 @@ impl StandinFleet {
             clusters: names
                 .iter()
                 .map(|name| {
+                    let from = spec.from_by_cluster.get(name).unwrap_or(&spec.from);
                     Mutex::new(SimCluster {
                         name: name.clone(),
-                        from: spec.from.clone(),
+                        from: from.clone(),
                         upgrade_mode: false,
                         fail_start: spec.fail_start.contains(name),
                         nodes: (1..=spec.nodes)
                             .map(|n| SimNode {
                                 id: format!("{name}-n{n}"),
-                                version: spec.from.clone(),
-                                staged: vec![spec.from.clone()],
+                                version: from.clone(),
+                                staged: vec![from.clone()],
                                 state: "ACTIVE",
                             })
                             .collect(),

@@ -12,16 +12,18 @@ pub mod fleet_standin;
 pub mod systemd_harness;
 
 use anyhow::{Context, Result};
-use bbupgrade::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions};
+use bbupgrade_demo::sandbox::{BitbucketForm, Sandbox, SandboxLb, SandboxOptions, SandboxService};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Paths of the three programs, built by cargo before the integration tests run.
+/// Paths of the programs, built by cargo before the integration tests run.
 #[derive(Clone, Debug)]
 pub struct Bins {
     pub bbupgrade: PathBuf,
     pub agent: PathBuf,
     pub sim: PathBuf,
+    /// `bbupgrade-demo`, which `bbupgrade demo` runs.
+    pub demo: PathBuf,
 }
 
 /// `Bins` for the calling integration test.
@@ -32,6 +34,7 @@ macro_rules! bins {
             bbupgrade: env!("CARGO_BIN_EXE_e2e-bbupgrade").into(),
             agent: env!("CARGO_BIN_EXE_e2e-agent").into(),
             sim: env!("CARGO_BIN_EXE_e2e-sim").into(),
+            demo: env!("CARGO_BIN_EXE_e2e-demo").into(),
         }
     };
 }
@@ -71,23 +74,13 @@ pub fn sandbox_options(bins: &Bins, nodes: usize, lb: SandboxLb) -> SandboxOptio
             node_names: std::env::var("BBUPGRADE_TEST_NODE_NAMES").as_deref() == Ok("1"),
             ..BitbucketForm::default()
         },
+        service: SandboxService::Scripts,
     }
 }
 
 /// Creates a sandbox in `dir`, waits for its agents, and starts its nodes through them.
 pub async fn start_sandbox(dir: &Path, opts: SandboxOptions) -> Result<Sandbox> {
-    let dir = dir.to_path_buf();
-    let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox> {
-        let s = Sandbox::create(&dir, opts)?;
-        s.wait_agents()?;
-        Ok(s)
-    })
-    .await??;
-    sandbox
-        .start_nodes()
-        .await
-        .context("starting the nodes through their agents")?;
-    Ok(sandbox)
+    Sandbox::start(dir, opts).await
 }
 
 /// A temporary directory other users can traverse (the Bitbucket user is `nobody` under root).
@@ -101,12 +94,20 @@ pub fn temp_dir() -> tempfile::TempDir {
     d
 }
 
-/// Runs `bbupgrade` with arguments; returns its output (never panics on a non-zero exit).
-pub fn bbupgrade(bins: &Bins, args: &[&str]) -> Output {
-    Command::new(&bins.bbupgrade)
+/// `bbupgrade` with arguments, told where the test builds of the other programs are (for `demo`).
+pub fn bbupgrade_command(bins: &Bins, args: &[impl AsRef<std::ffi::OsStr>]) -> Command {
+    let mut command = Command::new(&bins.bbupgrade);
+    command
         .args(args)
         .env("BBUPGRADE_AGENT_BIN", &bins.agent)
         .env("BITBUCKET_SIM_BIN", &bins.sim)
+        .env(bbupgrade::demo_launch::DEMO_PROGRAM_ENV, &bins.demo);
+    command
+}
+
+/// Runs `bbupgrade` with arguments; returns its output (never panics on a non-zero exit).
+pub fn bbupgrade(bins: &Bins, args: &[&str]) -> Output {
+    bbupgrade_command(bins, args)
         .output()
         .expect("running bbupgrade")
 }
@@ -185,4 +186,34 @@ pub fn zdu_row<'a>(
         .find(|r| r["state"] != "OFFLINE")
         .or_else(|| rows.first())
         .copied()
+}
+
+/// Waits until the load has answered `more` requests beyond what it had answered on entry (the
+/// traffic is flowing), instead of a fixed sleep; fails after 30 s.
+pub async fn wait_for_traffic(load: &bbupgrade_sim::load::LoadHandle, more: u64) {
+    let start = load.snapshot().total;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while load.snapshot().total < start + more {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load answered fewer than {more} requests in 30 s: {}",
+            load.snapshot().summary_line()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET /rest/zdu/cluster` as the sysadmin, from the sandbox's first node.
+pub async fn zdu_cluster(s: &Sandbox) -> serde_json::Value {
+    let url = format!("{}/rest/zdu/cluster", s.sim.nodes()[0].base_url);
+    reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(bbupgrade_demo::sandbox::ADMIN_TOKEN)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .expect("cluster JSON")
 }

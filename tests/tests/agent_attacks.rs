@@ -5,11 +5,11 @@
 //! Every test needs root and a `nobody` user; without them it fails under `CI=true` and skips
 //! (saying so) elsewhere.
 
-use bbupgrade::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_common::identity::Role;
 use bbupgrade_common::proto::agent_client::AgentClient;
 use bbupgrade_common::proto::*;
 use bbupgrade_common::tls::{TlsFiles, connect_agent};
+use bbupgrade_demo::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_tests::{bins, sandbox_options, start_sandbox};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;

@@ -2,11 +2,11 @@
 //! prepare, stop, activate, start, rollback; repeated operation ids; a crash in the middle of a
 //! stage; unsafe archives refused with nothing left behind.
 
-use bbupgrade::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_common::identity::Role;
 use bbupgrade_common::proto::agent_client::AgentClient;
 use bbupgrade_common::proto::*;
 use bbupgrade_common::tls::{TlsFiles, connect_agent};
+use bbupgrade_demo::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_tests::{bins, describe, node_version, read, sandbox_options, start_sandbox};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -219,7 +219,7 @@ async fn stage_prepare_stop_activate_start_rollback() {
     // Bitbucket lets a node of the new version join only in upgrade mode.
     let zdu = reqwest::Client::new()
         .post(format!("{}/rest/zdu/start", node.base_url))
-        .bearer_auth(bbupgrade::sandbox::ADMIN_TOKEN)
+        .bearer_auth(bbupgrade_demo::sandbox::ADMIN_TOKEN)
         .send()
         .await
         .expect("enabling upgrade mode");

@@ -3,7 +3,7 @@
 //! without a version, names configured or not, blank fields absent or `null`, Basic or Bearer; and
 //! the views and refusals `plan` must stop on before anything changes.
 
-use bbupgrade::sandbox::{BitbucketForm, Sandbox, SandboxLb};
+use bbupgrade_demo::sandbox::{BitbucketForm, Sandbox, SandboxLb};
 use bbupgrade_tests::cli_process::{Finished, args, run_cli};
 use bbupgrade_tests::{bins, sandbox_options, start_sandbox, temp_dir, zdu_row};
 use serde_json::Value;
@@ -55,7 +55,7 @@ async fn wait_status(s: &Sandbox, code: u16) {
     loop {
         let got = reqwest::Client::new()
             .get(&url)
-            .bearer_auth(bbupgrade::sandbox::ADMIN_TOKEN)
+            .bearer_auth(bbupgrade_demo::sandbox::ADMIN_TOKEN)
             .send()
             .await
             .map(|r| r.status().as_u16());
@@ -262,7 +262,7 @@ async fn plan_refuses_unmappable_views_and_unusable_apis_with_exit_2() {
     );
     std::fs::write(
         s.dir.join("admin.token"),
-        format!("{}\n", bbupgrade::sandbox::ADMIN_TOKEN),
+        format!("{}\n", bbupgrade_demo::sandbox::ADMIN_TOKEN),
     )
     .expect("token");
 

@@ -2,13 +2,14 @@
 //! (agents, nodes, the load balancer's API, Bitbucket's API, the disk) and asserts the run halts
 //! with the node and the problem named, never with two nodes out of the load balancer, and that
 //! the cluster ends fully on one version and serving — after a `resume` or `rollback` where one
-//! is needed.
+//! is needed. Where a fault must cost users nothing (the load balancer's or Bitbucket's API
+//! failing), traffic runs through HAProxy's HTTP and SSH doors, and no request or SSH clone fails.
 
 #[path = "faults/harness.rs"]
 mod harness;
 
 use bbupgrade::journal::StepOutcome;
-use bbupgrade::sandbox::Sandbox;
+use bbupgrade_demo::sandbox::Sandbox;
 use bbupgrade_tests::faultproxy::{FaultProxy, Mode};
 use bbupgrade_tests::{Bins, bins, require_program, temp_dir};
 use harness::*;
@@ -34,9 +35,9 @@ async fn resume_to_new(bins: &Bins, s: &Sandbox) {
 async fn assert_end_state(s: &Sandbox, watch: LbWatch, want: &str) -> String {
     let version = assert_serving_one_version(s).await;
     assert_eq!(version, want, "the cluster ended on {version}, not {want}");
-    watch.assert_at_most_one_out().await;
+    let traffic = watch.assert_at_most_one_out().await;
     let out = assert_one_out_at_a_time(s);
-    format!("all on {version}; {out}")
+    format!("all on {version}; {out}{traffic}")
 }
 
 fn other(node: &str) -> &'static str {
@@ -345,7 +346,7 @@ async fn load_balancer_api_unreachable_at_drain_leaves_the_node_serving_then_res
     let s = sandbox(&bins, dir.path(), 2, 1, FAST_TIMEOUTS).await;
     let socket = s.haproxy_socket.clone().expect("haproxy socket");
     let away = socket.with_extension("away");
-    let watch = LbWatch::start(&s);
+    let watch = LbWatch::with_traffic(&s);
     let mut cli = upgrade(&bins, &s);
     let ev = cli
         .wait_event("a pick", |v| is_step(v, None, "pick", "info"))
@@ -405,7 +406,7 @@ async fn bitbucket_api_short_500_bursts_are_absorbed() {
     let (bins, dir, started) = (bins!(), temp_dir(), Instant::now());
     let s = sandbox(&bins, dir.path(), 2, 1, FAST_TIMEOUTS).await;
     let proxy = proxy_bitbucket(&s).await;
-    let watch = LbWatch::start(&s);
+    let watch = LbWatch::with_traffic(&s);
     let mut cli = upgrade(&bins, &s);
     // Right before the reads that pick the next node, and right after the first node rejoined.
     let mut bursts = 0;
@@ -435,7 +436,7 @@ async fn bitbucket_api_persistent_errors_and_timeouts_halt_cleanly_then_resume()
     let (bins, dir, started) = (bins!(), temp_dir(), Instant::now());
     let s = sandbox(&bins, dir.path(), 2, 1, FAST_TIMEOUTS).await;
     let proxy = proxy_bitbucket(&s).await;
-    let watch = LbWatch::start(&s);
+    let watch = LbWatch::with_traffic(&s);
     let mut outcomes = Vec::new();
 
     // Hangs from staging on: enabling upgrade mode (a POST, never retried) times out.
@@ -527,7 +528,7 @@ async fn disk_filling_during_staging_fails_cleanly_and_takes_no_node_out() {
     .expect("agent config");
     tokio::task::block_in_place(|| s.restart_agent(i)).expect("restarting the agent");
 
-    let watch = LbWatch::start(&s);
+    let watch = LbWatch::with_traffic(&s);
     let mut cli = upgrade(&bins, &s);
     cli.wait_event("staging", |v| is_step(v, Some(&node), "stage", "begin"))
         .await;

@@ -162,8 +162,17 @@ async fn a_killed_fleet_run_resumes_to_completion() {
         assert!(Instant::now() < deadline, "no cluster upgraded within 60s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Into the second wave, a node or two in.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Into the second wave: a cluster with a node upgraded and a node not yet.
+    let partly = |a: &bbupgrade_tests::fleet_standin::Activity| {
+        a.versions.iter().any(|v| v == TO) && a.versions.iter().any(|v| v != TO)
+    };
+    while !fleet.activity().iter().any(partly) {
+        assert!(
+            Instant::now() < deadline,
+            "no cluster of the second wave was half upgraded within 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     child.kill().await.unwrap();
     let upgraded_at_kill = fleet.count_on(TO);
     assert!(
@@ -273,4 +282,146 @@ async fn status_lists_the_runs_and_steps_from_the_journal_and_never_creates_one(
     );
     let out = bbupgrade(&status(&["--run", "99"])).await;
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+}
+
+/// A catalog of two lines (8.19 and 9.4) for the stand-in agents, which download nothing.
+fn two_line_catalog(dir: &std::path::Path) -> String {
+    let path = dir.join("releases.toml");
+    let text: String = ["8.19.5", "8.19.6", "9.4.2", "9.4.7"]
+        .iter()
+        .map(|v| {
+            format!(
+                "[[release]]\nversion = \"{v}\"\narchive_url = \"http://127.0.0.1:9/atlassian-bitbucket-{v}.tar.gz\"\nsha256 = \"{FAKE_SHA256}\"\n\n"
+            )
+        })
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_takes_every_cluster_to_the_top_of_its_own_line_in_one_run() {
+    let d = dir();
+    let mut spec = FleetSpec::new(5, 2);
+    for (c, v) in [("c0003", "9.4.2"), ("c0004", "9.4.7"), ("c0005", "9.2.1")] {
+        spec.from_by_cluster.insert(c.into(), v.into());
+    }
+    let fleet = StandinFleet::start(d.path(), &spec).await.unwrap();
+    let catalog = two_line_catalog(d.path());
+    let inv = fleet.inventory.display().to_string();
+    let args = |cmd: &[&str], extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        a.extend(
+            [
+                "--inventory",
+                &inv,
+                "--catalog",
+                &catalog,
+                "--output",
+                "json",
+            ]
+            .map(String::from),
+        );
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+
+    // The plan changes nothing and says what the run will do with each cluster.
+    let out = bbupgrade(&args(
+        &["fleet", "plan"],
+        &["--to", "latest", "--concurrency", "2"],
+    ))
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let plan: Value = serde_json::from_slice(&out.stdout).expect("plan JSON");
+    let planned = |c: &str| {
+        plan["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["cluster"] == c)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(planned("c0001")["line"], "8.19");
+    assert_eq!(
+        (
+            planned("c0001")["from"].as_str(),
+            planned("c0001")["to"].as_str()
+        ),
+        (Some(FROM), Some(TO))
+    );
+    assert_eq!(
+        (
+            planned("c0003")["action"].as_str(),
+            planned("c0003")["to"].as_str()
+        ),
+        (Some("upgrade"), Some("9.4.7"))
+    );
+    assert_eq!(planned("c0003")["wave"], 2);
+    assert_eq!(planned("c0004")["action"], "up_to_date");
+    assert_eq!(
+        (
+            planned("c0005")["action"].as_str(),
+            planned("c0005")["reason"].as_str()
+        ),
+        (Some("skip"), Some("no target for 9.2"))
+    );
+    assert!(!fleet.journal.exists(), "fleet plan wrote a journal");
+    assert_eq!(fleet.versions("c0003"), ["9.4.2", "9.4.2"]);
+
+    // Two --to on one line, and a --to the catalog lacks, are refused before anything runs.
+    let out = bbupgrade(&args(&["fleet"], &["--to", "8.19.6", "--to", "8.19.5"])).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("both on the 8.19 line"));
+    let out = bbupgrade(&args(&["fleet"], &["--to", "8.19.4"])).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the catalog"));
+    assert!(!fleet.journal.exists());
+
+    let out = bbupgrade(&args(&["fleet"], &["--to", "latest", "--concurrency", "2"])).await;
+    let summary = summary_of(&out.stdout).expect("summary");
+    // The cluster on 9.2 has no target: the run is incomplete (exit 1), nothing failed.
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(summary["result"], "incomplete", "{summary:#}");
+    assert_eq!(summary["clusters_failed"], 0, "{summary:#}");
+    assert_eq!(summary["to"], "latest (9.4.7, 8.19.6)");
+    for c in ["c0001", "c0002"] {
+        assert_eq!(line(&summary, c)["state"], "upgraded");
+        assert_eq!(fleet.versions(c), [TO, TO]);
+    }
+    assert_eq!(line(&summary, "c0003")["state"], "upgraded");
+    assert_eq!(fleet.versions("c0003"), ["9.4.7", "9.4.7"]);
+    let top = line(&summary, "c0004");
+    assert_eq!(top["state"], "up_to_date");
+    assert!(
+        top["reason"].as_str().unwrap().contains("up to date"),
+        "{top}"
+    );
+    assert_eq!(line(&summary, "c0005")["reason"], "no target for 9.2");
+    assert_eq!(fleet.versions("c0005"), ["9.2.1", "9.2.1"]);
+
+    // The fleet run as a report; a run id that does not exist lists the real ones.
+    let report = |extra: &[&str]| {
+        let mut a: Vec<String> = ["report", "--inventory", &inv].map(String::from).to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let out = bbupgrade(&report(&["--fleet-run", "1", "--format", "json"])).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let page: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(page["clusters"].as_array().unwrap().len(), 5, "{page:#}");
+    let out = bbupgrade(&report(&["--fleet-run", "1"])).await;
+    let html = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        html.contains("data-node=\"c0003\"") && html.contains("no target for 9.2"),
+        "{html}"
+    );
+    let out = bbupgrade(&report(&["--cluster", "c0001", "--run", "99"])).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no run #99") && err.contains("latest runs: #"),
+        "{err}"
+    );
 }

@@ -4,7 +4,7 @@
 //! traffic skew after a rejoin being redistributed behind a HAProxy that favours one node.
 
 use bbupgrade::loadbalancer::{self, AdminState, LbConfig, LbError, LoadBalancer};
-use bbupgrade::sandbox::{ADMIN_TOKEN, Sandbox, SandboxLb};
+use bbupgrade_demo::sandbox::{ADMIN_TOKEN, Sandbox, SandboxLb};
 use bbupgrade_sim::load::{LoadOptions, LoadReport};
 use bbupgrade_tests::{
     Bins, bins, cluster_args, describe, require_program, sandbox_options, start_sandbox, summary_of,
@@ -12,12 +12,16 @@ use bbupgrade_tests::{
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const TO: &str = "8.19.6";
 
 /// Runs `bbupgrade upgrade --output json` against the sandbox while `users` send traffic through
-/// its load balancer (every `clone_every`th request a clone); returns the summary, all step events and the load report.
+/// its load balancer (every `clone_every`th request a clone, and as often a Git clone over SSH
+/// through its SSH front door when it has one); returns the summary, all step events and the load
+/// report.
 async fn upgrade_under_load(
     bins: &Bins,
     s: &Sandbox,
@@ -29,8 +33,12 @@ async fn upgrade_under_load(
         base_url: s.traffic_url(),
         users,
         clone_every,
-        ssh_addr: None,
-        ssh_clone_every: 0,
+        ssh_addr: s.lb_ssh_addr.clone(),
+        ssh_clone_every: if s.lb_ssh_addr.is_some() {
+            clone_every
+        } else {
+            0
+        },
         think_ms: 50,
         duration: None,
         request_timeout: Duration::from_secs(60),
@@ -70,6 +78,25 @@ async fn upgrade_under_load(
     (summary, steps, report)
 }
 
+/// The detail of a node's step that ended well.
+fn step_detail(steps: &[Value], node: &str, step: &str) -> String {
+    steps
+        .iter()
+        .find(|v| v["node"] == node && v["step"] == step && v["status"] == "ok")
+        .and_then(|v| v["detail"].as_str())
+        .unwrap_or_else(|| panic!("{node}: no {step} step that ended well in {steps:#?}"))
+        .to_string()
+}
+
+/// No HTTP request and no SSH session failed, and SSH reached every node through the load balancer.
+fn assert_no_failure(report: &LoadReport, nodes: usize) {
+    assert!(report.total > 0, "{report:#?}");
+    assert_eq!(report.failed, 0, "requests failed: {report:#?}");
+    assert_eq!(report.ssh_failed, 0, "SSH clones failed: {report:#?}");
+    assert!(report.ssh_total > 0, "no SSH clones: {report:#?}");
+    assert_eq!(report.ssh_by_node.len(), nodes, "{:?}", report.ssh_by_node);
+}
+
 fn step_ok(steps: &[Value], node: &str, step: &str) -> bool {
     steps
         .iter()
@@ -100,33 +127,105 @@ async fn upgrade_behind_real_nginx_under_load() {
     let s = start_sandbox(tmp.path(), sandbox_options(&bins, 3, SandboxLb::Nginx))
         .await
         .expect("sandbox behind nginx");
+    // SSH clones of most of a second keep the stream upstream's drains honest.
+    s.sim
+        .set_shared_property("sim.ssh.clone.ms", "600")
+        .expect("ssh clone time");
     let cfg = s.lb_config.clone().expect("nginx settings");
-    let LbConfig::Nginx { config, .. } = &cfg else {
+    let LbConfig::Nginx {
+        config, configs, ..
+    } = &cfg
+    else {
         panic!("{cfg:?}")
     };
-    let before = std::fs::read_to_string(config).unwrap();
+    let stream = configs
+        .get("bitbucket_ssh")
+        .expect("the stream upstream's file");
+    let before = [config, stream].map(|f| std::fs::read_to_string(f).unwrap());
+    assert!(
+        std::fs::read_to_string(s.dir.join("nginx/nginx.conf"))
+            .unwrap()
+            .contains("stream {"),
+        "the sandbox's NGINX fronts SSH through stream"
+    );
 
     let (summary, steps, report) = upgrade_under_load(&bins, &s, 6, 10, &[]).await;
-    assert!(report.total > 0, "{report:#?}");
-    assert_eq!(
-        report.failed, 0,
-        "requests failed behind nginx: {report:#?}"
+    eprintln!(
+        "behind nginx (http + stream): {} requests, {} SSH clones, {} failed, {} SSH failed",
+        report.total, report.ssh_total, report.failed, report.ssh_failed
     );
+    assert_no_failure(&report, 3);
+    // Every node left and rejoined both doors, as the journal's step details say.
     for node in s.sim.nodes() {
-        assert!(step_ok(&steps, &node.name, "drain"), "{summary:#}");
-        assert!(step_ok(&steps, &node.name, "enable"), "{summary:#}");
+        for step in ["drain", "enable"] {
+            let d = step_detail(&steps, &node.name, step);
+            assert!(
+                d.contains("upstream bitbucket in ")
+                    && d.contains(" and upstream bitbucket_ssh in "),
+                "{}: {step}: {d}\n{summary:#}",
+                node.name
+            );
+        }
     }
-    // Every server is back, and the upstream file is byte for byte what it was.
-    assert_eq!(std::fs::read_to_string(config).unwrap(), before);
-    let mut bak = config.as_os_str().to_owned();
-    bak.push(".bbupgrade.bak");
-    assert!(
-        Path::new(&bak).is_file(),
-        "no backup next to {}",
-        config.display()
-    );
+    // Every server is back, and the upstream files are byte for byte what they were.
+    for (file, was) in [config, stream].into_iter().zip(&before) {
+        assert_eq!(&std::fs::read_to_string(file).unwrap(), was);
+        let mut bak = file.as_os_str().to_owned();
+        bak.push(".bbupgrade.bak");
+        assert!(
+            Path::new(&bak).is_file(),
+            "no backup next to {}",
+            file.display()
+        );
+    }
     let lb = loadbalancer::from_config(&cfg).unwrap();
     assert_all_ready(&s, lb.as_ref()).await;
+
+    // Preflight names the load balancer, the upstream and the server: an upstream NGINX does not
+    // have, and a node missing from the stream upstream (no address of its own there).
+    let node1 = &s.lb_servers[0];
+    let LbConfig::Nginx {
+        upstreams,
+        server_names,
+        ..
+    } = &cfg
+    else {
+        unreachable!()
+    };
+    let mut extra = cfg.clone();
+    if let LbConfig::Nginx { upstreams: u, .. } = &mut extra {
+        *u = [upstreams.clone(), vec!["bitbucket_git".into()]].concat();
+    }
+    let e = loadbalancer::from_config(&extra)
+        .unwrap()
+        .check_server(node1)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, LbError::UnknownBackend { .. })
+            && e.to_string().contains("upstream bitbucket_git"),
+        "{e}"
+    );
+    let mut unnamed = cfg.clone();
+    if let LbConfig::Nginx {
+        server_names: n, ..
+    } = &mut unnamed
+    {
+        *n = server_names.clone();
+        n.get_mut("bitbucket_ssh").unwrap().remove(node1);
+    }
+    let e = loadbalancer::from_config(&unnamed)
+        .unwrap()
+        .check_server(node1)
+        .await
+        .unwrap_err();
+    let m = e.to_string();
+    assert!(
+        matches!(e, LbError::UnknownServer { .. })
+            && m.contains("`upstream bitbucket_ssh` lists")
+            && m.contains(&format!("has no server {node1:?}")),
+        "{m}"
+    );
 }
 
 /// NGINX on "another host": the coordinator never touches its files; the agent with the `[lb]`
@@ -181,11 +280,7 @@ async fn upgrade_behind_nginx_edited_by_an_lb_agent_under_load() {
     assert!(refused.message().contains("no [lb] role"), "{refused}");
 
     let (summary, steps, report) = upgrade_under_load(&bins, &s, 6, 10, &[]).await;
-    assert!(report.total > 0, "{report:#?}");
-    assert_eq!(
-        report.failed, 0,
-        "requests failed behind nginx edited by the lb agent: {report:#?}"
-    );
+    assert_no_failure(&report, 3);
     for node in s.sim.nodes() {
         assert!(step_ok(&steps, &node.name, "drain"), "{summary:#}");
         assert!(step_ok(&steps, &node.name, "enable"), "{summary:#}");
@@ -242,15 +337,21 @@ impl Drop for NginxProcess {
 }
 
 /// A backend answering every request after `delay_ms` (a slow request holds an old worker).
-async fn slow_backend(delay_ms: u64) -> u16 {
+/// A backend answering every request after `delay_ms`; its port and how many requests it has
+/// received (so a test waits until one is in flight instead of sleeping).
+async fn slow_backend(delay_ms: u64) -> (u16, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let received = Arc::new(AtomicUsize::new(0));
+    let count = received.clone();
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
+            let count = count.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = sock.read(&mut buf).await;
+                count.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                 let _ = sock
                     .write_all(
@@ -260,7 +361,7 @@ async fn slow_backend(delay_ms: u64) -> u16 {
             });
         }
     });
-    port
+    (port, received)
 }
 
 fn free_port() -> u16 {
@@ -294,7 +395,7 @@ async fn nginx_drain_waits_for_old_workers_and_refuses_a_broken_config() {
     let tmp = bbupgrade_tests::temp_dir();
     let dir = tmp.path().to_path_buf();
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    let (p1, p2) = (slow_backend(1500).await, slow_backend(10).await);
+    let ((p1, node1_received), (p2, _)) = (slow_backend(1500).await, slow_backend(10).await);
     let port = free_port();
     let upstream = dir.join("upstream.conf");
     let main = dir.join("nginx.conf");
@@ -306,7 +407,7 @@ async fn nginx_drain_waits_for_old_workers_and_refuses_a_broken_config() {
     std::fs::write(&extra, "# nothing yet\n").unwrap();
     std::fs::write(
         &main,
-        bbupgrade::sandbox::nginx_config(&dir, &upstream, port),
+        bbupgrade_demo::sandbox::nginx_config(&dir, &upstream, port),
     )
     .unwrap();
     // The main file also includes extra.conf, which the test breaks later.
@@ -347,6 +448,9 @@ async fn nginx_drain_waits_for_old_workers_and_refuses_a_broken_config() {
     let cfg = LbConfig::Nginx {
         config: upstream.clone(),
         upstream: "bitbucket".into(),
+        upstreams: vec![],
+        configs: Default::default(),
+        server_names: Default::default(),
         mode: Default::default(),
         main_config: Some(main.clone()),
         prefix: Some(dir.clone()),
@@ -372,7 +476,11 @@ async fn nginx_drain_waits_for_old_workers_and_refuses_a_broken_config() {
             http.get(url).send().await.map(|r| r.status().as_u16())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node1_received.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no slow request reached node1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let report = lb.drain(&node1, Duration::from_secs(20)).await.unwrap();
     assert!(report.sessions_at_start >= 1, "{report:?}");
     assert!(report.waited >= Duration::from_millis(500), "{report:?}");

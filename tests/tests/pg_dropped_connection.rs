@@ -5,7 +5,7 @@ mod pg_common;
 
 use bbupgrade::journal::{Journal, StepOutcome};
 use bbupgrade::loadbalancer::AdminState;
-use bbupgrade::sandbox::SandboxLb;
+use bbupgrade_demo::sandbox::SandboxLb;
 use bbupgrade_tests::cli_process::{Cli, args, haproxy, is_step, run_cli};
 use bbupgrade_tests::{bins, require_program, sandbox_options, start_sandbox, temp_dir};
 use std::collections::BTreeMap;

@@ -14,21 +14,6 @@ use std::time::{Duration, Instant};
 
 const BBUPGRADE: &str = env!("CARGO_BIN_EXE_e2e-bbupgrade");
 const TO: &str = "8.19.6";
-const CHILD_URL_ENV: &str = "BBUPGRADE_PG_LOCK_CHILD_URL";
-
-/// Not a test on its own: the process `killed_holder_frees_its_lock` starts and kills.
-#[test]
-fn child_holds_a_lock_until_killed() {
-    let Ok(url) = std::env::var(CHILD_URL_ENV) else {
-        return;
-    };
-    let j = Journal::open_postgres(&url).unwrap();
-    let _lock = j
-        .acquire_lock("prod", &format!("child@test:{}", std::process::id()))
-        .unwrap();
-    println!("HOLDING");
-    std::thread::sleep(Duration::from_secs(120));
-}
 
 #[test]
 fn killed_holder_frees_its_lock() {
@@ -36,9 +21,8 @@ fn killed_holder_frees_its_lock() {
         return;
     };
     let j = Journal::open_postgres(&url).unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_holds_a_lock_until_killed", "--nocapture"])
-        .env(CHILD_URL_ENV, &url)
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pg-lock-holder"))
+        .arg(&url)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -1,7 +1,7 @@
 //! `bbupgrade status` against real agent processes, and `bbupgrade pki` through the command line:
 //! what they print, how fast an unreachable agent is reported, and their exit codes.
 
-use bbupgrade::sandbox::{Sandbox, SandboxLb};
+use bbupgrade_demo::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_tests::{bbupgrade, bins, cluster_args, describe, sandbox_options, temp_dir};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

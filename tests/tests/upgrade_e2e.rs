@@ -5,11 +5,11 @@
 
 use bbupgrade::journal::{Journal, RunId, StepOutcome, StepRecord};
 use bbupgrade::loadbalancer::{AdminState, LoadBalancer, OperState};
-use bbupgrade::sandbox::{ADMIN_TOKEN, Sandbox, SandboxLb};
 use bbupgrade_common::proto::{NodeInfoRequest, NodeInfoResponse};
+use bbupgrade_demo::sandbox::{Sandbox, SandboxLb};
 use bbupgrade_sim::load::LoadOptions;
 use bbupgrade_tests::cli_process::{Cli, Finished, args, haproxy, is_step, run_cli};
-use bbupgrade_tests::{bins, sandbox_options, start_sandbox};
+use bbupgrade_tests::{bins, sandbox_options, start_sandbox, zdu_cluster};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,21 +45,6 @@ async fn sim_info(base_url: &str) -> Value {
         .json()
         .await
         .expect("sim info JSON")
-}
-
-/// `GET /rest/zdu/cluster` as the sysadmin.
-async fn zdu_cluster(s: &Sandbox) -> Value {
-    let url = format!("{}/rest/zdu/cluster", s.sim.nodes()[0].base_url);
-    reqwest::Client::new()
-        .get(&url)
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-        .json()
-        .await
-        .expect("cluster JSON")
 }
 
 /// Waits until Bitbucket's cluster view satisfies `pred` (the simulator re-reads knobs on heartbeat).
@@ -232,7 +217,7 @@ async fn upgrades_every_node_least_busy_first_under_traffic_through_haproxy() {
         duration: None,
         request_timeout: Duration::from_secs(60),
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    bbupgrade_tests::wait_for_traffic(&load, 4).await;
     let run = run_cli(&bins, &upgrade_args(&s, "upgrade", TO, &[])).await;
     let traffic = load.stop().await;
 
@@ -634,14 +619,43 @@ async fn the_demo_upgrades_its_sandbox_without_failed_requests() {
     )
     .await;
     assert_eq!(out.code, Some(0), "{}", out.describe());
-    // The demo prints one JSON document.
-    let doc: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "the demo's output is not one JSON document ({e}):\n{}",
-            out.describe()
-        )
-    });
+    // The demo streams the upgrade's step events as JSON lines and ends with the summary.
+    let events: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!(
+                    "a line of the demo's output is not JSON ({e}): {l}\n{}",
+                    out.describe()
+                )
+            })
+        })
+        .collect();
+    assert!(
+        events.iter().any(|e| is_step(e, None, "activate", "ok")),
+        "no step events streamed:\n{}",
+        out.describe()
+    );
+    let last = events.last().expect("the demo printed nothing");
+    assert_eq!(last["event"], "summary", "{last:#}");
+    let doc = &last["summary"];
     assert_eq!(doc["result"], "upgraded", "{doc:#}");
+    // Every node runs under an init.d script, which activation pointed at the new install with
+    // --no-search; the script is kept in the sandbox's folder.
+    let services = doc["service_definitions"]
+        .as_array()
+        .expect("service_definitions");
+    assert_eq!(services.len(), 3, "{doc:#}");
+    for s in services {
+        let added = s["added"].to_string();
+        assert!(added.contains("--no-search") && added.contains(TO), "{s:#}");
+        assert!(s["removed"].to_string().contains(FROM), "{s:#}");
+        let path = s["path"].as_str().expect("path");
+        assert!(path.starts_with(&dir), "{s:#}");
+        let text = std::fs::read_to_string(path).expect("the init.d script");
+        assert!(text.contains("--no-search"), "{path}:\n{text}");
+    }
     assert_eq!(doc["requests"]["failed"], 0, "{doc:#}");
     assert!(doc["requests"]["total"].as_u64() > Some(0), "{doc:#}");
     assert_eq!(doc["requests"]["ssh_failed"], 0, "{doc:#}");

@@ -2,7 +2,7 @@
 //! steady load (many users with sessions, short requests and long Git clones over HTTP, and Git
 //! clones over SSH through HAProxy's second front door) fails no request and no SSH session.
 
-use bbupgrade::sandbox::SandboxLb;
+use bbupgrade_demo::sandbox::SandboxLb;
 use bbupgrade_sim::load::{LoadOptions, start};
 use bbupgrade_tests::{
     bins, cluster_args, describe, require_program, sandbox_options, start_sandbox, summary_of,
@@ -46,7 +46,7 @@ async fn rolling_upgrade_under_load_fails_no_request() {
         duration: None,
         request_timeout: Duration::from_secs(30),
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    bbupgrade_tests::wait_for_traffic(&load, 24).await;
 
     let started = Instant::now();
     let mut args = vec!["upgrade".to_string()];
@@ -61,7 +61,8 @@ async fn rolling_upgrade_under_load_fails_no_request() {
     .expect("join")
     .expect("run bbupgrade");
     let upgrade_ms = started.elapsed().as_millis();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Traffic after the last node rejoined is served too.
+    bbupgrade_tests::wait_for_traffic(&load, 24).await;
     let report = load.stop().await;
 
     assert!(out.status.success(), "{}", describe(&out));

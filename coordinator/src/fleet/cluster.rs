@@ -6,13 +6,15 @@
 
 use super::FleetOptions;
 use super::journal::{self as fleet_journal, ClusterState, FleetClusterRecord, FleetRunId};
-use super::window::in_window;
+use super::targets::{LineTarget, Resolution, resolve};
+use crate::commands;
 use crate::inventory::Cluster;
 use crate::journal::{
     ClusterLock, Journal, JournalError, NewRun, RunKind, RunResult, this_process_holder,
 };
+use crate::procedure::{Ctx, RunOptions};
 use crate::report::{Reporter, Summary};
-use crate::run::{self, Ctx, RunOptions};
+use crate::window::in_window;
 use anyhow::{Context, Result, anyhow};
 use bbupgrade_common::tls::TlsMaterial;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +36,8 @@ pub struct Shared {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Upgraded(String),
+    /// Nothing newer on its line: left as it is, not a failure.
+    UpToDate(String),
     Failed(String),
     Skipped(String),
 }
@@ -42,6 +46,7 @@ impl Outcome {
     pub fn state(&self) -> ClusterState {
         match self {
             Outcome::Upgraded(_) => ClusterState::Upgraded,
+            Outcome::UpToDate(_) => ClusterState::UpToDate,
             Outcome::Failed(_) => ClusterState::Failed,
             Outcome::Skipped(_) => ClusterState::Skipped,
         }
@@ -49,7 +54,10 @@ impl Outcome {
 
     pub fn reason(&self) -> &str {
         match self {
-            Outcome::Upgraded(r) | Outcome::Failed(r) | Outcome::Skipped(r) => r,
+            Outcome::Upgraded(r)
+            | Outcome::UpToDate(r)
+            | Outcome::Failed(r)
+            | Outcome::Skipped(r) => r,
         }
     }
 }
@@ -206,7 +214,7 @@ async fn upgrade(
         Reporter::silent(),
     )?;
     ctx.lock_lost = lock_lost;
-    if let Some(open) = run::resumable_run(&ctx)? {
+    if let Some(open) = commands::resumable_run(&ctx)? {
         if previous.cluster_run_id != Some(open.id.0) || open.kind != RunKind::Upgrade {
             return Ok(Outcome::Failed(format!(
                 "has an unfinished {} run #{} ({} -> {}) that this fleet run did not start; finish it with `bbupgrade resume` or `bbupgrade rollback` first",
@@ -228,12 +236,24 @@ async fn upgrade(
     {
         return Ok(Outcome::Upgraded(format!("run #{id} had finished")));
     }
-    let to = shared.opts.to.clone();
-    let archive = shared.opts.archive.clone();
-    let report = run::make_plan(&ctx, &to, archive.size_bytes()).await;
-    if report.from.as_deref() == Some(to.as_str()) {
-        return Ok(Outcome::Upgraded(format!("already on {to}")));
-    }
+    let choice = choose(&ctx, &shared.opts.line_targets()).await;
+    let target = match (&choice.resolution, &choice.from) {
+        (Ok(Resolution::Upgrade(i)), _) => shared.opts.line_targets()[*i].clone(),
+        (Ok(r @ Resolution::UpToDate(_)), Some(from)) => {
+            return Ok(Outcome::UpToDate(r.reason(from).unwrap_or_default()));
+        }
+        (Ok(r), from) => {
+            let from = from.as_deref().unwrap_or("?");
+            return Ok(Outcome::Skipped(r.reason(from).unwrap_or_default()));
+        }
+        (Err(e), _) => {
+            return Ok(Outcome::Failed(format!(
+                "preflight refused it, nothing was changed: {e}"
+            )));
+        }
+    };
+    let (to, archive) = (target.version, target.archive);
+    let report = commands::make_plan(&ctx, &to, archive.size_bytes()).await;
     if !report.ready {
         let failed: Vec<_> = report.checks.iter().filter(|c| !c.ok).cloned().collect();
         return Ok(Outcome::Failed(format!(
@@ -246,6 +266,7 @@ async fn upgrade(
         )));
     }
     let options = RunOptions {
+        no_finalize: false,
         to: to.clone(),
         from: report.from.clone().unwrap_or_default(),
         archive: Some(archive),
@@ -265,6 +286,43 @@ async fn upgrade(
         .map_err(|e| anyhow!(e))?;
     let summary = crate::procedure::drive(&ctx, run_id, &options).await;
     Ok(outcome_of(&summary, &format!("run #{run_id}")))
+}
+
+/// The version a cluster runs and what this fleet run does with it.
+pub struct Choice {
+    pub from: Option<String>,
+    pub resolution: std::result::Result<Resolution, String>,
+}
+
+/// Asks the cluster's agents which version it runs and picks its target from `targets`.
+pub async fn choose(ctx: &Ctx, targets: &[LineTarget]) -> Choice {
+    let observed = ctx.observe().await;
+    let from = match crate::plan::common_version(&observed) {
+        Ok(v) => v,
+        Err(e) => {
+            let unreachable: Vec<String> = observed
+                .iter()
+                .filter_map(|o| o.agent_error.as_ref().map(|e| format!("{}: {e}", o.id)))
+                .collect();
+            let why = if unreachable.is_empty() {
+                e
+            } else {
+                format!("{e} ({})", unreachable.join("; "))
+            };
+            return Choice {
+                from: None,
+                resolution: Err(why),
+            };
+        }
+    };
+    let resolution = from
+        .parse()
+        .map(|v| resolve(targets, v))
+        .map_err(|e| format!("{e}"));
+    Choice {
+        from: Some(from),
+        resolution,
+    }
 }
 
 fn outcome_of(s: &Summary, run: &str) -> Outcome {
@@ -289,10 +347,11 @@ fn outcome_of(s: &Summary, run: &str) -> Outcome {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cluster(window: Option<&str>) -> Cluster {
+    /// A cluster with no nodes and the given maintenance window.
+    pub(crate) fn cluster(window: Option<&str>) -> Cluster {
         Cluster {
             name: "c".into(),
             bitbucket_url: "http://127.0.0.1:1".into(),

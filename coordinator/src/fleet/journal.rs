@@ -1,6 +1,7 @@
 //! The fleet's tables in the journal: a fleet run with its options, and the state of each of its
 //! clusters (pending, running, upgraded, failed, skipped) with the reason and the cluster run.
 
+use crate::journal::sql::{self, Arg, sqlite};
 use crate::journal::{Journal, JournalError, RunId, now_ms};
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
@@ -24,13 +25,17 @@ pub enum ClusterState {
     Pending,
     Running,
     Upgraded,
+    /// Nothing newer on its line (already on its target): settled, not a failure.
+    #[serde(rename = "up_to_date")]
+    UpToDate,
     Failed,
     Skipped,
 }
 
 impl ClusterState {
-    pub const ALL: [ClusterState; 5] = [
+    pub const ALL: [ClusterState; 6] = [
         ClusterState::Upgraded,
+        ClusterState::UpToDate,
         ClusterState::Running,
         ClusterState::Pending,
         ClusterState::Skipped,
@@ -42,6 +47,7 @@ impl ClusterState {
             ClusterState::Pending => "pending",
             ClusterState::Running => "running",
             ClusterState::Upgraded => "upgraded",
+            ClusterState::UpToDate => "up_to_date",
             ClusterState::Failed => "failed",
             ClusterState::Skipped => "skipped",
         }
@@ -134,9 +140,6 @@ fn bad(column: &'static str, value: &str) -> rusqlite::Error {
     )
 }
 
-const RUN_COLUMNS: &str =
-    "id, to_version, options_json, actor, started_ms, ended_ms, result, error";
-
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FleetRunRecord> {
     let result: Option<String> = r.get(6)?;
     Ok(FleetRunRecord {
@@ -152,6 +155,47 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FleetRunRecord> {
         },
         error: r.get(7)?,
     })
+}
+
+/// Inserts a fleet run and its clusters (in order, pending) in SQLite; its id.
+fn insert_sqlite(
+    tx: &rusqlite::Transaction<'_>,
+    to: &str,
+    options_json: &str,
+    actor: &str,
+    clusters: &[String],
+) -> rusqlite::Result<i64> {
+    let id: i64 = tx.query_row(
+        &sqlite(sql::INSERT_FLEET_RUN),
+        params![to, options_json, actor, now_ms()],
+        |r| r.get(0),
+    )?;
+    let mut stmt = tx.prepare(&sqlite(sql::INSERT_FLEET_CLUSTER))?;
+    for (i, name) in clusters.iter().enumerate() {
+        stmt.execute(params![id, name, i as i64])?;
+    }
+    Ok(id)
+}
+
+/// [`insert_sqlite`] in PostgreSQL.
+fn insert_pg(
+    tx: &mut postgres::Transaction<'_>,
+    to: &str,
+    options_json: &str,
+    actor: &str,
+    clusters: &[String],
+) -> Result<i64, postgres::Error> {
+    let id: i64 = tx
+        .query_one(
+            sql::INSERT_FLEET_RUN,
+            &[&to, &options_json, &actor, &now_ms()],
+        )?
+        .try_get(0)?;
+    let stmt = tx.prepare(sql::INSERT_FLEET_CLUSTER)?;
+    for (i, name) in clusters.iter().enumerate() {
+        tx.execute(&stmt, &[&id, name, &(i as i64)])?;
+    }
+    Ok(id)
 }
 
 /// Creates a fleet run with its clusters (in order), all pending.
@@ -172,41 +216,14 @@ pub fn create(
         "recording a new fleet run",
         |c| {
             let tx = c.transaction()?;
-            tx.execute(
-                "INSERT INTO fleet_runs (to_version, options_json, actor, started_ms) \
-             VALUES (?1, ?2, ?3, ?4)",
-                params![to, options_json, actor, now_ms()],
-            )?;
-            let id = tx.last_insert_rowid();
-            {
-                let mut stmt = tx.prepare(
-                    "INSERT INTO fleet_clusters (fleet_run, cluster, position, state) \
-                 VALUES (?1, ?2, ?3, 'pending')",
-                )?;
-                for (i, name) in clusters.iter().enumerate() {
-                    stmt.execute(params![id, name, i as i64])?;
-                }
-            }
+            let id = insert_sqlite(&tx, to, options_json, actor, clusters)?;
             tx.commit()?;
             Ok(FleetRunId(id))
         },
         move |c| {
             let (to, options_json, actor, clusters) = pg;
             let mut tx = c.transaction()?;
-            let id: i64 = tx
-                .query_one(
-                    "INSERT INTO fleet_runs (to_version, options_json, actor, started_ms) \
-                 VALUES ($1, $2, $3, $4) RETURNING id",
-                    &[&to, &options_json, &actor, &now_ms()],
-                )?
-                .try_get(0)?;
-            let stmt = tx.prepare(
-                "INSERT INTO fleet_clusters (fleet_run, cluster, position, state) \
-             VALUES ($1, $2, $3, 'pending')",
-            )?;
-            for (i, name) in clusters.iter().enumerate() {
-                tx.execute(&stmt, &[&id, name, &(i as i64)])?;
-            }
+            let id = insert_pg(&mut tx, &to, &options_json, &actor, &clusters)?;
             tx.commit()?;
             Ok(FleetRunId(id))
         },
@@ -222,7 +239,6 @@ pub fn create_unless_open(
     actor: &str,
     clusters: &[String],
 ) -> Result<CreatedOrOpen, JournalError> {
-    const OPEN: &str = "WHERE result IS NULL ORDER BY id DESC LIMIT 1";
     let pg = (
         to.to_string(),
         options_json.to_string(),
@@ -234,30 +250,12 @@ pub fn create_unless_open(
         |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             if let Some(open) = tx
-                .query_row(
-                    &format!("SELECT {RUN_COLUMNS} FROM fleet_runs {OPEN}"),
-                    [],
-                    run_from_row,
-                )
+                .query_row(&sqlite(sql::OPEN_FLEET_RUN), [], run_from_row)
                 .optional()?
             {
                 return Ok(CreatedOrOpen::Open(open));
             }
-            tx.execute(
-                "INSERT INTO fleet_runs (to_version, options_json, actor, started_ms) \
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![to, options_json, actor, now_ms()],
-            )?;
-            let id = tx.last_insert_rowid();
-            {
-                let mut stmt = tx.prepare(
-                    "INSERT INTO fleet_clusters (fleet_run, cluster, position, state) \
-                     VALUES (?1, ?2, ?3, 'pending')",
-                )?;
-                for (i, name) in clusters.iter().enumerate() {
-                    stmt.execute(params![id, name, i as i64])?;
-                }
-            }
+            let id = insert_sqlite(&tx, to, options_json, actor, clusters)?;
             tx.commit()?;
             Ok(CreatedOrOpen::Created(FleetRunId(id)))
         },
@@ -266,25 +264,10 @@ pub fn create_unless_open(
             let mut tx = c.transaction()?;
             // Conflicts with itself: a second coordinator waits here until the first commits.
             tx.batch_execute("LOCK TABLE fleet_runs IN SHARE ROW EXCLUSIVE MODE")?;
-            if let Some(r) =
-                tx.query_opt(&format!("SELECT {RUN_COLUMNS} FROM fleet_runs {OPEN}"), &[])?
-            {
+            if let Some(r) = tx.query_opt(sql::OPEN_FLEET_RUN, &[])? {
                 return Ok(CreatedOrOpen::Open(pg_run_from_row(&r)?));
             }
-            let id: i64 = tx
-                .query_one(
-                    "INSERT INTO fleet_runs (to_version, options_json, actor, started_ms) \
-                     VALUES ($1, $2, $3, $4) RETURNING id",
-                    &[&to, &options_json, &actor, &now_ms()],
-                )?
-                .try_get(0)?;
-            let stmt = tx.prepare(
-                "INSERT INTO fleet_clusters (fleet_run, cluster, position, state) \
-                 VALUES ($1, $2, $3, 'pending')",
-            )?;
-            for (i, name) in clusters.iter().enumerate() {
-                tx.execute(&stmt, &[&id, name, &(i as i64)])?;
-            }
+            let id = insert_pg(&mut tx, &to, &options_json, &actor, &clusters)?;
             tx.commit()?;
             Ok(CreatedOrOpen::Created(FleetRunId(id)))
         },
@@ -294,51 +277,25 @@ pub fn create_unless_open(
 /// Marks a cluster running for `holder`, who must hold the cluster's lock: the claim that keeps
 /// other coordinators off it. A takeover (it was running already) keeps its start time.
 pub fn claim(j: &Journal, id: FleetRunId, cluster: &str, holder: &str) -> Result<(), JournalError> {
-    let now = now_ms();
-    let (pg_cluster, pg_holder) = (cluster.to_string(), holder.to_string());
-    j.with_backend(
+    j.execute(
         format!("claiming cluster {cluster} for {holder}"),
-        |c| {
-            c.execute(
-                "UPDATE fleet_clusters SET state = 'running', reason = NULL, claimed_by = ?3, \
-                 ended_ms = NULL, \
-                 started_ms = CASE WHEN state = 'running' THEN started_ms ELSE ?4 END \
-                 WHERE fleet_run = ?1 AND cluster = ?2",
-                params![id.0, cluster, holder, now],
-            )
-            .map(|_| ())
-        },
-        move |c| {
-            c.execute(
-                "UPDATE fleet_clusters SET state = 'running', reason = NULL, claimed_by = $3, \
-                 ended_ms = NULL, \
-                 started_ms = CASE WHEN state = 'running' THEN started_ms ELSE $4 END \
-                 WHERE fleet_run = $1 AND cluster = $2",
-                &[&id.0, &pg_cluster, &pg_holder, &now],
-            )
-            .map(|_| ())
-        },
+        sql::CLAIM_FLEET_CLUSTER,
+        vec![id.0.into(), cluster.into(), holder.into(), now_ms().into()],
     )
+    .map(|_| ())
 }
 
 pub fn run(j: &Journal, id: FleetRunId) -> Result<Option<FleetRunRecord>, JournalError> {
     j.with_backend(
         format!("reading fleet run {id}"),
         |c| {
-            c.query_row(
-                &format!("SELECT {RUN_COLUMNS} FROM fleet_runs WHERE id = ?1"),
-                [id.0],
-                run_from_row,
-            )
-            .optional()
+            c.query_row(&sqlite(sql::FLEET_RUN_BY_ID), [id.0], run_from_row)
+                .optional()
         },
         move |c| {
-            c.query_opt(
-                &format!("SELECT {RUN_COLUMNS} FROM fleet_runs WHERE id = $1"),
-                &[&id.0],
-            )?
-            .map(|r| pg_run_from_row(&r))
-            .transpose()
+            c.query_opt(sql::FLEET_RUN_BY_ID, &[&id.0])?
+                .map(|r| pg_run_from_row(&r))
+                .transpose()
         },
     )
 }
@@ -346,21 +303,34 @@ pub fn run(j: &Journal, id: FleetRunId) -> Result<Option<FleetRunRecord>, Journa
 /// The latest fleet run; with `unfinished`, the latest not fully upgraded (open, halted or
 /// incomplete), the one `fleet resume` continues.
 pub fn latest(j: &Journal, unfinished: bool) -> Result<Option<FleetRunRecord>, JournalError> {
-    let filter = if unfinished {
-        "WHERE result IS NULL OR result != 'upgraded'"
+    let statement = if unfinished {
+        sql::LATEST_UNFINISHED_FLEET_RUN
     } else {
-        ""
+        sql::LATEST_FLEET_RUN
     };
-    let sql = format!("SELECT {RUN_COLUMNS} FROM fleet_runs {filter} ORDER BY id DESC LIMIT 1");
-    let pg_sql = sql.clone();
     j.with_backend(
         "looking for the latest fleet run",
-        |c| c.query_row(&sql, [], run_from_row).optional(),
+        |c| c.query_row(&sqlite(statement), [], run_from_row).optional(),
         move |c| {
-            c.query_opt(&pg_sql, &[])?
+            c.query_opt(statement, &[])?
                 .map(|r| pg_run_from_row(&r))
                 .transpose()
         },
+    )
+}
+
+/// The latest `limit` fleet runs, newest first.
+pub fn recent(j: &Journal, limit: u32) -> Result<Vec<FleetRunRecord>, JournalError> {
+    let sql = format!("{}{limit}", sql::RECENT_FLEET_RUNS);
+    let pg_sql = sql.clone();
+    j.with_backend(
+        "listing the latest fleet runs",
+        |c| {
+            c.prepare(&sql)?
+                .query_map([], run_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        },
+        move |c| c.query(&pg_sql, &[])?.iter().map(pg_run_from_row).collect(),
     )
 }
 
@@ -383,13 +353,10 @@ fn select_clusters(
     id: FleetRunId,
     only: Option<&str>,
 ) -> Result<Vec<FleetClusterRecord>, JournalError> {
-    const SQL: &str = "SELECT cluster, state, reason, cluster_run_id, started_ms, ended_ms, \
-                       claimed_by FROM fleet_clusters \
-                       WHERE fleet_run = $1 AND ($2::TEXT IS NULL OR cluster = $2) ORDER BY position";
     let pg_only = only.map(str::to_string);
     let pg = move |c: &mut postgres::Client| {
         let mut out = Vec::new();
-        for r in c.query(SQL, &[&id.0, &pg_only])? {
+        for r in c.query(sql::FLEET_CLUSTERS, &[&id.0, &pg_only])? {
             let state: String = r.try_get(1)?;
             let Some(state) = ClusterState::parse(&state) else {
                 continue; // never written by bbupgrade; SQLite refuses it, here it is left out
@@ -409,11 +376,7 @@ fn select_clusters(
     j.with_backend(
         format!("reading the clusters of fleet run {id}"),
         |c| {
-            let mut stmt = c.prepare(
-                "SELECT cluster, state, reason, cluster_run_id, started_ms, ended_ms, claimed_by \
-                 FROM fleet_clusters WHERE fleet_run = ?1 AND (?2 IS NULL OR cluster = ?2) \
-                 ORDER BY position",
-            )?;
+            let mut stmt = c.prepare(&sqlite(sql::FLEET_CLUSTERS))?;
             let rows = stmt.query_map(params![id.0, only], |r| {
                 let state: String = r.get(1)?;
                 Ok(FleetClusterRecord {
@@ -441,54 +404,22 @@ pub fn set_state(
     state: ClusterState,
     reason: Option<&str>,
 ) -> Result<(), JournalError> {
-    let (id, now) = (id.0, now_ms());
     let word = state.as_str();
-    let (pg_cluster, pg_reason) = (cluster.to_string(), reason.map(str::to_string));
-    let pg = move |c: &mut postgres::Client| {
-        let (cluster, reason) = (&pg_cluster, &pg_reason);
-        match state {
-            ClusterState::Running => c.execute(
-                "UPDATE fleet_clusters SET state = $3, reason = $4, started_ms = $5, \
-                 ended_ms = NULL WHERE fleet_run = $1 AND cluster = $2",
-                &[&id, cluster, &word, reason, &now],
-            ),
-            ClusterState::Pending => c.execute(
-                "UPDATE fleet_clusters SET state = $3, reason = $4, ended_ms = NULL \
-                 WHERE fleet_run = $1 AND cluster = $2",
-                &[&id, cluster, &word, reason],
-            ),
-            _ => c.execute(
-                "UPDATE fleet_clusters SET state = $3, reason = $4, ended_ms = $5 \
-                 WHERE fleet_run = $1 AND cluster = $2",
-                &[&id, cluster, &word, reason, &now],
-            ),
-        }
-        .map(|_| ())
+    let mut args: Vec<Arg> = vec![id.0.into(), cluster.into(), word.into(), reason.into()];
+    let statement = match state {
+        ClusterState::Running => sql::FLEET_CLUSTER_RUNNING,
+        ClusterState::Pending => sql::FLEET_CLUSTER_PENDING,
+        _ => sql::FLEET_CLUSTER_ENDED,
     };
-    j.with_backend(
+    if state != ClusterState::Pending {
+        args.push(now_ms().into());
+    }
+    j.execute(
         format!("recording cluster {cluster} as {word}"),
-        |c| {
-            match state {
-                ClusterState::Running => c.execute(
-                    "UPDATE fleet_clusters SET state = ?3, reason = ?4, started_ms = ?5, \
-                 ended_ms = NULL WHERE fleet_run = ?1 AND cluster = ?2",
-                    params![id, cluster, word, reason, now],
-                ),
-                ClusterState::Pending => c.execute(
-                    "UPDATE fleet_clusters SET state = ?3, reason = ?4, ended_ms = NULL \
-                 WHERE fleet_run = ?1 AND cluster = ?2",
-                    params![id, cluster, word, reason],
-                ),
-                _ => c.execute(
-                    "UPDATE fleet_clusters SET state = ?3, reason = ?4, ended_ms = ?5 \
-                 WHERE fleet_run = ?1 AND cluster = ?2",
-                    params![id, cluster, word, reason, now],
-                ),
-            }
-            .map(|_| ())
-        },
-        pg,
+        statement,
+        args,
     )
+    .map(|_| ())
 }
 
 /// Links a cluster to the cluster run that upgrades it (so a resume continues that run).
@@ -498,24 +429,12 @@ pub fn set_cluster_run(
     cluster: &str,
     run: RunId,
 ) -> Result<(), JournalError> {
-    let pg_cluster = cluster.to_string();
-    j.with_backend(
+    j.execute(
         format!("linking cluster {cluster} to run {run}"),
-        |c| {
-            c.execute(
-                "UPDATE fleet_clusters SET cluster_run_id = ?3 WHERE fleet_run = ?1 AND cluster = ?2",
-                params![id.0, cluster, run.0],
-            )
-            .map(|_| ())
-        },
-        move |c| {
-            c.execute(
-                "UPDATE fleet_clusters SET cluster_run_id = $3 WHERE fleet_run = $1 AND cluster = $2",
-                &[&id.0, &pg_cluster, &run.0],
-            )
-            .map(|_| ())
-        },
+        sql::FLEET_CLUSTER_RUN,
+        vec![id.0.into(), cluster.into(), run.0.into()],
     )
+    .map(|_| ())
 }
 
 pub fn finish(
@@ -524,48 +443,27 @@ pub fn finish(
     result: FleetResult,
     error: Option<&str>,
 ) -> Result<(), JournalError> {
-    let pg_error = error.map(str::to_string);
-    j.with_backend(
+    j.execute(
         format!("recording the end of fleet run {id}"),
-        |c| {
-            c.execute(
-                "UPDATE fleet_runs SET ended_ms = ?2, result = ?3, error = ?4 WHERE id = ?1",
-                params![id.0, now_ms(), result.as_str(), error],
-            )
-            .map(|_| ())
-        },
-        move |c| {
-            c.execute(
-                "UPDATE fleet_runs SET ended_ms = $2, result = $3, error = $4 WHERE id = $1",
-                &[&id.0, &now_ms(), &result.as_str(), &pg_error],
-            )
-            .map(|_| ())
-        },
+        sql::FINISH_FLEET_RUN,
+        vec![
+            id.0.into(),
+            now_ms().into(),
+            result.as_str().into(),
+            error.into(),
+        ],
     )
+    .map(|_| ())
 }
 
 /// Reopens a fleet run for a resume (it is open again until it ends).
 pub fn reopen(j: &Journal, id: FleetRunId, actor: &str) -> Result<(), JournalError> {
-    let pg_actor = actor.to_string();
-    j.with_backend(
+    j.execute(
         format!("reopening fleet run {id}"),
-        |c| {
-            c.execute(
-                "UPDATE fleet_runs SET ended_ms = NULL, result = NULL, error = NULL, actor = ?2 \
-                 WHERE id = ?1",
-                params![id.0, actor],
-            )
-            .map(|_| ())
-        },
-        move |c| {
-            c.execute(
-                "UPDATE fleet_runs SET ended_ms = NULL, result = NULL, error = NULL, actor = $2 \
-                 WHERE id = $1",
-                &[&id.0, &pg_actor],
-            )
-            .map(|_| ())
-        },
+        sql::REOPEN_FLEET_RUN,
+        vec![id.0.into(), actor.into()],
     )
+    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! as a table or one JSON document (`fleet status`, and the end of `fleet`).
 
 use super::journal::{ClusterState, FleetClusterRecord, FleetRunRecord};
-use crate::cli::Output;
+use crate::report::Output;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -23,6 +23,8 @@ pub struct FleetReport {
     pub counts: BTreeMap<&'static str, usize>,
     pub clusters_total: usize,
     pub clusters_upgraded: usize,
+    /// Already on their line's target (or above it): nothing to do.
+    pub clusters_up_to_date: usize,
     pub clusters_failed: usize,
     pub clusters_skipped: usize,
     pub clusters_pending: usize,
@@ -61,6 +63,7 @@ impl FleetReport {
             counts,
             clusters_total: clusters.len(),
             clusters_upgraded: count(ClusterState::Upgraded),
+            clusters_up_to_date: count(ClusterState::UpToDate),
             clusters_failed: count(ClusterState::Failed),
             clusters_skipped: count(ClusterState::Skipped),
             clusters_pending: count(ClusterState::Pending),
@@ -105,6 +108,7 @@ pub fn render_human(r: &FleetReport) -> String {
     for (state, title) in [
         (ClusterState::Failed, "FAILED"),
         (ClusterState::Skipped, "SKIPPED"),
+        (ClusterState::UpToDate, "UP TO DATE"),
         (
             ClusterState::Running,
             "RUNNING (or interrupted: `bbupgrade fleet resume`)",

@@ -75,6 +75,56 @@ struct Turns<'a> {
 }
 
 impl Turns<'_> {
+    /// One wave: its unsettled clusters driven (a canary wave settled before any other goes on),
+    /// then the soak before the next; `Some(why)` when the fleet halts instead.
+    async fn wave(&mut self, wave: &plan::Wave, later: &[plan::Wave]) -> Result<Option<String>> {
+        let shared = self.shared.clone();
+        let reporter = self.reporter;
+        let states = self.states()?;
+        let todo = pick(&states, &wave.clusters, unsettled);
+        if todo.is_empty() {
+            return Ok(None);
+        }
+        if let Verdict::Halt(why) = verdict(&states, &shared) {
+            return Ok(Some(why));
+        }
+        reporter.event(
+            Some(wave.number),
+            None,
+            "wave",
+            &format!(
+                "{}{} cluster(s) of {}, at most {} at once",
+                if wave.canary { "canary: " } else { "" },
+                todo.len(),
+                wave.clusters.len(),
+                self.limit
+            ),
+        );
+        self.attempt(Some(wave.number), &todo).await?;
+        if wave.canary {
+            // Nobody goes past a canary wave before its canaries are settled, whoever drives them.
+            self.settle(Some(wave.number), &wave.clusters, false)
+                .await?;
+        }
+        let states = self.states()?;
+        let later: Vec<String> = later
+            .iter()
+            .flat_map(|w| w.clusters.iter().cloned())
+            .collect();
+        let more = !pick(&states, &later, unsettled).is_empty();
+        if more && shared.opts.wave_soak_secs > 0 && verdict(&states, &shared) == Verdict::Continue
+        {
+            reporter.event(
+                Some(wave.number),
+                None,
+                "soak",
+                &format!("{}s before the next wave", shared.opts.wave_soak_secs),
+            );
+            tokio::time::sleep(Duration::from_secs(shared.opts.wave_soak_secs)).await;
+        }
+        Ok(None)
+    }
+
     fn states(&self) -> Result<Vec<FleetClusterRecord>> {
         Ok(fleet_journal::clusters(
             &self.shared.journal,
@@ -233,60 +283,36 @@ pub async fn drive(
     };
     let mut halted: Option<String> = None;
     for (i, wave) in waves.iter().enumerate() {
-        let states = turns.states()?;
-        let todo = pick(&states, &wave.clusters, unsettled);
-        if todo.is_empty() {
-            continue;
-        }
-        if let Verdict::Halt(why) = verdict(&states, &shared) {
+        if let Some(why) = turns.wave(wave, &waves[i + 1..]).await? {
             halted = Some(why);
             break;
         }
-        reporter.event(
-            Some(wave.number),
-            None,
-            "wave",
-            &format!(
-                "{}{} cluster(s) of {}, at most {limit} at once",
-                if wave.canary { "canary: " } else { "" },
-                todo.len(),
-                wave.clusters.len()
-            ),
-        );
-        turns.attempt(Some(wave.number), &todo).await?;
-        if wave.canary {
-            // Nobody goes past a canary wave before its canaries are settled, whoever drives them.
-            turns
-                .settle(Some(wave.number), &wave.clusters, false)
-                .await?;
-        }
-        let states = turns.states()?;
-        let later: Vec<String> = waves[i + 1..]
-            .iter()
-            .flat_map(|w| w.clusters.iter().cloned())
-            .collect();
-        let more = !pick(&states, &later, unsettled).is_empty();
-        if more && shared.opts.wave_soak_secs > 0 && verdict(&states, &shared) == Verdict::Continue
-        {
-            reporter.event(
-                Some(wave.number),
-                None,
-                "soak",
-                &format!("{}s before the next wave", shared.opts.wave_soak_secs),
-            );
-            tokio::time::sleep(Duration::from_secs(shared.opts.wave_soak_secs)).await;
-        }
     }
     turns.settle(None, &ordered, halted.is_some()).await?;
-    let states = turns.states()?;
     if halted.is_none()
-        && let Verdict::Halt(why) = verdict(&states, &shared)
+        && let Verdict::Halt(why) = verdict(&turns.states()?, &shared)
     {
         halted = Some(why);
     }
+    finish(&shared, reporter, halted)
+}
+
+/// Closes the fleet run with its result: halted, all upgraded, or incomplete.
+fn finish(
+    shared: &Shared,
+    reporter: &FleetReporter,
+    halted: Option<String>,
+) -> Result<FleetReport> {
+    let j = shared.journal.clone();
+    let states = fleet_journal::clusters(&j, shared.fleet)?;
     let result = match &halted {
         Some(_) => FleetResult::Halted,
-        None if states.iter().all(|c| c.state == ClusterState::Upgraded) => FleetResult::Upgraded,
+        None if states
+            .iter()
+            .all(|c| matches!(c.state, ClusterState::Upgraded | ClusterState::UpToDate)) =>
+        {
+            FleetResult::Upgraded
+        }
         None => FleetResult::Incomplete,
     };
     if let Some(why) = &halted {

@@ -13,6 +13,7 @@ use ::postgres::config::SslMode;
 use ::postgres::{Client, Config, NoTls, Row};
 use sha2::{Digest, Sha256};
 
+use super::sql;
 use super::{
     ClusterLock, JournalError, LockInner, NewRun, RawRun, RawStep, RunId, RunRecord, RunResult,
     StepId, StepOutcome, StepRecord, now_ms,
@@ -103,12 +104,13 @@ CREATE TABLE fleet_clusters (
     r#"
 ALTER TABLE fleet_clusters ADD COLUMN claimed_by TEXT;
 "#,
+    // A cluster already on its line's target is 'up_to_date' (per-line targets).
+    r#"
+ALTER TABLE fleet_clusters DROP CONSTRAINT IF EXISTS fleet_clusters_state_check;
+ALTER TABLE fleet_clusters ADD CONSTRAINT fleet_clusters_state_check
+    CHECK (state IN ('pending', 'running', 'upgraded', 'up_to_date', 'failed', 'skipped'));
+"#,
 ];
-
-const RUN_COLUMNS: &str = "id, cluster, kind, from_version, to_version, plan_json, options_json, \
-                           actor, started_ms, ended_ms, result, error";
-const STEP_COLUMNS: &str =
-    "id, run_id, node, step, started_ms, ended_ms, outcome, error, detail, end_detail, actor";
 
 /// Where and how to connect, checked once; the password is inside `config`, never in `location`.
 struct Target {
@@ -506,9 +508,7 @@ impl Db {
         let what = format!("recording a new run on cluster {}", new.cluster);
         self.call(what, move |c| {
             let row = c.query_one(
-                "INSERT INTO runs (cluster, kind, from_version, to_version, plan_json, \
-                 options_json, actor, started_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 RETURNING id",
+                sql::INSERT_RUN,
                 &[
                     &new.cluster,
                     &new.kind.as_str(),
@@ -526,12 +526,9 @@ impl Db {
 
     pub(crate) fn run(&self, id: RunId) -> Result<RunRecord, JournalError> {
         let raw = self.call(format!("reading run {id}"), move |c| {
-            c.query_opt(
-                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"),
-                &[&id.0],
-            )?
-            .map(|r| raw_run(&r))
-            .transpose()
+            c.query_opt(sql::RUN_BY_ID, &[&id.0])?
+                .map(|r| raw_run(&r))
+                .transpose()
         })?;
         match raw {
             Some(raw) => raw.into_record(&self.location),
@@ -542,7 +539,7 @@ impl Db {
     pub(crate) fn open_run(&self, cluster: &str) -> Result<Option<RunRecord>, JournalError> {
         self.one_run(
             cluster,
-            "AND result IS NULL",
+            sql::OPEN_RUN,
             format!("looking for an open run on cluster {cluster}"),
         )
     }
@@ -550,7 +547,7 @@ impl Db {
     pub(crate) fn latest_run(&self, cluster: &str) -> Result<Option<RunRecord>, JournalError> {
         self.one_run(
             cluster,
-            "",
+            sql::LATEST_RUN,
             format!("looking for the latest run on cluster {cluster}"),
         )
     }
@@ -558,20 +555,14 @@ impl Db {
     fn one_run(
         &self,
         cluster: &str,
-        filter: &'static str,
+        statement: &'static str,
         what: String,
     ) -> Result<Option<RunRecord>, JournalError> {
         let cluster = cluster.to_string();
         let raw = self.call(what, move |c| {
-            c.query_opt(
-                &format!(
-                    "SELECT {RUN_COLUMNS} FROM runs WHERE cluster = $1 {filter} \
-                     ORDER BY id DESC LIMIT 1"
-                ),
-                &[&cluster],
-            )?
-            .map(|r| raw_run(&r))
-            .transpose()
+            c.query_opt(statement, &[&cluster])?
+                .map(|r| raw_run(&r))
+                .transpose()
         })?;
         raw.map(|r| r.into_record(&self.location)).transpose()
     }
@@ -586,16 +577,10 @@ impl Db {
         let raws = self.call(
             format!("reading the latest runs on cluster {cluster}"),
             move |c| {
-                c.query(
-                    &format!(
-                        "SELECT {RUN_COLUMNS} FROM runs WHERE cluster = $1 \
-                         ORDER BY id DESC LIMIT $2"
-                    ),
-                    &[&cluster, &i64::from(limit)],
-                )?
-                .iter()
-                .map(raw_run)
-                .collect::<Result<Vec<_>, _>>()
+                c.query(sql::RECENT_RUNS, &[&cluster, &i64::from(limit)])?
+                    .iter()
+                    .map(raw_run)
+                    .collect::<Result<Vec<_>, _>>()
             },
         )?;
         raws.into_iter()
@@ -619,8 +604,7 @@ impl Db {
             format!("recording the start of step {step} of run {run}"),
             move |c| {
                 c.query_opt(
-                    "INSERT INTO steps (run_id, node, step, started_ms, detail, actor) \
-                     SELECT id, $2, $3, $4, $5, actor FROM runs WHERE id = $1 RETURNING id",
+                    sql::BEGIN_STEP,
                     &[&run.0, &node, &step_name, &now_ms(), &detail],
                 )?
                 .map(|r| r.try_get::<_, i64>(0))
@@ -642,11 +626,7 @@ impl Db {
         };
         let detail = detail.to_string();
         let updated = self.call(format!("recording the end of step {step}"), move |c| {
-            c.execute(
-                "UPDATE steps SET ended_ms = $2, outcome = $3, error = $4, end_detail = $5 \
-                 WHERE id = $1",
-                &[&step.0, &now_ms(), &word, &error, &detail],
-            )
+            c.execute(sql::END_STEP, &[&step.0, &now_ms(), &word, &error, &detail])
         })?;
         if updated == 0 {
             return Err(super::bad(&self.location, "steps.id", &step.to_string()));
@@ -656,13 +636,10 @@ impl Db {
 
     pub(crate) fn steps(&self, run: RunId) -> Result<Vec<StepRecord>, JournalError> {
         let raws = self.call(format!("reading the steps of run {run}"), move |c| {
-            c.query(
-                &format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 ORDER BY id"),
-                &[&run.0],
-            )?
-            .iter()
-            .map(raw_step)
-            .collect::<Result<Vec<_>, _>>()
+            c.query(sql::STEPS_OF_RUN, &[&run.0])?
+                .iter()
+                .map(raw_step)
+                .collect::<Result<Vec<_>, _>>()
         })?;
         raws.into_iter()
             .map(|r| r.into_record(&self.location))
@@ -678,7 +655,7 @@ impl Db {
         let error = error.map(str::to_string);
         let updated = self.call(format!("recording the end of run {run}"), move |c| {
             c.execute(
-                "UPDATE runs SET ended_ms = $2, result = $3, error = $4 WHERE id = $1",
+                sql::FINISH_RUN,
                 &[&run.0, &now_ms(), &result.as_str(), &error],
             )
         })?;
@@ -696,13 +673,8 @@ impl Db {
     ) -> Result<(), JournalError> {
         let (k, v) = (key.to_string(), value.to_string());
         self.call(format!("recording {key} for run {run}"), move |c| {
-            c.execute(
-                "INSERT INTO run_state (run_id, key, value, updated_ms) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value, \
-                 updated_ms = EXCLUDED.updated_ms",
-                &[&run.0, &k, &v, &now_ms()],
-            )
-            .map(|_| ())
+            c.execute(sql::SET_RUN_STATE, &[&run.0, &k, &v, &now_ms()])
+                .map(|_| ())
         })
     }
 
@@ -713,12 +685,9 @@ impl Db {
     ) -> Result<Option<String>, JournalError> {
         let k = key.to_string();
         self.call(format!("reading {key} of run {run}"), move |c| {
-            c.query_opt(
-                "SELECT value FROM run_state WHERE run_id = $1 AND key = $2",
-                &[&run.0, &k],
-            )?
-            .map(|r| r.try_get(0))
-            .transpose()
+            c.query_opt(sql::GET_RUN_STATE, &[&run.0, &k])?
+                .map(|r| r.try_get(0))
+                .transpose()
         })
     }
 
@@ -748,10 +717,7 @@ impl Db {
                 .map_err(err())?;
             if !got {
                 let row = client
-                    .query_opt(
-                        "SELECT holder, acquired_ms FROM locks WHERE cluster = $1",
-                        &[&c_name],
-                    )
+                    .query_opt(sql::LOCK_HOLDER, &[&c_name])
                     .map_err(err())?;
                 let (holder, since_ms) = match row {
                     Some(r) => (r.try_get(0).map_err(err())?, r.try_get(1).map_err(err())?),
@@ -764,13 +730,7 @@ impl Db {
                 });
             }
             client
-                .execute(
-                    "INSERT INTO locks (cluster, holder, token, acquired_ms, heartbeat_ms) \
-                     VALUES ($1, $2, $3, $4, $4) ON CONFLICT (cluster) DO UPDATE SET \
-                     holder = EXCLUDED.holder, token = EXCLUDED.token, \
-                     acquired_ms = EXCLUDED.acquired_ms, heartbeat_ms = EXCLUDED.heartbeat_ms",
-                    &[&c_name, &h, &t, &now_ms()],
-                )
+                .execute(sql::WRITE_LOCK, &[&c_name, &h, &t, &now_ms()])
                 .map_err(err())?;
             let id = s.next_lock;
             s.next_lock += 1;
@@ -835,10 +795,7 @@ impl Lock {
                 return Err(lost());
             }
             // Best effort: the row is only for messages; the advisory lock is what counts.
-            let _ = c.execute(
-                "UPDATE locks SET heartbeat_ms = $3 WHERE cluster = $1 AND token = $2",
-                &[&cluster, &token, &now_ms()],
-            );
+            let _ = c.execute(sql::LOCK_HEARTBEAT, &[&cluster, &token, &now_ms()]);
             Ok(())
         })
     }
@@ -858,13 +815,10 @@ impl Lock {
                 return Ok(());
             };
             let what = format!("releasing the lock on cluster {cluster}");
-            c.execute(
-                "DELETE FROM locks WHERE cluster = $1 AND token = $2",
-                &[&cluster, &token],
-            )
-            .and_then(|_| c.execute("SELECT pg_advisory_unlock($1)", &[&key]))
-            .map(|_| ())
-            .map_err(pg_err(&location, &what))
+            c.execute(sql::DELETE_LOCK, &[&cluster, &token])
+                .and_then(|_| c.execute("SELECT pg_advisory_unlock($1)", &[&key]))
+                .map(|_| ())
+                .map_err(pg_err(&location, &what))
         })
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
+use super::sql::{self, sqlite};
 use super::{
     ClusterLock, JournalError, LockInner, NewRun, RawRun, RawStep, RunId, RunRecord, RunResult,
     StepId, StepOutcome, StepRecord, Takeover, local_hostname, now_ms, pid_alive, takeover,
@@ -94,6 +95,29 @@ CREATE TABLE fleet_clusters (
     r#"
 ALTER TABLE fleet_clusters ADD COLUMN claimed_by TEXT;
 "#,
+    // A cluster already on its line's target is 'up_to_date' (per-line targets). SQLite cannot
+    // change a CHECK in place: the table is rebuilt (nothing references it).
+    r#"
+CREATE TABLE fleet_clusters_v4 (
+    fleet_run      INTEGER NOT NULL REFERENCES fleet_runs (id),
+    cluster        TEXT    NOT NULL,
+    position       INTEGER NOT NULL,
+    state          TEXT    NOT NULL
+                   CHECK (state IN ('pending', 'running', 'upgraded', 'up_to_date', 'failed', 'skipped')),
+    reason         TEXT,
+    cluster_run_id INTEGER REFERENCES runs (id),
+    started_ms     INTEGER,
+    ended_ms       INTEGER,
+    claimed_by     TEXT,
+    PRIMARY KEY (fleet_run, cluster)
+);
+INSERT INTO fleet_clusters_v4
+    (fleet_run, cluster, position, state, reason, cluster_run_id, started_ms, ended_ms, claimed_by)
+    SELECT fleet_run, cluster, position, state, reason, cluster_run_id, started_ms, ended_ms, claimed_by
+    FROM fleet_clusters;
+DROP TABLE fleet_clusters;
+ALTER TABLE fleet_clusters_v4 RENAME TO fleet_clusters;
+"#,
 ];
 
 /// The SQLite journal; [`super::Journal`] dispatches to it.
@@ -101,11 +125,6 @@ pub(crate) struct Db {
     conn: Arc<Mutex<Connection>>,
     location: String,
 }
-
-const RUN_COLUMNS: &str = "id, cluster, kind, from_version, to_version, plan_json, options_json, \
-                           actor, started_ms, ended_ms, result, error";
-const STEP_COLUMNS: &str =
-    "id, run_id, node, step, started_ms, ended_ms, outcome, error, detail, end_detail, actor";
 
 impl Db {
     /// Opens (creating if needed) a journal file and brings its schema up to date.
@@ -228,33 +247,30 @@ impl Db {
 
     /// Records a new open run.
     pub(crate) fn create_run(&self, new: &NewRun) -> Result<RunId, JournalError> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO runs (cluster, kind, from_version, to_version, plan_json, options_json, \
-             actor, started_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                new.cluster,
-                new.kind.as_str(),
-                new.from_version,
-                new.to_version,
-                new.plan_json,
-                new.options_json,
-                new.actor,
-                now_ms()
-            ],
-        )
-        .map_err(self.sql(format!("recording a new run on cluster {}", new.cluster)))?;
-        Ok(RunId(conn.last_insert_rowid()))
+        let id = self
+            .conn()
+            .query_row(
+                &sqlite(sql::INSERT_RUN),
+                params![
+                    new.cluster,
+                    new.kind.as_str(),
+                    new.from_version,
+                    new.to_version,
+                    new.plan_json,
+                    new.options_json,
+                    new.actor,
+                    now_ms()
+                ],
+                |r| r.get(0),
+            )
+            .map_err(self.sql(format!("recording a new run on cluster {}", new.cluster)))?;
+        Ok(RunId(id))
     }
 
     pub(crate) fn run(&self, id: RunId) -> Result<RunRecord, JournalError> {
         let raw = self
             .conn()
-            .query_row(
-                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
-                [id.0],
-                raw_run,
-            )
+            .query_row(&sqlite(sql::RUN_BY_ID), [id.0], raw_run)
             .optional()
             .map_err(self.sql(format!("reading run {id}")))?;
         match raw {
@@ -270,7 +286,7 @@ impl Db {
     pub(crate) fn open_run(&self, cluster: &str) -> Result<Option<RunRecord>, JournalError> {
         self.one_run(
             cluster,
-            "AND result IS NULL",
+            sql::OPEN_RUN,
             format!("looking for an open run on cluster {cluster}"),
         )
     }
@@ -279,7 +295,7 @@ impl Db {
     pub(crate) fn latest_run(&self, cluster: &str) -> Result<Option<RunRecord>, JournalError> {
         self.one_run(
             cluster,
-            "",
+            sql::LATEST_RUN,
             format!("looking for the latest run on cluster {cluster}"),
         )
     }
@@ -287,19 +303,12 @@ impl Db {
     fn one_run(
         &self,
         cluster: &str,
-        filter: &str,
+        statement: &str,
         what: String,
     ) -> Result<Option<RunRecord>, JournalError> {
         let raw = self
             .conn()
-            .query_row(
-                &format!(
-                    "SELECT {RUN_COLUMNS} FROM runs WHERE cluster = ?1 {filter} \
-                     ORDER BY id DESC LIMIT 1"
-                ),
-                [cluster],
-                raw_run,
-            )
+            .query_row(&sqlite(statement), [cluster], raw_run)
             .optional()
             .map_err(self.sql(what))?;
         raw.map(|r| r.into_record(&self.location)).transpose()
@@ -315,9 +324,7 @@ impl Db {
         let raws = {
             let conn = self.conn();
             let mut stmt = conn
-                .prepare(&format!(
-                    "SELECT {RUN_COLUMNS} FROM runs WHERE cluster = ?1 ORDER BY id DESC LIMIT ?2"
-                ))
+                .prepare(&sqlite(sql::RECENT_RUNS))
                 .map_err(self.sql(what()))?;
             let rows = stmt
                 .query_map(params![cluster, i64::from(limit)], raw_run)
@@ -338,21 +345,19 @@ impl Db {
         step: &str,
         detail: &str,
     ) -> Result<StepId, JournalError> {
-        let conn = self.conn();
-        let inserted = conn
-            .execute(
-                "INSERT INTO steps (run_id, node, step, started_ms, detail, actor) \
-                 SELECT id, ?2, ?3, ?4, ?5, actor FROM runs WHERE id = ?1",
+        let id: Option<i64> = self
+            .conn()
+            .query_row(
+                &sqlite(sql::BEGIN_STEP),
                 params![run.0, node, step, now_ms(), detail],
+                |r| r.get(0),
             )
+            .optional()
             .map_err(self.sql(format!("recording the start of step {step} of run {run}")))?;
-        if inserted == 0 {
-            return Err(JournalError::NoSuchRun {
-                location: self.location.clone(),
-                run,
-            });
-        }
-        Ok(StepId(conn.last_insert_rowid()))
+        id.map(StepId).ok_or_else(|| JournalError::NoSuchRun {
+            location: self.location.clone(),
+            run,
+        })
     }
 
     /// Records how a step ended.
@@ -369,8 +374,7 @@ impl Db {
         let updated = self
             .conn()
             .execute(
-                "UPDATE steps SET ended_ms = ?2, outcome = ?3, error = ?4, end_detail = ?5 \
-                 WHERE id = ?1",
+                &sqlite(sql::END_STEP),
                 params![step.0, now_ms(), word, error, detail],
             )
             .map_err(self.sql(format!("recording the end of step {step}")))?;
@@ -385,9 +389,7 @@ impl Db {
         let conn = self.conn();
         let what = || format!("reading the steps of run {run}");
         let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 ORDER BY id"
-            ))
+            .prepare(&sqlite(sql::STEPS_OF_RUN))
             .map_err(self.sql(what()))?;
         let rows = stmt
             .query_map([run.0], raw_step)
@@ -410,7 +412,7 @@ impl Db {
         let updated = self
             .conn()
             .execute(
-                "UPDATE runs SET ended_ms = ?2, result = ?3, error = ?4 WHERE id = ?1",
+                &sqlite(sql::FINISH_RUN),
                 params![run.0, now_ms(), result.as_str(), error],
             )
             .map_err(self.sql(format!("recording the end of run {run}")))?;
@@ -432,9 +434,7 @@ impl Db {
     ) -> Result<(), JournalError> {
         self.conn()
             .execute(
-                "INSERT INTO run_state (run_id, key, value, updated_ms) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value, \
-                 updated_ms = excluded.updated_ms",
+                &sqlite(sql::SET_RUN_STATE),
                 params![run.0, key, value, now_ms()],
             )
             .map_err(self.sql(format!("recording {key} for run {run}")))?;
@@ -447,11 +447,9 @@ impl Db {
         key: &str,
     ) -> Result<Option<String>, JournalError> {
         self.conn()
-            .query_row(
-                "SELECT value FROM run_state WHERE run_id = ?1 AND key = ?2",
-                params![run.0, key],
-                |r| r.get(0),
-            )
+            .query_row(&sqlite(sql::GET_RUN_STATE), params![run.0, key], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(self.sql(format!("reading {key} of run {run}")))
     }
@@ -472,11 +470,9 @@ impl Db {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql(what()))?;
         let existing: Option<(String, i64, i64)> = tx
-            .query_row(
-                "SELECT holder, acquired_ms, heartbeat_ms FROM locks WHERE cluster = ?1",
-                [cluster],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            .query_row(&sqlite(sql::LOCK_HOLDER), [cluster], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()
             .map_err(self.sql(what()))?;
         let now = now_ms();
@@ -498,8 +494,7 @@ impl Db {
             }
         }
         tx.execute(
-            "INSERT OR REPLACE INTO locks (cluster, holder, token, acquired_ms, heartbeat_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?4)",
+            &sqlite(sql::WRITE_LOCK),
             params![cluster, holder, token, now],
         )
         .map_err(self.sql(what()))?;
@@ -536,7 +531,7 @@ impl Lock {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let updated = conn
             .execute(
-                "UPDATE locks SET heartbeat_ms = ?3 WHERE cluster = ?1 AND token = ?2",
+                &sqlite(sql::LOCK_HEARTBEAT),
                 params![self.cluster, self.token, now_ms()],
             )
             .map_err(|source| JournalError::Sqlite {
@@ -560,15 +555,12 @@ impl Lock {
 
     fn delete(&self) -> Result<(), JournalError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.execute(
-            "DELETE FROM locks WHERE cluster = ?1 AND token = ?2",
-            params![self.cluster, self.token],
-        )
-        .map_err(|source| JournalError::Sqlite {
-            location: self.location.clone(),
-            what: format!("releasing the lock on cluster {}", self.cluster),
-            source,
-        })?;
+        conn.execute(&sqlite(sql::DELETE_LOCK), params![self.cluster, self.token])
+            .map_err(|source| JournalError::Sqlite {
+                location: self.location.clone(),
+                what: format!("releasing the lock on cluster {}", self.cluster),
+                source,
+            })?;
         Ok(())
     }
 }

@@ -590,6 +590,23 @@ mod tests {
 
     const HAPROXY: &str = "/usr/sbin/haproxy";
 
+    /// Runs haproxy on `cfg` (written into `dir`, its log beside it) until dropped.
+    fn start_haproxy(dir: &std::path::Path, cfg: &str) -> HaproxyProcess {
+        let cfg_path = dir.join("haproxy.cfg");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let log = std::fs::File::create(dir.join("haproxy.log")).unwrap();
+        HaproxyProcess(
+            Command::new(HAPROXY)
+                .arg("-f")
+                .arg(&cfg_path)
+                .arg("-db")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
     fn haproxy_available() -> bool {
         if std::path::Path::new(HAPROXY).exists() {
             return true;
@@ -655,57 +672,15 @@ mod tests {
              server node2 127.0.0.1:{p2} check inter 200ms\n",
             sock = sock.display()
         );
-        let cfg_path = dir.path().join("haproxy.cfg");
-        std::fs::write(&cfg_path, cfg).unwrap();
-        let log = std::fs::File::create(dir.path().join("haproxy.log")).unwrap();
-        let _haproxy = HaproxyProcess(
-            Command::new(HAPROXY)
-                .arg("-f")
-                .arg(&cfg_path)
-                .arg("-db")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
+        let _haproxy = start_haproxy(dir.path(), &cfg);
         let lb = Haproxy::new(&format!("unix:{}", sock.display()), "bitbucket").unwrap();
-        let log_path = dir.path().join("haproxy.log");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match lb.server_state("node1").await {
-                Ok(s) if s.operational == OperState::Up => break,
-                _ if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                other => panic!(
-                    "haproxy did not come up: {other:?}\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                ),
-            }
-        }
+        wait_for_haproxy(&lb, &dir.path().join("haproxy.log")).await;
         wait_until("node2 up", async || {
             lb.server_state("node2").await.unwrap().operational == OperState::Up
         })
         .await;
 
-        // Preflight.
-        lb.check_server("node1").await.unwrap();
-        let err = lb.check_server("node9").await.unwrap_err();
-        assert!(
-            matches!(&err, LbError::UnknownServer { server, .. } if server == "node9"),
-            "{err:?}"
-        );
-        assert!(err.to_string().contains("backend bitbucket"), "{err}");
-        let err = lb.enable("node9").await.unwrap_err();
-        assert!(matches!(err, LbError::UnknownServer { .. }), "{err:?}");
-        let wrong = Haproxy::new(&format!("unix:{}", sock.display()), "nosuch").unwrap();
-        let err = wrong.check_server("node1").await.unwrap_err();
-        assert!(matches!(err, LbError::UnknownBackend { .. }), "{err:?}");
-        let err = wrong
-            .drain("node1", Duration::from_secs(1))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, LbError::UnknownBackend { .. }), "{err:?}");
+        preflight_names_unknown_servers_and_backends(&lb, &sock).await;
 
         // Take node2 out so the slow request lands on node1.
         lb.drain("node2", Duration::from_secs(5)).await.unwrap();
@@ -746,8 +721,63 @@ mod tests {
             assert_eq!(body, "node2", "a drained server got traffic");
         }
 
-        // A drain that runs out of time leaves the server draining and says how many sessions remain.
-        let slow2 = tokio::spawn({
+        a_drain_out_of_time_leaves_the_server_draining(&lb, &http, &front).await;
+
+        // Back in rotation; health checks resume.
+        lb.enable("node1").await.unwrap();
+        wait_until("node1 up again", async || {
+            let s = lb.server_state("node1").await.unwrap();
+            s.admin == AdminState::Ready && s.operational == OperState::Up
+        })
+        .await;
+    }
+
+    /// Waits until haproxy reports node1 up; its log is shown when it never does.
+    async fn wait_for_haproxy(lb: &Haproxy, log_path: &std::path::Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match lb.server_state("node1").await {
+                Ok(s) if s.operational == OperState::Up => return,
+                _ if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                other => panic!(
+                    "haproxy did not come up: {other:?}\n{}",
+                    std::fs::read_to_string(log_path).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    /// Preflight names an unknown server (and its backend) and an unknown backend.
+    async fn preflight_names_unknown_servers_and_backends(lb: &Haproxy, sock: &std::path::Path) {
+        lb.check_server("node1").await.unwrap();
+        let err = lb.check_server("node9").await.unwrap_err();
+        assert!(
+            matches!(&err, LbError::UnknownServer { server, .. } if server == "node9"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("backend bitbucket"), "{err}");
+        let err = lb.enable("node9").await.unwrap_err();
+        assert!(matches!(err, LbError::UnknownServer { .. }), "{err:?}");
+        let wrong = Haproxy::new(&format!("unix:{}", sock.display()), "nosuch").unwrap();
+        let err = wrong.check_server("node1").await.unwrap_err();
+        assert!(matches!(err, LbError::UnknownBackend { .. }), "{err:?}");
+        let err = wrong
+            .drain("node1", Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LbError::UnknownBackend { .. }), "{err:?}");
+    }
+
+    /// A drain that runs out of time leaves the server draining and says how many sessions
+    /// remain (node1 is in maintenance, so the slow request lands on node2).
+    async fn a_drain_out_of_time_leaves_the_server_draining(
+        lb: &Haproxy,
+        http: &reqwest::Client,
+        front: &str,
+    ) {
+        let slow = tokio::spawn({
             let (http, url) = (http.clone(), format!("{front}/slow"));
             async move { http.get(url).send().await.unwrap().text().await.unwrap() }
         });
@@ -768,15 +798,7 @@ mod tests {
             AdminState::Drain
         );
         lb.enable("node2").await.unwrap();
-        assert_eq!(slow2.await.unwrap(), "node2");
-
-        // Back in rotation; health checks resume.
-        lb.enable("node1").await.unwrap();
-        wait_until("node1 up again", async || {
-            let s = lb.server_state("node1").await.unwrap();
-            s.admin == AdminState::Ready && s.operational == OperState::Up
-        })
-        .await;
+        assert_eq!(slow.await.unwrap(), "node2");
     }
 
     /// A Git-over-SSH stand-in: every connection is held 1.5 s, then answered `done` and closed.
@@ -833,19 +855,7 @@ mod tests {
              server node2 127.0.0.1:{s2} check inter 200ms\n",
             sock = sock.display()
         );
-        let cfg_path = dir.path().join("haproxy.cfg");
-        std::fs::write(&cfg_path, cfg).unwrap();
-        let log = std::fs::File::create(dir.path().join("haproxy.log")).unwrap();
-        let _haproxy = HaproxyProcess(
-            Command::new(HAPROXY)
-                .arg("-f")
-                .arg(&cfg_path)
-                .arg("-db")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
+        let _haproxy = start_haproxy(dir.path(), &cfg);
         let socket = format!("unix:{}", sock.display());
         let lb = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
             socket: socket.clone(),
@@ -873,9 +883,20 @@ mod tests {
                 .contains("backend bitbucket_ssh has no server \"node3\""),
             "{err}"
         );
-        // Where a server has another name in one backend, `server_names` says so.
+        server_names_and_an_unknown_backend(&socket).await;
+
+        draining_waits_for_the_ssh_session(&*lb, &ssh_only, ssh_port).await;
+        an_ssh_session_past_the_deadline_puts_the_http_door_back(
+            &*lb, &ssh_only, &socket, ssh_port,
+        )
+        .await;
+    }
+
+    /// Where a server has another name in one backend, `server_names` says so; a backend
+    /// HAProxy lacks is named.
+    async fn server_names_and_an_unknown_backend(socket: &str) {
         let renamed = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
-            socket: socket.clone(),
+            socket: socket.to_string(),
             backend: String::new(),
             backends: vec!["bitbucket_http".into(), "bitbucket_ssh".into()],
             server_names: [(
@@ -887,7 +908,7 @@ mod tests {
         .unwrap();
         renamed.check_server("node3").await.unwrap();
         let missing = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
-            socket: socket.clone(),
+            socket: socket.to_string(),
             backend: "bitbucket_http".into(),
             backends: vec!["bitbucket_git".into()],
             server_names: Default::default(),
@@ -898,8 +919,15 @@ mod tests {
             matches!(&err, LbError::UnknownBackend { lb } if lb.ends_with("backend bitbucket_git")),
             "{err:?}"
         );
+    }
 
-        // node2 out of both, so an SSH session lands on node1.
+    /// With node2 out of both backends, an SSH session lands on node1; draining node1 waits for
+    /// it, though its HTTP backend is idle, and takes node1 out of both.
+    async fn draining_waits_for_the_ssh_session(
+        lb: &dyn LoadBalancer,
+        ssh_only: &Haproxy,
+        ssh_port: u16,
+    ) {
         lb.drain("node2", Duration::from_secs(5)).await.unwrap();
         assert_eq!(
             ssh_only.server_state("node2").await.unwrap().admin,
@@ -938,9 +966,16 @@ mod tests {
             ssh_only.server_state("node1").await.unwrap().admin,
             AdminState::Maint
         );
+    }
 
-        // A drain deadline with an SSH session still open says how many and where; the HTTP door
-        // that did drain is put back, so the node stays in service.
+    /// A drain deadline with an SSH session still open says how many and where; the HTTP door
+    /// that did drain is put back, so the node stays in service.
+    async fn an_ssh_session_past_the_deadline_puts_the_http_door_back(
+        lb: &dyn LoadBalancer,
+        ssh_only: &Haproxy,
+        socket: &str,
+        ssh_port: u16,
+    ) {
         lb.enable("node1").await.unwrap();
         lb.enable("node2").await.unwrap();
         lb.drain("node2", Duration::from_secs(5)).await.unwrap();
@@ -974,11 +1009,52 @@ mod tests {
             matches!(&err, LbError::DrainTimeout { lb, sessions: 1, .. } if lb.ends_with("backend bitbucket_ssh")),
             "{err:?}"
         );
-        let http_only = Haproxy::new(&socket, "bitbucket_http").unwrap();
+        let http_only = Haproxy::new(socket, "bitbucket_http").unwrap();
         assert_eq!(
             http_only.server_state("node1").await.unwrap().admin,
             AdminState::Ready
         );
         held.await.unwrap();
+
+        // drain_policy = "wait": past the deadline with the SSH session open, the drain goes on
+        // waiting, says how many were left and where, and the session ends whole.
+        lb.enable("node1").await.unwrap();
+        let held = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ssh_port))
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await.unwrap();
+            answer
+        });
+        wait_until("node1 holds a third SSH session", async || {
+            ssh_only
+                .server_state("node1")
+                .await
+                .unwrap()
+                .current_sessions
+                == 1
+        })
+        .await;
+        let d = crate::loadbalancer::policy::drain_with_policy(
+            lb,
+            "node1",
+            Duration::from_millis(300),
+            crate::loadbalancer::policy::DrainPolicy::Wait,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let note = d.at_deadline.expect("what the deadline found");
+        assert!(
+            note.contains("1 session(s) were still open on node1 in haproxy at ")
+                && note.contains("backend bitbucket_ssh; drain_policy = wait"),
+            "{note}"
+        );
+        assert_eq!(held.await.unwrap(), "done", "the session was not cut");
+        assert_eq!(
+            lb.server_state("node1").await.unwrap().admin,
+            AdminState::Maint
+        );
     }
 }

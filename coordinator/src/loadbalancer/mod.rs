@@ -5,6 +5,9 @@
 //! [`LbConfig`] variant in [`from_config_with_tls`]. A node behind several doors (HAProxy
 //! `backends = [...]`, or `kind = "several"`: one load balancer for HTTP, another for Git over SSH)
 //! is driven through [`several::Several`], which fans every call out, so callers see one driver.
+//! NGINX names every upstream a node is in (`upstreams = [...]`, the `http` one and the `stream`
+//! one) in one driver that edits them all and reloads once. What a run does with sessions still
+//! open at the drain deadline is [`policy`]'s.
 
 pub mod apache;
 pub mod azure;
@@ -12,6 +15,7 @@ pub mod haproxy;
 pub mod nginx;
 pub mod nginx_agent;
 pub mod none;
+pub mod policy;
 pub mod several;
 
 use std::collections::BTreeMap;
@@ -106,6 +110,16 @@ pub enum LbError {
         sessions: u64,
         waited: Duration,
     },
+    /// Sessions were left at the drain deadline and the drain policy says to halt.
+    #[error(
+        "at the drain deadline {left}{}; drain_policy = {policy}: the run halts and the node, not stopped, goes back in service — let those sessions end and resume, raise drain_secs, or set [timeouts] drain_policy = \"wait\" (bounded by drain_wait_secs)",
+        policy::after_waiting(.waited_more)
+    )]
+    DrainHalted {
+        left: String,
+        policy: policy::DrainPolicy,
+        waited_more: Duration,
+    },
     #[error("{lb}: {command:?} was refused: {answer}")]
     Refused {
         lb: String,
@@ -175,7 +189,21 @@ pub enum LbConfig {
     Nginx {
         /// The file holding the `upstream` block (the main file or one it includes).
         config: PathBuf,
+        /// One upstream (the older form; the same as `upstreams = ["..."]`).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         upstream: String,
+        /// Every upstream a node is in, e.g. `["bitbucket", "bitbucket_ssh"]` (the `http` one and
+        /// the `stream` one of Git over SSH): taken out and put back together, in one reload.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        upstreams: Vec<String>,
+        /// Upstreams held in another file than `config`: upstream -> file, e.g.
+        /// `{ bitbucket_ssh = "/etc/nginx/bitbucket-stream.conf" }`.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        configs: BTreeMap<String, PathBuf>,
+        /// Where a node's server has another address in some upstream: upstream -> (the node's
+        /// `lb_server` -> its address there), e.g. `{ bitbucket_ssh = { "10.0.0.1:7990" = "10.0.0.1:7999" } }`.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        server_names: BTreeMap<String, BTreeMap<String, String>>,
         /// `down` (default) marks the server down; `remove` comments its line out.
         #[serde(default)]
         mode: nginx::NginxMode,
@@ -227,13 +255,7 @@ pub enum LbConfig {
 impl LbConfig {
     /// The backends of an HAProxy entry: `backend`, then `backends`, without repeats.
     pub fn haproxy_backends(backend: &str, backends: &[String]) -> Vec<String> {
-        let mut all: Vec<String> = Vec::new();
-        for b in std::iter::once(backend).chain(backends.iter().map(String::as_str)) {
-            if !b.is_empty() && !all.iter().any(|a| a == b) {
-                all.push(b.to_string());
-            }
-        }
-        all
+        nginx::one_and_many(backend, backends)
     }
 }
 
@@ -255,35 +277,13 @@ pub fn from_config_with_tls(
             backend,
             backends,
             server_names,
-        } => {
-            let all = LbConfig::haproxy_backends(backend, backends);
-            if let Some(unknown) = server_names.keys().find(|k| !all.contains(k)) {
-                return Err(LbError::Config(format!(
-                    "server_names names backend {unknown:?}, which is not among the backends {all:?}"
-                )));
-            }
-            let driver = |b: &String| {
-                haproxy::Haproxy::new(socket, b)
-                    .map(|h| h.with_server_names(server_names.get(b).cloned().unwrap_or_default()))
-            };
-            match all.as_slice() {
-                [] => {
-                    return Err(LbError::Config(
-                        "kind = \"haproxy\" needs `backends = [...]` (or `backend`)".into(),
-                    ));
-                }
-                [one] => Box::new(driver(one)?),
-                several => Box::new(several::Several::new(
-                    several
-                        .iter()
-                        .map(|b| driver(b).map(|h| Box::new(h) as Box<dyn LoadBalancer>))
-                        .collect::<Result<_, _>>()?,
-                )?),
-            }
-        }
+        } => haproxy_from_config(socket, backend, backends, server_names)?,
         LbConfig::Nginx {
             config,
             upstream,
+            upstreams,
+            configs,
+            server_names,
             mode,
             main_config,
             prefix,
@@ -293,6 +293,9 @@ pub fn from_config_with_tls(
         } => Box::new(nginx::Nginx::new(&nginx::NginxSettings {
             config: config.clone(),
             upstream: upstream.clone(),
+            upstreams: upstreams.clone(),
+            configs: configs.clone(),
+            server_names: server_names.clone(),
             mode: *mode,
             main_config: main_config.clone(),
             prefix: prefix.clone(),
@@ -333,6 +336,37 @@ pub fn from_config_with_tls(
         )?),
         LbConfig::None {} => Box::new(none::NoLoadBalancer),
     })
+}
+
+/// HAProxy with one backend, or several drained together under the same server names.
+fn haproxy_from_config(
+    socket: &str,
+    backend: &str,
+    backends: &[String],
+    server_names: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<Box<dyn LoadBalancer>, LbError> {
+    let all = LbConfig::haproxy_backends(backend, backends);
+    if let Some(unknown) = server_names.keys().find(|k| !all.contains(k)) {
+        return Err(LbError::Config(format!(
+            "server_names names backend {unknown:?}, which is not among the backends {all:?}"
+        )));
+    }
+    let driver = |b: &String| {
+        haproxy::Haproxy::new(socket, b)
+            .map(|h| h.with_server_names(server_names.get(b).cloned().unwrap_or_default()))
+    };
+    match all.as_slice() {
+        [] => Err(LbError::Config(
+            "kind = \"haproxy\" needs `backends = [...]` (or `backend`)".into(),
+        )),
+        [one] => Ok(Box::new(driver(one)?)),
+        several => Ok(Box::new(several::Several::new(
+            several
+                .iter()
+                .map(|b| driver(b).map(|h| Box::new(h) as Box<dyn LoadBalancer>))
+                .collect::<Result<_, _>>()?,
+        )?)),
+    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use std::time::Duration;
 pub use bbupgrade_common::nginx::{
     BACKUP_SUFFIX, COMMAND_TIMEOUT_SECS, DEFAULT_MAIN_CONFIG, DEFAULT_NGINX, DEFAULT_PID_FILE,
     DRAIN_POLL_MS, NginxEditError, NginxError, NginxHost, NginxMode, NginxSettings, REMOVED_MARKER,
-    ServerAdmin, edit_server, is_shutting_down, mark_server, parse_ppid, remove_server,
-    server_admin_state,
+    ServerAdmin, edit_server, is_shutting_down, mark_server, one_and_many, parse_ppid,
+    remove_server, server_admin_state,
 };
 
 use super::{AdminState, DrainReport, LbError, LoadBalancer, OperState, ServerState};
@@ -29,10 +29,17 @@ pub fn lb_error(lb: String, e: NginxError) -> LbError {
     match e {
         NginxError::Config(m) => LbError::Config(m),
         NginxError::Unreachable { target, reason } => LbError::Unreachable { lb, target, reason },
-        NginxError::UnknownServer(NginxEditError::NoServer { server, .. }) => {
-            LbError::UnknownServer { lb, server }
-        }
-        NginxError::UnknownUpstream(_) => LbError::UnknownBackend { lb },
+        NginxError::UnknownServer(NginxEditError::NoServer {
+            upstream,
+            server,
+            found,
+        }) => LbError::UnknownServer {
+            lb: format!("{lb} (`upstream {upstream}` lists: {found})"),
+            server,
+        },
+        e @ NginxError::UnknownUpstream(..) => LbError::UnknownBackend {
+            lb: format!("{lb} ({e})"),
+        },
         NginxError::DrainTimeout {
             server,
             workers,
@@ -154,7 +161,7 @@ mod tests {
             prefix: None,
             nginx: None,
             pid_file: None,
-            reload_command: None,
+            ..Default::default()
         };
         assert!(matches!(Nginx::new(&bad), Err(LbError::Config(_))));
         assert_eq!(admin_state(ServerAdmin::Out), AdminState::Maint);

@@ -9,7 +9,8 @@ use bbupgrade_common::proto::{LbAction, LbAdminState, LbServerRequest, LbServerR
 use bbupgrade_common::tls::TlsMaterial;
 
 use super::{AdminState, DrainReport, LbError, LoadBalancer, OperState, ServerState};
-use crate::agents::Client;
+/// A client of the agent protocol (the same client the coordinator uses for the nodes).
+type Client = bbupgrade_common::proto::agent_client::AgentClient<tonic::transport::Channel>;
 
 /// Bound on connecting to the load balancer's agent.
 pub const CONNECT_TIMEOUT_SECS: u64 = 5;

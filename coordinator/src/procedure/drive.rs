@@ -369,6 +369,13 @@ impl<'a> Driver<'a> {
             self.env.reporter.step(Some(&node.id), "pick", "info", &why);
             self.one_node(node, &steps, s, oos).await?;
         }
+        if self.opts.no_finalize {
+            s.notes.push(format!(
+                "not finalized (--no-finalize): every node runs {} and upgrade mode stays on, so `bbupgrade rollback` is still possible; `bbupgrade finalize` approves the upgrade",
+                self.opts.to
+            ));
+            return Ok(());
+        }
         self.approve().await?;
         Ok(())
     }
@@ -409,7 +416,11 @@ impl<'a> Driver<'a> {
         oos: &mut HashMap<String, u64>,
     ) -> Result<(), DriveError> {
         let j = self.env.journal;
-        let detail = format!("upgrade to {}", self.opts.to);
+        // The pick's reason goes into the journal with the node, for the run report.
+        let detail = match s.order_reasons.last() {
+            Some(why) => format!("upgrade to {}; picked {why}", self.opts.to),
+            None => format!("upgrade to {}", self.opts.to),
+        };
         let node_step = j.begin_step(Some(&node.id), Step::Node, &detail).await?;
         s.order.retain(|n| *n != node.id);
         let outcome = self.upgrade_node(node, steps).await;
@@ -679,6 +690,20 @@ impl<'a> Driver<'a> {
                 return Ok(());
             }
         }
+    }
+
+    /// Approves an upgrade whose nodes all run the new version (`bbupgrade finalize`).
+    pub async fn finalize(&self) -> Summary {
+        let mut s = self.base_summary();
+        let before = self.versions_now().await;
+        match self.approve().await {
+            Ok(()) => s.result = RunResult::Upgraded,
+            Err(e) => {
+                s.result = RunResult::Halted;
+                s.error = Some(format!("{e:#}"));
+            }
+        }
+        self.finish(s, &before, &before, &HashMap::new()).await
     }
 
     /// Approves the upgrade and waits for the cluster to become STABLE.

@@ -2,19 +2,19 @@
 //! release), Bitbucket's rolling-upgrade API, the configured load balancer, and the journal with
 //! its blocking calls run off the async executor.
 
-use super::drive::{Agents, Balancer, Bitbucket, Driver, Env, RunJournal};
+use super::context::Ctx;
+use super::drive::{Agents, Balancer, Bitbucket, Driver, Env};
+use super::run_journal::JournalOnThread;
 use super::{ArchiveSource, RunOptions, Step};
 use crate::agents;
 use crate::inventory::{Node, Timeouts};
-use crate::journal::{Journal, RunId, RunResult, StepId, StepOutcome, StepRecord};
+use crate::journal::{RunId, StepRecord};
 use crate::plan;
 use crate::report::Summary;
-use crate::run::Ctx;
 use crate::zdu::ClusterView;
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use bbupgrade_common::proto::*;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 
@@ -24,6 +24,8 @@ pub const STAGE_TIMEOUT_SECS: u64 = 3600;
 pub const ACTIVATE_TIMEOUT_SECS: u64 = 120;
 /// Bound on an agent's prepare (files carried over, the home pointed at).
 pub const PREPARE_TIMEOUT_SECS: u64 = 120;
+/// Bound on an agent's cleanup of old installs (removing directory trees).
+pub const CLEANUP_TIMEOUT_SECS: u64 = 300;
 /// How long an agent call is retried after the connection dropped (the agent restarting).
 pub const AGENT_RETRY_SECS: u64 = 20;
 /// How often a long stop or start reports a sign of life.
@@ -35,6 +37,49 @@ pub const HEARTBEAT_PROBE_SECS: u64 = 5;
 pub async fn drive(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
     let io = CtxIo::new(ctx, run, opts);
     Driver::new(io.env(), run, opts).upgrade().await
+}
+
+/// Approves an upgrade left unfinalized (`bbupgrade finalize`), journaled in its run.
+pub async fn finalize(ctx: &Ctx, run: RunId, opts: &RunOptions) -> Summary {
+    let io = CtxIo::new(ctx, run, opts);
+    Driver::new(io.env(), run, opts).finalize().await
+}
+
+/// After approval, asks every agent to remove old installs beyond its `keep_installs` (never the
+/// active or previous one), journaled per node; a node that cannot is named, nothing fails.
+pub async fn clean_up_installs(ctx: &Ctx, run: RunId) -> Vec<String> {
+    let results = futures::future::join_all(ctx.cluster.nodes.iter().map(|node| {
+        ctx.step(run, Some(&node.id), Step::Cleanup, async {
+            let d = Duration::from_secs(CLEANUP_TIMEOUT_SECS);
+            let r = agent_op(ctx, node, d, |mut c| {
+                // keep = 0: the agent's own `keep_installs`.
+                let req = agents::request(
+                    CleanupRequest {
+                        operation_id: op_id(run, &node.id, Step::Cleanup),
+                        keep: 0,
+                    },
+                    d,
+                );
+                async move { c.cleanup(req).await }
+            })
+            .await?;
+            let removed = if r.removed.is_empty() {
+                "nothing".to_string()
+            } else {
+                r.removed.join(", ")
+            };
+            Ok(((), format!("removed {removed}; kept {}", r.kept.len())))
+        })
+    }))
+    .await;
+    results
+        .into_iter()
+        .zip(&ctx.cluster.nodes)
+        .filter_map(|(r, n)| {
+            r.err()
+                .map(|e| format!("node '{}': old installs were not cleaned up: {e:#}", n.id))
+        })
+        .collect()
 }
 
 /// Returns every node not serving on the original version (`opts.to`) to it, one at a time.
@@ -162,13 +207,24 @@ impl Bitbucket for CtxIo<'_> {
 #[async_trait]
 impl Balancer for CtxIo<'_> {
     async fn drain(&self, node: &Node, timeout: Duration) -> Result<String> {
-        let r = self.ctx.lb.drain(&node.lb_server, timeout).await?;
-        // Name every door (backend and load balancer) the node was drained from, for the journal.
+        let t = &self.opts.timeouts;
+        let d = crate::loadbalancer::policy::drain_with_policy(
+            &*self.ctx.lb,
+            &node.lb_server,
+            timeout,
+            t.drain_policy,
+            Duration::from_secs(t.drain_wait_secs),
+        )
+        .await?;
+        // Name every door (backend and load balancer) the node was drained from, for the journal,
+        // and what the deadline found when the policy waited longer.
+        let r = d.report;
         Ok(format!(
-            "{} sessions drained in {:.1}s from {}",
+            "{} sessions drained in {:.1}s from {}{}",
             r.sessions_at_start,
             r.waited.as_secs_f64(),
-            self.ctx.lb.describe()
+            self.ctx.lb.describe(),
+            d.at_deadline.map(|n| format!("; {n}")).unwrap_or_default()
         ))
     }
 
@@ -181,54 +237,7 @@ impl Balancer for CtxIo<'_> {
     }
 
     async fn after_rejoin(&self, node: &Node) -> Option<String> {
-        crate::skew::after_rejoin(self.ctx, self.run, node, self.opts).await
-    }
-}
-
-/// The run's journal, each call on a blocking thread (SQLite's disk, PostgreSQL's round trip).
-pub struct JournalOnThread {
-    journal: Arc<Journal>,
-    run: RunId,
-}
-
-impl JournalOnThread {
-    pub fn new(journal: Arc<Journal>, run: RunId) -> Self {
-        Self { journal, run }
-    }
-
-    async fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Journal, RunId) -> Result<T, crate::journal::JournalError> + Send + 'static,
-    ) -> Result<T> {
-        let (j, run) = (self.journal.clone(), self.run);
-        Ok(tokio::task::spawn_blocking(move || f(&j, run))
-            .await
-            .context("the journal's thread failed")??)
-    }
-}
-
-#[async_trait]
-impl RunJournal for JournalOnThread {
-    async fn begin_step(&self, node: Option<&str>, step: Step, detail: &str) -> Result<StepId> {
-        let (node, detail) = (node.map(str::to_string), detail.to_string());
-        self.call(move |j, run| j.begin_step(run, node.as_deref(), step.as_str(), &detail))
-            .await
-    }
-
-    async fn end_step(&self, id: StepId, outcome: StepOutcome, detail: &str) -> Result<()> {
-        let detail = detail.to_string();
-        self.call(move |j, _| j.end_step(id, outcome, &detail))
-            .await
-    }
-
-    async fn steps(&self) -> Result<Vec<StepRecord>> {
-        self.call(|j, run| j.steps(run)).await
-    }
-
-    async fn finish_run(&self, result: RunResult, error: Option<&str>) -> Result<()> {
-        let error = error.map(str::to_string);
-        self.call(move |j, run| j.finish_run(run, result, error.as_deref()))
-            .await
+        super::skew::after_rejoin(self.ctx, self.run, node, self.opts).await
     }
 }
 

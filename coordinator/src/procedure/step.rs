@@ -36,10 +36,12 @@ pub enum Step {
     FailureHandled,
     /// A rejoined node taken out briefly so its users spread over the others.
     Skew,
+    /// After approval: the agent removes old installs beyond its `keep_installs`.
+    Cleanup,
 }
 
 impl Step {
-    pub const ALL: [Step; 19] = [
+    pub const ALL: [Step; 20] = [
         Step::Stage,
         Step::Prepare,
         Step::UpgradeMode,
@@ -59,6 +61,7 @@ impl Step {
         Step::Approve,
         Step::FailureHandled,
         Step::Skew,
+        Step::Cleanup,
     ];
 
     /// The name in the journal and in step events.
@@ -83,6 +86,7 @@ impl Step {
             Step::Approve => "approve",
             Step::FailureHandled => "failure_handled",
             Step::Skew => "skew",
+            Step::Cleanup => "cleanup",
         }
     }
 

@@ -103,6 +103,8 @@ pub enum LastCheck {
     Status(u16),
     /// No HTTP answer (refused, timed out, cut).
     NoAnswer,
+    /// A TCP connect that succeeded (`mode tcp`'s check): passed.
+    Connected,
 }
 
 /// One server of the backend and its counters.
@@ -183,7 +185,7 @@ impl Server {
         if epoch != self.epoch || self.admin == Admin::Maint {
             return false;
         }
-        let passed = result == LastCheck::Status(200);
+        let passed = matches!(result, LastCheck::Status(200) | LastCheck::Connected);
         if !passed {
             self.check_failures += 1;
         }

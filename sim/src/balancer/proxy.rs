@@ -327,6 +327,44 @@ pub async fn serve(
     ))
 }
 
+/// `mode tcp`: forwards one client connection's bytes both ways to a server picked round robin
+/// (another one when a connect fails), counted as a session of its server until either side
+/// closes. A connection no server takes is closed at once.
+pub async fn serve_tcp(shared: Arc<Shared>, mut client: tokio::net::TcpStream) {
+    let mut tried = Vec::new();
+    let (session, mut server) = loop {
+        let Some((session, addr)) = Session::assign(&shared, &tried) else {
+            return;
+        };
+        let timeout = shared.opts.connect_timeout;
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(server)) => break (session, server),
+            _ => {
+                session.connect_failed();
+                tried.push(session.index);
+                if tried.len() > shared.opts.retries as usize {
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        tracing::debug!(
+            "balancer: a TCP session through server {}: {e}",
+            session.index
+        );
+    }
+    drop(session);
+}
+
+/// `mode tcp`'s health check: a TCP connect.
+pub async fn check_tcp(addr: SocketAddr, timeout: Duration) -> pool::LastCheck {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => pool::LastCheck::Connected,
+        _ => pool::LastCheck::NoAnswer,
+    }
+}
+
 /// One health check: `GET /status`, passed on 200 (`option httpchk` + `http-check expect status 200`).
 pub async fn check(addr: SocketAddr, timeout: Duration) -> pool::LastCheck {
     let probe = async {

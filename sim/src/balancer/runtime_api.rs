@@ -175,7 +175,7 @@ pub fn show_servers_state(view: &View, backend: Option<&str>) -> String {
         // srv_check_result: CHK_RES_FAILED 2, CHK_RES_PASSED 3, unknown 0.
         let check_result = match s.last_check {
             LastCheck::None => 0,
-            LastCheck::Status(200) => 3,
+            LastCheck::Status(200) | LastCheck::Connected => 3,
             _ => 2,
         };
         let health = health_counter(s.health, view.thresholds);
@@ -252,6 +252,7 @@ pub fn show_stat(view: &View, proxy: Option<&str>, types: u32) -> String {
                 LastCheck::Status(200) => ("L7OK", "200".into()),
                 LastCheck::Status(code) => ("L7STS", code.to_string()),
                 LastCheck::NoAnswer => ("L4CON", String::new()),
+                LastCheck::Connected => ("L4OK", String::new()),
             };
             out.push_str(&csv_row(&[
                 ("pxname", view.backend.into()),

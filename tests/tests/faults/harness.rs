@@ -4,7 +4,8 @@
 
 use bbupgrade::journal::{Journal, RunId, StepOutcome, StepRecord};
 use bbupgrade::loadbalancer::{AdminState, OperState};
-use bbupgrade::sandbox::{Sandbox, SandboxLb};
+use bbupgrade_demo::sandbox::{Sandbox, SandboxLb};
+use bbupgrade_sim::load::{LoadHandle, LoadOptions};
 pub use bbupgrade_tests::cli_process::{Cli, Finished, args, haproxy, is_step};
 use bbupgrade_tests::{Bins, sandbox_options, start_sandbox};
 use serde_json::Value;
@@ -225,15 +226,41 @@ pub fn has_step(s: &Sandbox, node: &str, step: &str) -> bool {
         .any(|st| st.step == step && st.node.as_deref() == Some(node))
 }
 
-/// Polls HAProxy while a test runs and remembers the most servers ever out of rotation at once.
+/// Polls HAProxy while a test runs and remembers the most servers ever out of rotation at once;
+/// with traffic, also sends users' requests, HTTP clones and Git clones over SSH through it.
 pub struct LbWatch {
     stop: Arc<AtomicBool>,
     max_out: Arc<AtomicUsize>,
     worst: Arc<Mutex<String>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    traffic: Option<LoadHandle>,
 }
 
+/// How long a Git clone over SSH takes during a fault case (well within `drain_secs`).
+const SSH_CLONE_MS: &str = "300";
+
 impl LbWatch {
+    /// [`Self::start`] plus light traffic through HAProxy's two front doors (HTTP and SSH), for
+    /// the cases whose fault must cost no user anything: [`Self::assert_at_most_one_out`] then
+    /// also asserts that no request and no SSH session failed.
+    pub fn with_traffic(s: &Sandbox) -> Self {
+        s.sim
+            .set_shared_property("sim.ssh.clone.ms", SSH_CLONE_MS)
+            .expect("ssh clone time");
+        let mut w = Self::start(s);
+        w.traffic = Some(bbupgrade_sim::load::start(LoadOptions {
+            base_url: s.traffic_url(),
+            users: 4,
+            clone_every: 10,
+            ssh_addr: Some(s.ssh_addr()),
+            ssh_clone_every: 5,
+            think_ms: 20,
+            duration: None,
+            request_timeout: Duration::from_secs(30),
+        }));
+        w
+    }
+
     pub fn start(s: &Sandbox) -> Self {
         let lb = haproxy(s);
         let servers: Vec<String> = s.sim.nodes().iter().map(|n| n.name.clone()).collect();
@@ -266,11 +293,30 @@ impl LbWatch {
             max_out,
             worst,
             task: Some(task),
+            traffic: None,
         }
     }
 
-    /// Stops watching; asserts no two servers were ever out of rotation at once.
-    pub async fn assert_at_most_one_out(mut self) {
+    /// Stops watching; asserts no two servers were ever out of rotation at once and, with
+    /// traffic, that it got through (SSH too) and no request or SSH session failed. Says what the
+    /// traffic was.
+    pub async fn assert_at_most_one_out(mut self) -> String {
+        let traffic = match self.traffic.take() {
+            Some(load) => {
+                let r = load.stop().await;
+                assert!(
+                    r.total > 0 && r.ssh_total > 0,
+                    "no traffic got through: {r:#?}"
+                );
+                assert_eq!(r.failed, 0, "failed requests: {:#?}", r.failures);
+                assert_eq!(r.ssh_failed, 0, "failed SSH clones: {:#?}", r.failures);
+                format!(
+                    "; {} requests and {} SSH clones, none failed",
+                    r.total, r.ssh_total
+                )
+            }
+            None => String::new(),
+        };
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.task.take() {
             let _ = t.await;
@@ -280,6 +326,7 @@ impl LbWatch {
             self.max_out.load(Ordering::SeqCst) <= 1,
             "HAProxy had several servers out of rotation at once: {worst}"
         );
+        traffic
     }
 }
 

@@ -1,18 +1,24 @@
 //! A local cluster for the demo and the end-to-end tests: a private CA, simulated Bitbucket nodes
 //! (`bitbucket-sim`), a real agent process per node over mutual TLS, optionally a real HAProxy,
 //! NGINX (edited by the coordinator, or by an extra agent with an `[lb]` role) or Apache httpd in
-//! front, and the inventory that ties them together. Everything it starts is stopped on drop.
+//! front, and the inventory that ties them together. The nodes run under the product's scripts or
+//! an init.d script each (`initd`). Everything it starts is stopped on drop.
 
 use anyhow::{Context, Result, bail};
 use bbupgrade_common::identity::Role;
 use bbupgrade_common::pki::{Ca, IssueRequest};
 use bbupgrade_common::tls::TlsFiles;
 use bbupgrade_sim::archive::{ArchiveInfo, write_archive_with_program};
-use bbupgrade_sim::cluster::{ClusterOptions, NodeSetup, SimCluster, free_ports};
+use bbupgrade_sim::cluster::{ClusterOptions, NodeSetup, SimCluster, SimNode, free_ports};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod initd;
+pub use initd::{
+    INITD_NAME, SandboxService, ServiceChange, ServiceDefinition, initd_script, render_changes,
+};
 
 pub const ADMIN_TOKEN: &str = "sandbox-admin-token";
 /// The sandbox's Bitbucket system administrator for HTTP Basic.
@@ -55,6 +61,8 @@ pub struct SandboxOptions {
     pub lb_standin: bool,
     /// How the nodes and the coordinator meet Bitbucket's API.
     pub bitbucket: BitbucketForm,
+    /// How the agents run Bitbucket: the product's scripts, or an init.d script per node.
+    pub service: SandboxService,
 }
 
 /// The forms of the real product the sandbox can present (BITBUCKET-FACTS.md); the default is the
@@ -80,14 +88,20 @@ pub struct Sandbox {
     pub to_archive: ArchiveInfo,
     pub agent_addrs: Vec<String>,
     pub agent_configs: Vec<PathBuf>,
+    /// Each node's init.d script, as written (empty with [`SandboxService::Scripts`]).
+    pub service_definitions: Vec<ServiceDefinition>,
     pub lb_url: Option<String>,
     /// The load balancer's Git-over-SSH front door, `HOST:PORT`, when it has one (HAProxy).
     pub lb_ssh_addr: Option<String>,
     /// The port the SSH front door binds, when the load balancer has one.
     lb_ssh_port: u16,
     pub haproxy_socket: Option<PathBuf>,
+    /// The stand-in balancer's second process, in TCP mode for Git over SSH, and its runtime-API
+    /// socket (real HAProxy fronts both doors in one process).
+    ssh_standin: Option<Child>,
+    pub standin_ssh_socket: Option<PathBuf>,
     /// The inventory's load balancer for NGINX or Apache (HAProxy is `haproxy_socket`).
-    pub lb_config: Option<crate::loadbalancer::LbConfig>,
+    pub lb_config: Option<bbupgrade::loadbalancer::LbConfig>,
     /// Each node's server in the load balancer, when it is not the node's name.
     pub lb_servers: Vec<String>,
     pub run_user: Option<String>,
@@ -126,17 +140,21 @@ pub fn sibling_binary(env: &str, name: &str) -> Result<PathBuf> {
     )
 }
 
+fn chown_one(path: &Path, uid: u32, gid: u32) -> Result<()> {
+    nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .with_context(|| format!("changing the owner of {}", path.display()))
+}
+
 fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<()> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(path) = stack.pop() {
-        nix::unistd::fchownat(
-            nix::fcntl::AT_FDCWD,
-            &path,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .with_context(|| format!("changing the owner of {}", path.display()))?;
+        chown_one(&path, uid, gid)?;
         if std::fs::symlink_metadata(&path)?.is_dir() {
             for entry in std::fs::read_dir(&path)? {
                 stack.push(entry?.path());
@@ -144,6 +162,84 @@ fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Creates the sandbox's folder and resolves it. As root, Bitbucket runs as another user, who
+/// must reach its install and home inside: the folder becomes 0755, and a parent other users
+/// cannot search is refused.
+fn prepare_dir(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(dir);
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    for d in dir.ancestors().skip(1) {
+        if let Ok(m) = std::fs::metadata(d)
+            && m.permissions().mode() & 0o001 == 0
+        {
+            bail!(
+                "{} is not searchable by other users; put the sandbox elsewhere (--dir), or chmod o+x {}",
+                d.display(),
+                d.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// The two simulated releases, in `dir/archives`.
+fn build_archives(dir: &Path, opts: &SandboxOptions) -> Result<(ArchiveInfo, ArchiveInfo)> {
+    let archives = dir.join("archives");
+    std::fs::create_dir_all(&archives)?;
+    let build = |version: &str| {
+        write_archive_with_program(version, &archives, opts.payload_mib, &opts.sim_bin)
+            .with_context(|| format!("building the {version} archive"))
+    };
+    Ok((build(&opts.from)?, build(&opts.to)?))
+}
+
+/// The simulated cluster on the old release, in `dir/cluster`. With a Bitbucket user (root),
+/// its files are that user's; under init.d the installs stay root's, as the agent runs their
+/// scripts as root and refuses scripts the Bitbucket user could edit.
+fn create_cluster(dir: &Path, opts: &SandboxOptions, run_user: Option<&str>) -> Result<SimCluster> {
+    let sim = SimCluster::create_with(
+        &dir.join("cluster"),
+        ClusterOptions {
+            nodes: opts.nodes,
+            version: opts.from.clone(),
+            program: opts.sim_bin.clone(),
+            startup_ms: opts.startup_ms,
+            admin_token: ADMIN_TOKEN.into(),
+            payload_mib: opts.payload_mib,
+            run_as_user: None,
+        },
+        None,
+        NodeSetup {
+            configure_names: opts.bitbucket.node_names,
+            admin_login: Some((ADMIN_USER.into(), ADMIN_PASSWORD.into())),
+            ..NodeSetup::default()
+        },
+    )?;
+    if opts.bitbucket.null_fields {
+        sim.set_shared_property("sim.zdu.blank.fields", "null")?;
+    }
+    let Some(user) = run_user else {
+        return Ok(sim);
+    };
+    let u =
+        nix::unistd::User::from_name(user)?.with_context(|| format!("there is no user {user}"))?;
+    chown_tree(sim.dir(), u.uid.as_raw(), u.gid.as_raw())?;
+    if opts.service == SandboxService::Initd {
+        chown_one(sim.dir(), 0, 0)?;
+        for node in sim.nodes() {
+            if let Some(node_dir) = node.install_root.parent() {
+                chown_one(node_dir, 0, 0)?;
+            }
+            chown_tree(&node.install_root, 0, 0)?;
+        }
+    }
+    Ok(sim)
 }
 
 /// The recommended HAProxy configuration for Bitbucket behind a rolling upgrade: health checks on
@@ -202,6 +298,17 @@ backend {HAPROXY_SSH_BACKEND}\n    mode tcp\n    balance {balance}\n"
     cfg
 }
 
+/// Git over SSH through NGINX's `stream` module: the port it listens on, the included file with
+/// the `upstream` of the nodes' SSH ports, and the module to load (`None`: built in).
+pub struct NginxStream<'a> {
+    pub bind_port: u16,
+    pub upstream_file: &'a Path,
+    pub module: Option<&'a Path>,
+}
+
+/// The `stream` upstream of the sandbox's NGINX.
+pub const NGINX_SSH_UPSTREAM: &str = "bitbucket_ssh";
+
 /// NGINX's main configuration for the sandbox: everything under `dir`, the upstream in an included
 /// file (what the coordinator edits), retries on errors and 502/503 to the next server.
 ///
@@ -209,24 +316,54 @@ backend {HAPROXY_SSH_BACKEND}\n    mode tcp\n    balance {balance}\n"
 /// which races with a client sending its next request on one (a reset), and a `git-upload-pack`
 /// POST is not retried by clients. Without keep-alive every request has its own connection.
 pub fn nginx_config(dir: &Path, upstream_file: &Path, bind_port: u16) -> String {
+    nginx_config_with_stream(dir, upstream_file, bind_port, None)
+}
+
+/// [`nginx_config`] with, when `stream` is given, Git over SSH as a second front door: a `stream`
+/// server proxying TCP to [`NGINX_SSH_UPSTREAM`] (trying the next node when one refuses).
+pub fn nginx_config_with_stream(
+    dir: &Path,
+    upstream_file: &Path,
+    bind_port: u16,
+    stream: Option<&NginxStream>,
+) -> String {
     let d = dir.display();
+    let load = stream
+        .and_then(|s| s.module)
+        .map(|m| format!("load_module {};\n", m.display()))
+        .unwrap_or_default();
+    let stream_block = stream.map_or(String::new(), |s| {
+        format!(
+            "\nstream {{\n    include {};\n\n    server {{\n        listen 127.0.0.1:{};\n        proxy_pass {NGINX_SSH_UPSTREAM};\n        proxy_connect_timeout 2s;\n        proxy_timeout 120s;\n        proxy_next_upstream on;\n        proxy_next_upstream_tries 3;\n    }}\n}}\n",
+            s.upstream_file.display(),
+            s.bind_port
+        )
+    });
     format!(
-        "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\nevents {{\n    worker_connections 1024;\n}}\n\n\
+        "{load}worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\nevents {{\n    worker_connections 1024;\n}}\n\n\
 http {{\n    access_log off;\n    keepalive_timeout 0;\n    client_body_temp_path {d}/tmp/body;\n    proxy_temp_path {d}/tmp/proxy;\n    fastcgi_temp_path {d}/tmp/fastcgi;\n    uwsgi_temp_path {d}/tmp/uwsgi;\n    scgi_temp_path {d}/tmp/scgi;\n    client_max_body_size 0;\n\n    include {};\n\n\
-    server {{\n        listen 127.0.0.1:{bind_port};\n        location / {{\n            proxy_pass http://bitbucket;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_set_header Host $http_host;\n            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            proxy_connect_timeout 2s;\n            proxy_read_timeout 120s;\n            proxy_buffering off;\n            proxy_request_buffering off;\n            proxy_next_upstream error timeout http_502 http_503 non_idempotent;\n            proxy_next_upstream_tries 3;\n        }}\n    }}\n}}\n",
+    server {{\n        listen 127.0.0.1:{bind_port};\n        location / {{\n            proxy_pass http://bitbucket;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_set_header Host $http_host;\n            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            proxy_connect_timeout 2s;\n            proxy_read_timeout 120s;\n            proxy_buffering off;\n            proxy_request_buffering off;\n            proxy_next_upstream error timeout http_502 http_503 non_idempotent;\n            proxy_next_upstream_tries 3;\n        }}\n    }}\n}}\n{stream_block}",
         upstream_file.display()
     )
 }
 
 /// The included upstream file: one `server` line per node.
 pub fn nginx_upstream(servers: &[u16]) -> String {
-    let mut cfg = "# The Bitbucket nodes; bbupgrade marks a node `down` while it is upgraded.\nupstream bitbucket {\n".to_string();
+    nginx_upstream_named("bitbucket", servers, "    keepalive 16;\n")
+}
+
+/// An upstream file for `name`: one `server` line per node port, then `tail`.
+pub fn nginx_upstream_named(name: &str, servers: &[u16], tail: &str) -> String {
+    let mut cfg = format!(
+        "# The Bitbucket nodes; bbupgrade marks a node `down` while it is upgraded.\nupstream {name} {{\n"
+    );
     for port in servers {
         cfg.push_str(&format!(
             "    server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;\n"
         ));
     }
-    cfg.push_str("    keepalive 16;\n}\n");
+    cfg.push_str(tail);
+    cfg.push_str("}\n");
     cfg
 }
 
@@ -257,107 +394,28 @@ Timeout 120\nKeepAlive On\nProxyTimeout 120\n\n<Proxy balancer://bitbucket>\n"
 
 impl Sandbox {
     pub fn create(dir: &Path, opts: SandboxOptions) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let dir = std::fs::canonicalize(dir)?;
-        let root = nix::unistd::geteuid().is_root();
-        let run_user = root.then(|| opts.user_when_root.clone());
-        if root {
-            // The Bitbucket user must be able to reach its install and home inside the sandbox.
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-            let mut p = dir.parent();
-            while let Some(d) = p {
-                if let Ok(m) = std::fs::metadata(d)
-                    && m.permissions().mode() & 0o001 == 0
-                {
-                    bail!(
-                        "{} is not searchable by other users; put the sandbox elsewhere (--dir)",
-                        d.display()
-                    );
-                }
-                p = d.parent();
-            }
-        }
+        let dir = prepare_dir(dir)?;
+        let run_user = nix::unistd::geteuid()
+            .is_root()
+            .then(|| opts.user_when_root.clone());
 
-        // PKI: a CA, the coordinator's certificate, one per agent.
+        // PKI: a CA and the coordinator's certificate (each agent's comes with its config).
         let pki = dir.join("pki");
         let ca = Ca::generate()?;
         ca.save(&pki)?;
         ca.issue(&IssueRequest::new(Role::Coordinator, "sandbox-admin"))?
             .save(&pki)?;
 
-        // Releases and the simulated cluster on the old one.
-        let archives = dir.join("archives");
-        std::fs::create_dir_all(&archives)?;
-        let from_archive =
-            write_archive_with_program(&opts.from, &archives, opts.payload_mib, &opts.sim_bin)
-                .with_context(|| format!("building the {} archive", opts.from))?;
-        let to_archive =
-            write_archive_with_program(&opts.to, &archives, opts.payload_mib, &opts.sim_bin)
-                .with_context(|| format!("building the {} archive", opts.to))?;
-        let sim = SimCluster::create_with(
-            &dir.join("cluster"),
-            ClusterOptions {
-                nodes: opts.nodes,
-                version: opts.from.clone(),
-                program: opts.sim_bin.clone(),
-                startup_ms: opts.startup_ms,
-                admin_token: ADMIN_TOKEN.into(),
-                payload_mib: opts.payload_mib,
-                run_as_user: None,
-            },
-            None,
-            NodeSetup {
-                configure_names: opts.bitbucket.node_names,
-                admin_login: Some((ADMIN_USER.into(), ADMIN_PASSWORD.into())),
-                ..NodeSetup::default()
-            },
-        )?;
-        if opts.bitbucket.null_fields {
-            sim.set_shared_property("sim.zdu.blank.fields", "null")?;
-        }
-        if let Some(user) = &run_user {
-            let u = nix::unistd::User::from_name(user)?
-                .with_context(|| format!("there is no user {user}"))?;
-            chown_tree(sim.dir(), u.uid.as_raw(), u.gid.as_raw())?;
-        }
-
-        // One agent per node.
+        let (from_archive, to_archive) = build_archives(&dir, &opts)?;
+        let sim = create_cluster(&dir, &opts, run_user.as_deref())?;
+        let service_definitions = match opts.service {
+            SandboxService::Scripts => Vec::new(),
+            SandboxService::Initd => {
+                initd::write_initd_scripts(&dir, sim.nodes(), run_user.as_deref())?
+            }
+        };
         // One per agent, the load balancer's, the load-balancer agent's, and the SSH front door's.
         let ports = free_ports(opts.nodes + 3)?;
-        let mut agent_addrs = Vec::new();
-        let mut agent_configs = Vec::new();
-        for (i, node) in sim.nodes().iter().enumerate() {
-            ca.issue(
-                &IssueRequest::new(Role::Agent, &node.name).with_sans(["127.0.0.1", "localhost"]),
-            )?
-            .save(&pki)?;
-            let tls = TlsFiles::in_pki_dir(&pki, Role::Agent, &node.name);
-            let addr = format!("127.0.0.1:{}", ports[i]);
-            let cfg = format!(
-                "node_id = {:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\nallowed_coordinators = [\"sandbox-admin\"]\n\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n\n[service]\nkind = \"scripts\"\n\n[limits]\nstop_timeout_secs = 60\nstart_timeout_secs = 120\n\n[stage]\nurl_hosts = [\"127.0.0.1\"]\n",
-                node.name,
-                addr,
-                dir.join(format!("agents/{}", node.name)),
-                tls.ca,
-                tls.cert,
-                tls.key,
-                pki.join(bbupgrade_common::pki::CRL_FILE),
-                node.install_root,
-                node.install_dir,
-                node.home,
-                run_user
-                    .as_ref()
-                    .map(|u| format!("user = {u:?}\n"))
-                    .unwrap_or_default(),
-                format!("{}/status", node.base_url),
-            );
-            let path = dir.join(format!("agents/{}.toml", node.name));
-            std::fs::create_dir_all(dir.join("agents"))?;
-            std::fs::write(&path, cfg)?;
-            agent_addrs.push(addr);
-            agent_configs.push(path);
-        }
-
         let mut sandbox = Sandbox {
             inventory: dir.join("inventory.toml"),
             pki,
@@ -365,12 +423,18 @@ impl Sandbox {
             sim,
             from_archive,
             to_archive,
-            agent_addrs,
-            agent_configs,
+            agent_addrs: ports[..opts.nodes]
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
+            agent_configs: Vec::new(),
+            service_definitions,
             lb_url: None,
             lb_ssh_addr: None,
             lb_ssh_port: ports[opts.nodes + 2],
             haproxy_socket: None,
+            ssh_standin: None,
+            standin_ssh_socket: None,
             lb_config: None,
             lb_servers: Vec::new(),
             run_user,
@@ -380,27 +444,96 @@ impl Sandbox {
             lb_agent_config: None,
             lb_agent_addr: None,
             lb_agent: None,
-            dir: dir.clone(),
-            opts: opts.clone(),
+            dir,
+            opts,
         };
-        for i in 0..opts.nodes {
+        sandbox.write_agent_configs(&ca)?;
+        for i in 0..sandbox.opts.nodes {
             let child = sandbox.spawn_agent(i)?;
             sandbox.agents.push(Some(child));
         }
-        match opts.lb {
-            SandboxLb::Haproxy => sandbox.start_haproxy(ports[opts.nodes], "roundrobin")?,
-            SandboxLb::Nginx => sandbox.start_nginx(ports[opts.nodes])?,
-            SandboxLb::NginxAgent => {
-                sandbox.start_nginx(ports[opts.nodes])?;
-                sandbox.start_lb_agent(&ca, ports[opts.nodes + 1])?;
-            }
-            SandboxLb::Apache => sandbox.start_apache(ports[opts.nodes])?,
-            SandboxLb::None => {}
-        }
+        sandbox.start_lb(
+            &ca,
+            ports[sandbox.opts.nodes],
+            ports[sandbox.opts.nodes + 1],
+        )?;
         sandbox.write_inventory()?;
         Ok(sandbox)
     }
 
+    /// Issues each node's agent certificate and writes its config to `agents/<node>.toml`.
+    fn write_agent_configs(&mut self, ca: &Ca) -> Result<()> {
+        std::fs::create_dir_all(self.dir.join("agents"))?;
+        for (i, node) in self.sim.nodes().iter().enumerate() {
+            ca.issue(
+                &IssueRequest::new(Role::Agent, &node.name).with_sans(["127.0.0.1", "localhost"]),
+            )?
+            .save(&self.pki)?;
+            let path = self.dir.join(format!("agents/{}.toml", node.name));
+            std::fs::write(&path, self.agent_config(i))?;
+            self.agent_configs.push(path);
+        }
+        Ok(())
+    }
+
+    /// Node `i`'s agent config: its address, state dir, TLS files, the node's install and home,
+    /// and how it runs Bitbucket (init.d script or the product's scripts).
+    fn agent_config(&self, i: usize) -> String {
+        let node = &self.sim.nodes()[i];
+        let tls = TlsFiles::in_pki_dir(&self.pki, Role::Agent, &node.name);
+        let service = match self.service_definitions.get(i) {
+            Some(d) => format!("kind = \"initd\"\npath = {:?}", d.path),
+            None => "kind = \"scripts\"".to_string(),
+        };
+        format!(
+            "node_id = {:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\nallowed_coordinators = [\"sandbox-admin\"]\n\n{}\n[service]\n{service}\n\n[limits]\nstop_timeout_secs = 60\nstart_timeout_secs = 120\n\n[stage]\nurl_hosts = [\"127.0.0.1\"]\n",
+            node.name,
+            self.agent_addrs[i],
+            self.dir.join(format!("agents/{}", node.name)),
+            tls.ca,
+            tls.cert,
+            tls.key,
+            self.pki.join(bbupgrade_common::pki::CRL_FILE),
+            self.bitbucket_section(node),
+        )
+    }
+
+    /// An agent config's `[bitbucket]` section for `node`: its install, home, user and status URL.
+    fn bitbucket_section(&self, node: &SimNode) -> String {
+        format!(
+            "[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n",
+            node.install_root,
+            node.install_dir,
+            node.home,
+            self.run_user
+                .as_ref()
+                .map(|u| format!("user = {u:?}\n"))
+                .unwrap_or_default(),
+            format!("{}/status", node.base_url),
+        )
+    }
+
+    /// Starts the load balancer `opts.lb` on `port` (the NGINX agent on `agent_port`).
+    fn start_lb(&mut self, ca: &Ca, port: u16, agent_port: u16) -> Result<()> {
+        match self.opts.lb {
+            SandboxLb::Haproxy => self.start_haproxy(port, "roundrobin"),
+            SandboxLb::Nginx => self.start_nginx(port),
+            SandboxLb::NginxAgent => {
+                self.start_nginx(port)?;
+                self.start_lb_agent(ca, agent_port)
+            }
+            SandboxLb::Apache => self.start_apache(port),
+            SandboxLb::None => Ok(()),
+        }
+    }
+
+    /// What activation changed in each node's init.d script (none without init.d).
+    pub fn service_changes(&self) -> Result<Vec<ServiceChange>> {
+        self.service_definitions
+            .iter()
+            .map(ServiceDefinition::change)
+            .collect()
+    }
     fn spawn_agent(&self, i: usize) -> Result<Child> {
         let log = std::fs::File::create(
             self.dir
@@ -415,6 +548,22 @@ impl Sandbox {
             .spawn()
             .with_context(|| format!("starting {}", self.opts.agent_bin.display()))?;
         Ok(child)
+    }
+
+    /// Creates a sandbox in `dir`, waits for its agents, and starts its nodes through them.
+    pub async fn start(dir: &Path, opts: SandboxOptions) -> Result<Self> {
+        let dir = dir.to_path_buf();
+        let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox> {
+            let s = Sandbox::create(&dir, opts)?;
+            s.wait_agents()?;
+            Ok(s)
+        })
+        .await??;
+        sandbox
+            .start_nodes()
+            .await
+            .context("starting the nodes through their agents")?;
+        Ok(sandbox)
     }
 
     /// Waits until every agent accepts connections.
@@ -463,7 +612,10 @@ impl Sandbox {
             .and_then(|(_, p)| p.parse::<u16>().ok())
             .filter(|_| self.haproxy.is_some())
             .context("the sandbox has no HAProxy")?;
-        if let Some(mut h) = self.haproxy.take() {
+        for mut h in [self.haproxy.take(), self.ssh_standin.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = h.kill();
             let _ = h.wait();
         }
@@ -537,42 +689,81 @@ impl Sandbox {
     /// without HAProxy. Said loudly: it is not a load balancer to run Bitbucket behind.
     fn start_lb_standin(&mut self, port: u16) -> Result<()> {
         eprintln!(
-            "NOTE: haproxy is not installed; the sandbox uses bitbucket-sim's stand-in balancer (HAProxy's runtime API, health checks, retries). Install haproxy (apt-get install haproxy) for the real thing."
+            "NOTE: haproxy is not installed; the sandbox uses bitbucket-sim's stand-in balancer (HAProxy's runtime API, health checks, retries), one for HTTP and one in TCP mode for Git over SSH. Install haproxy (apt-get install haproxy) for the real thing."
         );
+        let http: Vec<(String, u16)> = self
+            .sim
+            .nodes()
+            .iter()
+            .map(|n| (n.name.clone(), n.port))
+            .collect();
+        let ssh: Vec<(String, u16)> = self
+            .sim
+            .nodes()
+            .iter()
+            .map(|n| (n.name.clone(), n.ssh_port))
+            .collect();
         let socket = self.dir.join("haproxy.sock");
+        self.haproxy =
+            Some(self.spawn_standin("http", "bitbucket", &socket, port, &http, "haproxy")?);
+        self.lb_url = Some(format!("http://127.0.0.1:{port}"));
+        self.haproxy_socket = Some(socket);
+        let ssh_socket = self.dir.join("haproxy-ssh.sock");
+        let ssh_port = self.lb_ssh_port;
+        self.ssh_standin = Some(self.spawn_standin(
+            "tcp",
+            HAPROXY_SSH_BACKEND,
+            &ssh_socket,
+            ssh_port,
+            &ssh,
+            "haproxy-ssh",
+        )?);
+        self.lb_ssh_addr = Some(format!("127.0.0.1:{ssh_port}"));
+        self.standin_ssh_socket = Some(ssh_socket);
+        Ok(())
+    }
+
+    /// Starts one `bitbucket-sim balancer` and waits for its port and runtime-API socket.
+    fn spawn_standin(
+        &self,
+        mode: &str,
+        backend: &str,
+        socket: &Path,
+        port: u16,
+        servers: &[(String, u16)],
+        log_name: &str,
+    ) -> Result<Child> {
         let mut cmd = Command::new(&self.opts.sim_bin);
         cmd.arg("balancer")
+            .args(["--mode", mode, "--backend", backend])
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--socket")
-            .arg(&socket)
-            .arg("--backend")
-            .arg("bitbucket");
-        for n in self.sim.nodes() {
-            cmd.arg("--server")
-                .arg(format!("{}=127.0.0.1:{}", n.name, n.port));
+            .arg(socket);
+        for (name, p) in servers {
+            cmd.arg("--server").arg(format!("{name}=127.0.0.1:{p}"));
         }
-        let log = std::fs::File::create(self.dir.join("haproxy.log"))?;
-        let child = cmd
+        let log_path = self.dir.join(format!("{log_name}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting the stand-in balancer")?;
-        self.haproxy = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
                 bail!(
-                    "the stand-in balancer did not start; see {}/haproxy.log",
-                    self.dir.display()
+                    "the stand-in balancer ({mode}) did not start; see {}",
+                    log_path.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.lb_url = Some(format!("http://127.0.0.1:{port}"));
-        self.haproxy_socket = Some(socket);
-        Ok(())
+        Ok(child)
     }
 
     /// Starts a load balancer in a process group of its own and waits for its port.
@@ -610,13 +801,31 @@ impl Sandbox {
         let nginx = which("nginx").context(
             "nginx is not installed (apt-get install -y nginx), or run the sandbox with another --lb",
         )?;
+        let module = bbupgrade_common::nginx::stream_module(&nginx)
+            .map_err(anyhow::Error::msg)
+            .context("the sandbox's NGINX fronts Git over SSH through its stream module")?;
         let dir = self.dir.join("nginx");
         std::fs::create_dir_all(dir.join("tmp"))?;
-        let ports: Vec<u16> = self.sim.nodes().iter().map(|n| n.port).collect();
+        let nodes = self.sim.nodes();
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        let ssh_ports: Vec<u16> = nodes.iter().map(|n| n.ssh_port).collect();
         let upstream = dir.join("upstream.conf");
+        let ssh_upstream = dir.join("stream-upstream.conf");
         let main = dir.join("nginx.conf");
         std::fs::write(&upstream, nginx_upstream(&ports))?;
-        std::fs::write(&main, nginx_config(&dir, &upstream, port))?;
+        std::fs::write(
+            &ssh_upstream,
+            nginx_upstream_named(NGINX_SSH_UPSTREAM, &ssh_ports, ""),
+        )?;
+        let stream = NginxStream {
+            bind_port: self.lb_ssh_port,
+            upstream_file: &ssh_upstream,
+            module: module.as_deref(),
+        };
+        std::fs::write(
+            &main,
+            nginx_config_with_stream(&dir, &upstream, port, Some(&stream)),
+        )?;
         let mut cmd = Command::new(&nginx);
         cmd.arg("-p")
             .arg(&dir)
@@ -627,10 +836,21 @@ impl Sandbox {
             .arg("-g")
             .arg("daemon off;");
         self.spawn_lb("nginx", cmd, port, &dir.join("nginx.log"))?;
+        self.lb_ssh_addr = Some(format!("127.0.0.1:{}", self.lb_ssh_port));
         self.lb_servers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        self.lb_config = Some(crate::loadbalancer::LbConfig::Nginx {
+        // A node's server in the stream upstream is its SSH port.
+        let ssh_names: std::collections::BTreeMap<String, String> = self
+            .lb_servers
+            .iter()
+            .zip(&ssh_ports)
+            .map(|(s, p)| (s.clone(), format!("127.0.0.1:{p}")))
+            .collect();
+        self.lb_config = Some(bbupgrade::loadbalancer::LbConfig::Nginx {
             config: upstream,
-            upstream: "bitbucket".into(),
+            upstream: String::new(),
+            upstreams: vec!["bitbucket".into(), NGINX_SSH_UPSTREAM.into()],
+            configs: [(NGINX_SSH_UPSTREAM.to_string(), ssh_upstream)].into(),
+            server_names: [(NGINX_SSH_UPSTREAM.to_string(), ssh_names)].into(),
             mode: Default::default(),
             main_config: Some(main),
             prefix: Some(dir.clone()),
@@ -645,24 +865,12 @@ impl Sandbox {
     /// turns the inventory's load balancer into `nginx-agent`. It still needs a `[bitbucket]`
     /// section: it gets node 1's, which it only reads.
     fn start_lb_agent(&mut self, ca: &Ca, port: u16) -> Result<()> {
-        use crate::loadbalancer::LbConfig;
-        let Some(LbConfig::Nginx {
-            config,
-            upstream,
-            main_config,
-            prefix,
-            nginx,
-            pid_file,
-            ..
-        }) = self.lb_config.clone()
-        else {
+        use bbupgrade::loadbalancer::LbConfig;
+        let Some(nginx @ LbConfig::Nginx { .. }) = self.lb_config.clone() else {
             bail!("the load-balancer agent needs the sandbox's NGINX started first");
         };
-        let path = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        };
+        // The agent's `[lb]` table has the same keys as the inventory's `kind = "nginx"`.
+        let lb_table = inline_toml(&nginx)?;
         ca.issue(
             &IssueRequest::new(Role::Agent, LB_AGENT_NODE).with_sans(["127.0.0.1", "localhost"]),
         )?
@@ -671,25 +879,13 @@ impl Sandbox {
         let node = &self.sim.nodes()[0];
         let addr = format!("127.0.0.1:{port}");
         let cfg = format!(
-            "node_id = {LB_AGENT_NODE:?}\nlisten = {:?}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[bitbucket]\ninstall_root = {:?}\ncurrent_install = {:?}\nhome = {:?}\n{}status_url = {:?}\n\n[service]\nkind = \"scripts\"\n\n[lb]\nkind = \"nginx\"\nconfig = {:?}\nupstream = {upstream:?}\nmain_config = {:?}\nprefix = {:?}\nnginx = {:?}\npid_file = {:?}\n",
+            "node_id = {LB_AGENT_NODE:?}\nlisten = {:?}\nlb = {lb_table}\nstate_dir = {:?}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n{}\n[service]\nkind = \"scripts\"\n",
             addr,
             self.dir.join(format!("agents/{LB_AGENT_NODE}")),
             tls.ca,
             tls.cert,
             tls.key,
-            node.install_root,
-            node.install_dir,
-            node.home,
-            self.run_user
-                .as_ref()
-                .map(|u| format!("user = {u:?}\n"))
-                .unwrap_or_default(),
-            format!("{}/status", node.base_url),
-            config.display().to_string(),
-            path(&main_config),
-            path(&prefix),
-            path(&nginx),
-            path(&pid_file),
+            self.bitbucket_section(node),
         );
         let cfg_path = self.dir.join(format!("agents/{LB_AGENT_NODE}.toml"));
         std::fs::write(&cfg_path, cfg)?;
@@ -738,7 +934,7 @@ impl Sandbox {
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}"))
             .collect();
-        self.lb_config = Some(crate::loadbalancer::LbConfig::Apache {
+        self.lb_config = Some(bbupgrade::loadbalancer::LbConfig::Apache {
             manager_url: format!("http://127.0.0.1:{port}/balancer-manager"),
             balancer: "bitbucket".into(),
         });
@@ -746,52 +942,45 @@ impl Sandbox {
     }
 
     /// The inventory's `load_balancer = {...}` line.
-    fn inventory_lb(&self) -> String {
-        use crate::loadbalancer::LbConfig;
-        let path = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        };
-        match (&self.haproxy_socket, &self.lb_config) {
-            (Some(s), _) => format!(
-                "load_balancer = {{ kind = \"haproxy\", socket = {:?}, backends = {:?} }}\n",
-                format!("unix:{}", s.display()),
-                self.haproxy_backends()
-            ),
-            (
-                None,
-                Some(LbConfig::Nginx {
-                    config,
-                    upstream,
-                    main_config,
-                    prefix,
-                    nginx,
-                    pid_file,
-                    ..
-                }),
-            ) => format!(
-                "load_balancer = {{ kind = \"nginx\", config = {:?}, upstream = {upstream:?}, main_config = {:?}, prefix = {:?}, nginx = {:?}, pid_file = {:?} }}\n",
-                config.display().to_string(),
-                path(main_config),
-                path(prefix),
-                path(nginx),
-                path(pid_file),
-            ),
-            (None, Some(LbConfig::NginxAgent { agent, agent_node })) => format!(
-                "load_balancer = {{ kind = \"nginx-agent\", agent = {agent:?}, agent_node = {agent_node:?} }}\n"
-            ),
-            (
-                None,
-                Some(LbConfig::Apache {
-                    manager_url,
-                    balancer,
-                }),
-            ) => format!(
-                "load_balancer = {{ kind = \"apache\", manager_url = {manager_url:?}, balancer = {balancer:?} }}\n"
-            ),
-            _ => "load_balancer = { kind = \"none\" }\n".to_string(),
-        }
+    fn inventory_lb(&self) -> Result<String> {
+        use bbupgrade::loadbalancer::LbConfig;
+        let unix = |s: &PathBuf| format!("unix:{}", s.display());
+        Ok(
+            match (
+                &self.haproxy_socket,
+                &self.standin_ssh_socket,
+                &self.lb_config,
+            ) {
+                // The stand-in: two processes, so two load balancers of one backend each.
+                (Some(s), Some(ssh), _) => format!(
+                    "load_balancers = [{{ kind = \"haproxy\", socket = {:?}, backends = [\"bitbucket\"] }}, {{ kind = \"haproxy\", socket = {:?}, backends = [{HAPROXY_SSH_BACKEND:?}] }}]\n",
+                    unix(s),
+                    unix(ssh)
+                ),
+                (Some(s), None, _) => format!(
+                    "load_balancer = {{ kind = \"haproxy\", socket = {:?}, backends = {:?} }}\n",
+                    unix(s),
+                    self.haproxy_backends()
+                ),
+                (None, _, Some(nginx @ LbConfig::Nginx { .. })) => {
+                    format!("load_balancer = {}\n", inline_toml(nginx)?)
+                }
+                (None, _, Some(LbConfig::NginxAgent { agent, agent_node })) => format!(
+                    "load_balancer = {{ kind = \"nginx-agent\", agent = {agent:?}, agent_node = {agent_node:?} }}\n"
+                ),
+                (
+                    None,
+                    _,
+                    Some(LbConfig::Apache {
+                        manager_url,
+                        balancer,
+                    }),
+                ) => format!(
+                    "load_balancer = {{ kind = \"apache\", manager_url = {manager_url:?}, balancer = {balancer:?} }}\n"
+                ),
+                _ => "load_balancer = { kind = \"none\" }\n".to_string(),
+            },
+        )
     }
 
     /// The inventory's credentials lines, with the secret in a file of mode 0600.
@@ -816,7 +1005,7 @@ impl Sandbox {
     fn write_inventory(&self) -> Result<()> {
         let tls = TlsFiles::in_pki_dir(&self.pki, Role::Coordinator, "sandbox-admin");
         let auth = self.inventory_auth()?;
-        let lb = self.inventory_lb();
+        let lb = self.inventory_lb()?;
         let mut inv = format!(
             "# Written by the bbupgrade sandbox.\ntls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\nstate = {:?}\n\n[timeouts]\ndrain_secs = 60\nstop_secs = 60\nstart_secs = 120\nactive_secs = 60\nsoak_secs = 1\nagent_connect_ms = 3000\n\n[[clusters]]\nname = \"{}\"\nbitbucket_url = {:?}\nbitbucket_node_urls = {:?}\n{auth}{lb}",
             tls.ca,
@@ -855,18 +1044,18 @@ impl Sandbox {
 
     /// Starts every node through its agent's service manager, as the Bitbucket user.
     pub async fn start_nodes(&self) -> Result<()> {
-        let inv = crate::inventory::Inventory::load(&self.inventory)?;
+        let inv = bbupgrade::inventory::Inventory::load(&self.inventory)?;
         let tls = inv.tls.load()?;
         let cluster = inv.cluster(&self.cluster_name)?;
         let starts = cluster.nodes.iter().map(|node| {
             let tls = tls.clone();
             async move {
-                let mut c = crate::agents::connect(node, &tls, Duration::from_secs(5)).await?;
+                let mut c = bbupgrade::agents::connect(node, &tls, Duration::from_secs(5)).await?;
                 let d = Duration::from_secs(120);
-                crate::agents::call(
+                bbupgrade::agents::call(
                     &node.id,
                     d,
-                    c.start(crate::agents::request(
+                    c.start(bbupgrade::agents::request(
                         bbupgrade_common::proto::StartRequest {
                             operation_id: format!("sandbox-initial-start-{}", std::process::id()),
                             timeout_secs: 120,
@@ -888,17 +1077,12 @@ impl Sandbox {
         let Some(socket) = &self.haproxy_socket else {
             return self.wait_proxy_serves(timeout).await;
         };
-        let lb = crate::loadbalancer::from_config(&crate::loadbalancer::LbConfig::Haproxy {
-            socket: format!("unix:{}", socket.display()),
-            backend: String::new(),
-            backends: self.haproxy_backends(),
-            server_names: Default::default(),
-        })?;
+        let lb = self.haproxy_lb(socket)?;
         let deadline = Instant::now() + timeout;
         for node in self.sim.nodes() {
             loop {
                 let state = lb.server_state(&node.name).await?;
-                if state.operational == crate::loadbalancer::OperState::Up {
+                if state.operational == bbupgrade::loadbalancer::OperState::Up {
                     break;
                 }
                 if Instant::now() > deadline {
@@ -954,13 +1138,33 @@ impl Sandbox {
             .unwrap_or_else(|| format!("127.0.0.1:{}", self.sim.nodes()[0].ssh_port))
     }
 
-    /// The HAProxy backends every node is in: HTTP, and Git over SSH when HAProxy fronts it.
+    /// The backends every node is in on the HAProxy at `haproxy_socket`: HTTP, and Git over SSH
+    /// when that same process fronts it (the stand-in has a second process for SSH).
     pub fn haproxy_backends(&self) -> Vec<String> {
         let mut backends = vec!["bitbucket".to_string()];
-        if self.lb_ssh_addr.is_some() {
+        if self.lb_ssh_addr.is_some() && self.standin_ssh_socket.is_none() {
             backends.push(HAPROXY_SSH_BACKEND.to_string());
         }
         backends
+    }
+
+    /// Every HAProxy runtime API of the sandbox as one load balancer (two with the stand-in).
+    fn haproxy_lb(&self, socket: &Path) -> Result<Box<dyn bbupgrade::loadbalancer::LoadBalancer>> {
+        use bbupgrade::loadbalancer::LbConfig;
+        let one = |socket: &Path, backends: Vec<String>| LbConfig::Haproxy {
+            socket: format!("unix:{}", socket.display()),
+            backend: String::new(),
+            backends,
+            server_names: Default::default(),
+        };
+        let http = one(socket, self.haproxy_backends());
+        let cfg = match &self.standin_ssh_socket {
+            Some(ssh) => LbConfig::Several {
+                members: vec![http, one(ssh, vec![HAPROXY_SSH_BACKEND.to_string()])],
+            },
+            None => http,
+        };
+        Ok(bbupgrade::loadbalancer::from_config(&cfg)?)
     }
 }
 
@@ -981,6 +1185,12 @@ fn stop_group(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// A load balancer's settings as one TOML inline table (`{ kind = "nginx", ... }`).
+pub fn inline_toml(cfg: &bbupgrade::loadbalancer::LbConfig) -> Result<String> {
+    let value = toml::Value::try_from(cfg).context("writing the load balancer's settings")?;
+    Ok(value.to_string())
+}
+
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -998,7 +1208,10 @@ impl Drop for Sandbox {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if let Some(mut h) = self.haproxy.take() {
+        for mut h in [self.haproxy.take(), self.ssh_standin.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = h.kill();
             let _ = h.wait();
         }
@@ -1007,5 +1220,69 @@ impl Drop for Sandbox {
         }
         let _ = self.sim.stop_all();
         self.sim.kill_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bbupgrade::loadbalancer::LbConfig;
+
+    #[test]
+    fn nginx_settings_round_trip_through_an_inline_table() {
+        let cfg = LbConfig::Nginx {
+            config: "/s/nginx/upstream.conf".into(),
+            upstream: String::new(),
+            upstreams: vec!["bitbucket".into(), NGINX_SSH_UPSTREAM.into()],
+            configs: [(
+                NGINX_SSH_UPSTREAM.to_string(),
+                "/s/nginx/stream.conf".into(),
+            )]
+            .into(),
+            server_names: [(
+                NGINX_SSH_UPSTREAM.to_string(),
+                [("127.0.0.1:1".to_string(), "127.0.0.1:2".to_string())].into(),
+            )]
+            .into(),
+            mode: Default::default(),
+            main_config: Some("/s/nginx/nginx.conf".into()),
+            prefix: None,
+            nginx: Some("/usr/sbin/nginx".into()),
+            pid_file: None,
+            reload_command: None,
+        };
+        let line = format!("lb = {}\n", inline_toml(&cfg).unwrap());
+        assert_eq!(line.lines().count(), 1, "{line}");
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            lb: LbConfig,
+        }
+        assert_eq!(toml::from_str::<Doc>(&line).unwrap().lb, cfg);
+    }
+
+    #[test]
+    fn nginx_fronts_ssh_through_stream() {
+        let dir = Path::new("/s/nginx");
+        let stream = NginxStream {
+            bind_port: 7999,
+            upstream_file: Path::new("/s/nginx/stream.conf"),
+            module: Some(Path::new("/usr/lib/nginx/modules/ngx_stream_module.so")),
+        };
+        let cfg = nginx_config_with_stream(dir, Path::new("/s/u.conf"), 7990, Some(&stream));
+        assert!(
+            cfg.starts_with("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n"),
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains("stream {\n    include /s/nginx/stream.conf;"),
+            "{cfg}"
+        );
+        assert!(cfg.contains("listen 127.0.0.1:7999;\n        proxy_pass bitbucket_ssh;"));
+        assert!(!nginx_config(dir, Path::new("/s/u.conf"), 7990).contains("stream {"));
+        let up = nginx_upstream_named(NGINX_SSH_UPSTREAM, &[1, 2], "");
+        assert!(
+            up.contains("upstream bitbucket_ssh {\n    server 127.0.0.1:1 ")
+                && !up.contains("keepalive")
+        );
     }
 }

@@ -195,9 +195,35 @@ pub fn in_window(window: &Window, now: Timestamp) -> bool {
     })
 }
 
+/// How far ahead `next_opening` looks: every weekly window opens within a week.
+const LOOKAHEAD_MINUTES: i64 = 8 * MINUTES_PER_DAY as i64;
+
+/// When the window next opens after `now` (to the minute), or `None` when it is open now or
+/// never opens.
+pub fn next_opening(window: &Window, now: Timestamp) -> Option<Timestamp> {
+    if in_window(window, now) {
+        return None;
+    }
+    let start = Timestamp::from_second(now.as_second() - now.as_second().rem_euclid(60)).ok()?;
+    (1..=LOOKAHEAD_MINUTES)
+        .filter_map(|m| start.checked_add(jiff::SignedDuration::from_mins(m)).ok())
+        .find(|t| in_window(window, *t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_opening_is_the_first_minute_inside() {
+        let w: Window = "Sat-Sun 01:00-05:00 UTC".parse().unwrap();
+        // 2024-06-04 is a Tuesday.
+        let tuesday: Timestamp = "2024-06-04T12:00:30Z".parse().unwrap();
+        let next = next_opening(&w, tuesday).unwrap();
+        assert_eq!(next, "2024-06-08T01:00:00Z".parse::<Timestamp>().unwrap());
+        let inside: Timestamp = "2024-06-08T02:00:00Z".parse().unwrap();
+        assert_eq!(next_opening(&w, inside), None);
+    }
 
     /// A UTC instant from an RFC 3339 string.
     fn at(text: &str) -> Timestamp {

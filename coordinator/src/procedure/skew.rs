@@ -8,11 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use super::{Ctx, RunOptions, Step};
 use crate::inventory::Node;
 use crate::journal::RunId;
 use crate::loadbalancer::LbConfig;
-use crate::procedure::Step;
-use crate::run::{Ctx, RunOptions};
 use crate::zdu::{ClusterView, NodeState, ZduNode};
 
 /// The rejoined node is skewed when it has more than this many times the others' mean users.
