@@ -215,42 +215,16 @@ async fn upgrade(
     )?;
     ctx.lock_lost = lock_lost;
     if let Some(open) = commands::resumable_run(&ctx)? {
-        if previous.cluster_run_id != Some(open.id.0) || open.kind != RunKind::Upgrade {
-            return Ok(Outcome::Failed(format!(
-                "has an unfinished {} run #{} ({} -> {}) that this fleet run did not start; finish it with `bbupgrade resume` or `bbupgrade rollback` first",
-                open.kind.as_str(),
-                open.id,
-                open.from_version,
-                open.to_version
-            )));
-        }
-        // This fleet's own run, left open by a coordinator that died or halted by a failure.
-        let options: RunOptions = serde_json::from_str(&open.options_json)
-            .with_context(|| format!("reading the options of run #{}", open.id))?;
-        ctx.timeouts = options.timeouts.clone();
-        let summary = crate::procedure::drive(&ctx, open.id, &options).await;
-        return Ok(outcome_of(&summary, &format!("resumed run #{}", open.id)));
+        return resume_own_run(&mut ctx, previous, open).await;
     }
     if let Some(id) = previous.cluster_run_id
         && ctx.journal.run(crate::journal::RunId(id))?.result == Some(RunResult::Upgraded)
     {
         return Ok(Outcome::Upgraded(format!("run #{id} had finished")));
     }
-    let choice = choose(&ctx, &shared.opts.line_targets()).await;
-    let target = match (&choice.resolution, &choice.from) {
-        (Ok(Resolution::Upgrade(i)), _) => shared.opts.line_targets()[*i].clone(),
-        (Ok(r @ Resolution::UpToDate(_)), Some(from)) => {
-            return Ok(Outcome::UpToDate(r.reason(from).unwrap_or_default()));
-        }
-        (Ok(r), from) => {
-            let from = from.as_deref().unwrap_or("?");
-            return Ok(Outcome::Skipped(r.reason(from).unwrap_or_default()));
-        }
-        (Err(e), _) => {
-            return Ok(Outcome::Failed(format!(
-                "preflight refused it, nothing was changed: {e}"
-            )));
-        }
+    let target = match line_target(&ctx, shared).await {
+        Ok(t) => t,
+        Err(outcome) => return Ok(outcome),
     };
     let (to, archive) = (target.version, target.archive);
     let report = commands::make_plan(&ctx, &to, archive.size_bytes()).await;
@@ -286,6 +260,49 @@ async fn upgrade(
         .map_err(|e| anyhow!(e))?;
     let summary = crate::procedure::drive(&ctx, run_id, &options).await;
     Ok(outcome_of(&summary, &format!("run #{run_id}")))
+}
+
+/// Continues this fleet's own cluster run, left open by a coordinator that died or halted by a
+/// failure; a run this fleet run did not start is a failure (finish it by hand first).
+async fn resume_own_run(
+    ctx: &mut Ctx,
+    previous: &FleetClusterRecord,
+    open: crate::journal::RunRecord,
+) -> Result<Outcome> {
+    if previous.cluster_run_id != Some(open.id.0) || open.kind != RunKind::Upgrade {
+        return Ok(Outcome::Failed(format!(
+            "has an unfinished {} run #{} ({} -> {}) that this fleet run did not start; finish it with `bbupgrade resume` or `bbupgrade rollback` first",
+            open.kind.as_str(),
+            open.id,
+            open.from_version,
+            open.to_version
+        )));
+    }
+    let options: RunOptions = serde_json::from_str(&open.options_json)
+        .with_context(|| format!("reading the options of run #{}", open.id))?;
+    ctx.timeouts = options.timeouts.clone();
+    let summary = crate::procedure::drive(ctx, open.id, &options).await;
+    Ok(outcome_of(&summary, &format!("resumed run #{}", open.id)))
+}
+
+/// The release of the cluster's own line, or the outcome when there is none to go to (up to
+/// date, no target for its line, or its version could not be read).
+async fn line_target(ctx: &Ctx, shared: &Shared) -> Result<LineTarget, Outcome> {
+    let targets = shared.opts.line_targets();
+    let choice = choose(ctx, &targets).await;
+    match (&choice.resolution, &choice.from) {
+        (Ok(Resolution::Upgrade(i)), _) => Ok(targets[*i].clone()),
+        (Ok(r @ Resolution::UpToDate(_)), Some(from)) => {
+            Err(Outcome::UpToDate(r.reason(from).unwrap_or_default()))
+        }
+        (Ok(r), from) => {
+            let from = from.as_deref().unwrap_or("?");
+            Err(Outcome::Skipped(r.reason(from).unwrap_or_default()))
+        }
+        (Err(e), _) => Err(Outcome::Failed(format!(
+            "preflight refused it, nothing was changed: {e}"
+        ))),
+    }
 }
 
 /// The version a cluster runs and what this fleet run does with it.

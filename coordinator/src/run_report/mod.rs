@@ -27,10 +27,11 @@ pub enum Format {
 
 #[derive(Args, Clone)]
 pub struct ReportArgs {
-    #[arg(long)]
+    /// The inventory (TOML): where the journal is, and the cluster.
+    #[arg(short = 'i', long, env = "BBUPGRADE_INVENTORY")]
     pub inventory: PathBuf,
-    /// The cluster whose run `--run` names.
-    #[arg(long, required_unless_present = "fleet_run")]
+    /// The cluster whose run `--run` names; may be left out when the inventory has only one.
+    #[arg(short = 'c', long)]
     pub cluster: Option<String>,
     /// A cluster run id (see `bbupgrade status`).
     #[arg(
@@ -46,6 +47,7 @@ pub struct ReportArgs {
     /// ./bbupgrade-journal.db).
     #[arg(long)]
     pub state: Option<String>,
+    /// `html`: one self-contained page (no external assets); `json`: the same data for programs.
     #[arg(long, value_enum, default_value_t = Format::Html)]
     pub format: Format,
 }
@@ -53,12 +55,18 @@ pub struct ReportArgs {
 pub async fn command(args: ReportArgs) -> Result<ExitCode> {
     let inv = load_inventory(&args.inventory)?;
     let (state, inv_state) = (args.state.clone(), inv.state.clone());
-    if let Some(c) = &args.cluster {
-        inv.cluster(c).map_err(|e| BadInput(format!("{e:#}")))?;
-    }
+    let cluster = match args.fleet_run {
+        Some(_) => None,
+        None => Some(
+            inv.pick_cluster(args.cluster.as_deref())
+                .map_err(|e| BadInput(format!("{e:#}")))?
+                .name
+                .clone(),
+        ),
+    };
     let text = tokio::task::spawn_blocking(move || -> Result<String> {
         let journal = existing_journal(state.as_deref(), inv_state.as_deref())?;
-        match (args.fleet_run, args.run, &args.cluster) {
+        match (args.fleet_run, args.run, &cluster) {
             (Some(id), _, _) => fleet_report(&journal, FleetRunId(id), args.format),
             (None, Some(id), Some(cluster)) => {
                 run_report(&journal, cluster, RunId(id), args.format)

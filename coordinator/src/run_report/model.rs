@@ -123,6 +123,42 @@ fn pick_reason(detail: &str) -> String {
     }
 }
 
+/// The failed steps, at their time since the run's start.
+fn failures(steps: &[StepRecord], t0: i64) -> Vec<Failure> {
+    steps
+        .iter()
+        .filter_map(|s| match &s.outcome {
+            Some(StepOutcome::Failed(e)) => Some(Failure {
+                node: s.node.clone(),
+                step: s.step.clone(),
+                at_ms: s.ended_ms.unwrap_or(s.started_ms) - t0,
+                error: e.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What the note-worthy steps said (their end detail, else their detail).
+fn notes(steps: &[StepRecord]) -> Vec<String> {
+    steps
+        .iter()
+        .filter(|s| NOTE_STEPS.iter().any(|n| n.as_str() == s.step))
+        .map(|s| {
+            let text = s
+                .end_detail
+                .clone()
+                .filter(|d| !d.is_empty())
+                .unwrap_or(s.detail.clone());
+            format!(
+                "{} {}: {text}",
+                s.node.as_deref().unwrap_or("cluster"),
+                s.step
+            )
+        })
+        .collect()
+}
+
 impl RunPage {
     pub fn build(run: &RunRecord, steps: &[StepRecord]) -> Self {
         let t0 = run.started_ms;
@@ -160,34 +196,8 @@ impl RunPage {
         for lane in &mut nodes {
             (lane.out_of_service_ms, lane.returned) = out_of_service(&lane.bars, end - t0);
         }
-        let failures = steps
-            .iter()
-            .filter_map(|s| match &s.outcome {
-                Some(StepOutcome::Failed(e)) => Some(Failure {
-                    node: s.node.clone(),
-                    step: s.step.clone(),
-                    at_ms: s.ended_ms.unwrap_or(s.started_ms) - t0,
-                    error: e.clone(),
-                }),
-                _ => None,
-            })
-            .collect();
-        let mut notes: Vec<String> = steps
-            .iter()
-            .filter(|s| NOTE_STEPS.iter().any(|n| n.as_str() == s.step))
-            .map(|s| {
-                let text = s
-                    .end_detail
-                    .clone()
-                    .filter(|d| !d.is_empty())
-                    .unwrap_or(s.detail.clone());
-                format!(
-                    "{} {}: {text}",
-                    s.node.as_deref().unwrap_or("cluster"),
-                    s.step
-                )
-            })
-            .collect();
+        let failures = failures(steps, t0);
+        let mut notes = notes(steps);
         if run.result.is_none() {
             notes.push(
                 "the run is open: still running, or its coordinator stopped (`bbupgrade resume`)"
