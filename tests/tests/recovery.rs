@@ -27,10 +27,25 @@ fn with_archive(s: &Sandbox, command: &str, archive: &Path, extra: &[&str]) -> V
     a
 }
 
-/// A file that is no release: staging it fails on every node before any node is touched.
+/// An archive that looks like the release to the coordinator's check (every entry under
+/// `atlassian-bitbucket-8.19.6/`, a start script) but holds a link out of its folder: every agent
+/// refuses to stage it, before any node is touched.
 fn wrong_archive(dir: &Path) -> PathBuf {
-    let path = dir.join("atlassian-bitbucket-8.19.6-WRONG.tar.gz");
-    std::fs::write(&path, vec![0x42u8; 64 * 1024]).expect("writing the wrong archive");
+    let src = dir.join("wrong-release");
+    let top = src.join(format!("atlassian-bitbucket-{TO}"));
+    std::fs::create_dir_all(top.join("bin")).expect("creating the wrong release's folders");
+    std::fs::write(top.join("bin/start-bitbucket.sh"), "#!/bin/sh\n").expect("a start script");
+    std::os::unix::fs::symlink("/etc/passwd", top.join("escape")).expect("the escaping link");
+    let path = dir.join(format!("atlassian-bitbucket-{TO}-WRONG.tar.gz"));
+    let status = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&path)
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("atlassian-bitbucket-{TO}"))
+        .status()
+        .expect("running tar");
+    assert!(status.success(), "tar failed: {status}");
     path
 }
 
