@@ -96,7 +96,7 @@ fn concurrent_first_opens_migrate_once() {
     });
     assert_eq!(
         pg_common::admin_query(&url, "SELECT version FROM schema_version"),
-        ["3"]
+        ["4"]
     );
     pg_common::admin_query(&url, "UPDATE schema_version SET version = 99");
     let err = Journal::open_postgres(&url).unwrap_err();
@@ -135,6 +135,26 @@ fn cli(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("running bbupgrade")
+}
+
+/// An HTTP server on loopback that answers every request with a size and no body, as a release
+/// URL answers HEAD (the stand-in agents download nothing); lives as long as the test's runtime.
+async fn head_only_server() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).await;
+            let _ = conn
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+        }
+    });
+    format!("http://127.0.0.1:{port}/atlassian-bitbucket-{TO}.tar.gz")
 }
 
 fn archive_args() -> [&'static str; 6] {
@@ -226,6 +246,8 @@ async fn a_killed_coordinator_is_resumed_by_another_without_repeating_a_stop() {
     let fleet = StandinFleet::start(d.path(), &spec).await.unwrap();
     let cluster = fleet.names[0].clone();
     let inv = fleet.inventory.display().to_string();
+    // `upgrade` checks that the archive URL answers HEAD with a size before it starts.
+    let url_of_archive = head_only_server().await;
     let mut args = vec![
         "upgrade".to_string(),
         "--inventory".into(),
@@ -237,7 +259,17 @@ async fn a_killed_coordinator_is_resumed_by_another_without_repeating_a_stop() {
         "--output".into(),
         "json".into(),
     ];
-    args.extend(archive_args().map(String::from));
+    args.extend(
+        [
+            "--to",
+            TO,
+            "--archive-url",
+            &url_of_archive,
+            "--sha256",
+            FAKE_SHA256,
+        ]
+        .map(String::from),
+    );
     let mut first = Command::new(BBUPGRADE)
         .args(&args)
         .stdout(Stdio::null())
@@ -283,7 +315,6 @@ async fn a_killed_coordinator_is_resumed_by_another_without_repeating_a_stop() {
             "--output",
             "json",
         ];
-        args.extend(archive_args());
         cli(&args)
     })
     .await
