@@ -304,7 +304,7 @@ async fn a_killed_coordinator_is_resumed_by_another_without_repeating_a_stop() {
 
     let (u, i, c) = (url.clone(), inv.clone(), cluster.clone());
     let out = tokio::task::spawn_blocking(move || {
-        let mut args = vec![
+        let args = vec![
             "resume",
             "--inventory",
             &i,
