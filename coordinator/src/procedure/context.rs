@@ -3,7 +3,7 @@
 
 use super::Step;
 use super::decide::NodeHistory;
-use super::drive::{PreStepError, RunJournal};
+use super::drive::RunJournal;
 use super::run_journal::JournalOnThread;
 use crate::agents::{self, Client};
 use crate::error::BadInput;
@@ -184,14 +184,7 @@ impl Ctx {
         F: std::future::Future<Output = Result<(T, String)>>,
     {
         let j = JournalOnThread::new(self.journal.clone(), run);
-        // A dropped database connection fails the call that meets it; the next one reconnects.
-        let id = match j.begin_step(node, step, "").await {
-            Ok(id) => id,
-            Err(_) => j
-                .begin_step(node, step, "")
-                .await
-                .map_err(|e| PreStepError(format!("the journal failed before '{step}': {e:#}")))?,
-        };
+        let id = super::drive::begin_step(&j, node, step).await?;
         let name = step.as_str();
         self.reporter.step(node, name, "begin", "");
         match work.await {

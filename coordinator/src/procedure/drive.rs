@@ -75,6 +75,22 @@ pub trait RunJournal: Send + Sync {
 #[error("{0}")]
 pub struct PreStepError(pub String);
 
+/// Journals a step's begin, asking once more when the first call fails (a dropped database
+/// connection fails the call that meets it; the next one reconnects).
+pub async fn begin_step(
+    j: &dyn RunJournal,
+    node: Option<&str>,
+    step: Step,
+) -> Result<StepId, PreStepError> {
+    match j.begin_step(node, step, "").await {
+        Ok(id) => Ok(id),
+        Err(_) => j
+            .begin_step(node, step, "")
+            .await
+            .map_err(|e| PreStepError(format!("the journal failed before '{step}': {e:#}"))),
+    }
+}
+
 /// What a run is carried out with.
 pub struct Env<'a> {
     pub cluster: &'a str,
@@ -176,14 +192,7 @@ impl<'a> Driver<'a> {
         F: std::future::Future<Output = Result<(T, String)>>,
     {
         let j = self.env.journal;
-        // A dropped database connection fails the call that meets it; the next one reconnects.
-        let id = match j.begin_step(node, step, "").await {
-            Ok(id) => id,
-            Err(_) => j
-                .begin_step(node, step, "")
-                .await
-                .map_err(|e| PreStepError(format!("the journal failed before '{step}': {e:#}")))?,
-        };
+        let id = begin_step(j, node, step).await?;
         self.env.reporter.step(node, step.as_str(), "begin", "");
         match work.await {
             Ok((v, detail)) => {

@@ -108,11 +108,7 @@ fn run_report(j: &Journal, cluster: &str, id: RunId, format: Format) -> Result<S
             return Err(BadInput(format!(
                 "cluster {cluster} has no run #{id} in {}; its latest runs: {}",
                 j.location(),
-                if latest.is_empty() {
-                    "none".into()
-                } else {
-                    latest.join(", ")
-                }
+                listed(&latest)
             ))
             .into());
         }
@@ -123,6 +119,15 @@ fn run_report(j: &Journal, cluster: &str, id: RunId, format: Format) -> Result<S
         Format::Html => html::run_page(&page),
         Format::Json => serde_json::to_string_pretty(&page)? + "\n",
     })
+}
+
+/// Run ids for an error message: comma-separated, or "none".
+fn listed(latest: &[String]) -> String {
+    if latest.is_empty() {
+        "none".into()
+    } else {
+        latest.join(", ")
+    }
 }
 
 fn fleet_report(j: &Journal, id: FleetRunId, format: Format) -> Result<String> {
@@ -141,11 +146,7 @@ fn fleet_report(j: &Journal, id: FleetRunId, format: Format) -> Result<String> {
         return Err(BadInput(format!(
             "the journal {} has no fleet run #{id}; the latest: {}",
             j.location(),
-            if latest.is_empty() {
-                "none".into()
-            } else {
-                latest.join(", ")
-            }
+            listed(&latest)
         ))
         .into());
     };
